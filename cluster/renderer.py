@@ -1,0 +1,91 @@
+"""The predictor a worker holds: one loaded model, callable on tile batches, able to render whole images.
+
+Plain Python, testable without Ray; `cluster.scheduler` wraps it in a Ray actor at the edge.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import datetime, timezone
+from typing import Callable, Optional
+
+import torch
+
+from jobs import ImageRequest, write_image
+from jobs.spec import ModelConfig, OutputConfig, TilingConfig
+from models import load_model, make_scheduler
+from tiling import decode_tiled, denoise_canvas, padded_size, tile_grid, to_uint8
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def denoise_request(predict, info: dict, req: ImageRequest, tiling: TilingConfig,
+                    callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """The finished latent canvas of one image; `predict` is the local model or a fan-out to workers."""
+    f = info["vae_scale_factor"]
+    width, height = padded_size(req.width, req.height, f)
+    scheduler = make_scheduler(req.scheduler, info["scheduler_config"])
+    scheduler.set_timesteps(req.steps)
+    g = torch.Generator("cpu").manual_seed(req.seed)
+    x = torch.randn((1, info["latent_channels"], height // f, width // f), generator=g) * scheduler.init_noise_sigma
+    tiles = tile_grid(height // f, width // f, tiling.tile, tiling.overlap)
+    return denoise_canvas(predict, x, scheduler, tiles, tiling.method, tiling.batch, generator=g, callback=callback)
+
+
+def tile_count(req: ImageRequest, tiling: TilingConfig, factor: int = 8) -> int:
+    width, height = padded_size(req.width, req.height, factor)
+    return len(tile_grid(height // factor, width // factor, tiling.tile, tiling.overlap))
+
+
+def failed_row(req: ImageRequest, started_at: datetime, error: BaseException | str, worker: str = "") -> dict:
+    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return req.manifest_row(status="failed", error=msg, started_at=started_at, finished_at=now(), worker=worker)
+
+
+class Renderer:
+    """Holds one model for the whole job; `predict` serves tile batches, `render` whole images."""
+
+    def __init__(self, model: ModelConfig, output: OutputConfig, threads: Optional[int] = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = load_model(model)
+        self.output = output
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def info(self) -> dict:
+        m = self.model
+        return {"scheduler_config": m.scheduler_config, "latent_channels": m.latent_channels,
+                "vae_scale_factor": m.vae_scale_factor, "worker": self.worker, "device": str(m.device)}
+
+    def predict(self, batch: torch.Tensor, t, prompt: str, negative: str, guidance: float) -> torch.Tensor:
+        return self.model.predict(batch, t, self.model.encode(prompt, negative), guidance)
+
+    def render(self, req: ImageRequest, tiling: TilingConfig, progress=None) -> dict:
+        """Denoise, decode and write one image; a failure becomes a `failed` row, never an exception."""
+        started = now()
+        try:
+            t0 = time.perf_counter()
+            tick = (lambda i, n: progress.add.remote(n)) if progress is not None else None
+            z = denoise_request(lambda bs, t: [self.predict(b, t, req.prompt, req.negative_prompt, req.guidance)
+                                               for b in bs], self.info(), req, tiling, tick)
+            return self.finish(req, tiling, z, started, time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - recorded in the manifest, the job goes on
+            return failed_row(req, started, e, self.worker)
+
+    def finish(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor, started_at: datetime,
+               seconds_denoise: float) -> dict:
+        """Decode a finished canvas in tiles, write the image file, return its manifest row."""
+        try:
+            t0 = time.perf_counter()
+            img = decode_tiled(self.model.decode, z, self.model.vae_scale_factor, tiling.vae_tile, tiling.vae_overlap)
+            pixels = to_uint8(img, req.width, req.height)
+            sha, size = write_image(pixels, self.output.dir, req.path, self.output.format, self.output.quality,
+                                    req.parameters_text())
+            return req.manifest_row(status="ok", error=None, sha256=sha, bytes=size, started_at=started_at,
+                                    finished_at=now(), seconds_denoise=seconds_denoise,
+                                    seconds_decode=time.perf_counter() - t0, worker=self.worker)
+        except Exception as e:  # noqa: BLE001
+            return failed_row(req, started_at, e, self.worker)

@@ -1,0 +1,151 @@
+"""Ray at the edges: connect, start workers that each hold a model, and feed them a job's images.
+
+Two modes over one denoise loop (`cluster.renderer.denoise_request`):
+  bulk           each worker owns whole images; every worker is kept busy with up to two in flight.
+  tile_parallel  the driver runs the loop for one image at a time and fans each step's tile batches
+                 out to all workers; a worker decodes and writes the finished canvas.
+Dead workers are handled in one place, `_result`: the image becomes a `failed` row and the job goes on
+(each actor restarts once, reloading its model, before Ray gives up on it).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, List, Sequence
+
+import ray
+
+from jobs import ImageRequest
+from jobs.spec import TesseraConfig
+
+from .progress import Progress
+from .renderer import Renderer, denoise_request, failed_row, now, tile_count
+
+READY_TIMEOUT_S = 900  # model load on every worker
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run the job as configured (too few resources, workers failing to load)."""
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at `address` ("auto", "host:port"), or start an embedded local one."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
+                 logging_level="WARNING")
+
+
+@ray.remote(num_cpus=0)
+class Counter:
+    """Tile-steps done by workers in bulk mode, read by the driver's progress bar."""
+
+    def __init__(self):
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def value(self) -> int:
+        return self.n
+
+
+def start_workers(cfg: TesseraConfig) -> List[ray.actor.ActorHandle]:
+    """`cluster.workers` actors, one GPU each (or a share of the CPUs), each with the model loaded."""
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
+    n = cfg.cluster.workers or max(gpus, 1)
+    if gpus:
+        if n > gpus:
+            raise ClusterError(f"cluster.workers={n}: the cluster has {gpus} GPUs")
+        opts, threads = {"num_gpus": 1, "num_cpus": 1}, None
+    else:
+        threads = cfg.cluster.cpus_per_worker or max(1, cpus // n)
+        if n * threads > cpus:
+            raise ClusterError(f"cluster.workers={n}: {n} x {threads} CPUs asked, the cluster has {cpus}")
+        opts = {"num_cpus": threads}
+    actor = ray.remote(Renderer).options(max_restarts=1, max_task_retries=1, **opts)
+    workers = [actor.remote(cfg.model, cfg.output, threads) for _ in range(n)]
+    try:
+        ray.get([w.info.remote() for w in workers], timeout=READY_TIMEOUT_S)
+    except ray.exceptions.RayActorError as e:
+        raise ClusterError(f"a worker failed to load model={cfg.model.name}: {e}") from e
+    return workers
+
+
+def _result(ref, req: ImageRequest, started) -> dict:
+    """The row of a finished render task; a dead worker or a lost object makes a `failed` row."""
+    try:
+        return ray.get(ref)
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
+        return failed_row(req, started, f"worker lost: {type(e).__name__}: {e}")
+
+
+def run_bulk(workers, requests: Sequence[ImageRequest], cfg: TesseraConfig, on_row: Callable[[dict], None],
+             progress: Progress) -> None:
+    """Each worker renders whole images, two in flight each so none waits on the driver."""
+    counter = Counter.remote()
+    todo = list(reversed(requests))
+    pending = {}
+
+    def submit(w):
+        if todo:
+            req = todo.pop()
+            pending[w.render.remote(req, cfg.tiling, counter)] = (w, req, now())
+
+    for w in workers:
+        submit(w)
+        submit(w)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+        progress.tiles_to(ray.get(counter.value.remote()))
+        for ref in done:
+            w, req, started = pending.pop(ref)
+            on_row(_result(ref, req, started))
+            submit(w)
+
+
+def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraConfig,
+                      on_row: Callable[[dict], None], progress: Progress) -> None:
+    """One image at a time, each step's tile batches spread round-robin over every worker."""
+    info = ray.get(workers[0].info.remote())
+    for i, req in enumerate(requests):
+        started = now()
+
+        def predict(batches, t):
+            refs = [workers[k % len(workers)].predict.remote(b, t, req.prompt, req.negative_prompt, req.guidance)
+                    for k, b in enumerate(batches)]
+            return ray.get(refs)
+
+        try:
+            t0 = time.perf_counter()
+            z = denoise_request(predict, info, req, cfg.tiling, lambda step, n: progress.tiles(n))
+            ref = workers[i % len(workers)].finish.remote(req, cfg.tiling, z, started, time.perf_counter() - t0)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            on_row(failed_row(req, started, f"worker lost: {type(e).__name__}: {e}"))
+            continue
+        on_row(_result(ref, req, started))
+
+
+def run_job(cfg: TesseraConfig, requests: Sequence[ImageRequest], on_row: Callable[[dict], None],
+            show_progress: bool = True) -> dict:
+    """Render `requests` on the cluster; every finished image goes to `on_row` as it lands."""
+    connect(cfg.cluster.address)
+    workers = start_workers(cfg)
+    info = ray.get(workers[0].info.remote())
+    mode = cfg.cluster.mode
+    if mode == "auto":
+        mode = "bulk" if len(requests) >= len(workers) else "tile_parallel"
+    total_tiles = sum(tile_count(r, cfg.tiling, info["vae_scale_factor"]) * r.steps for r in requests)
+    with Progress(len(requests), total_tiles, enabled=show_progress) as progress:
+        def record(row):
+            progress.image(row["status"] == "ok")
+            on_row(row)
+
+        (run_bulk if mode == "bulk" else run_tile_parallel)(workers, requests, cfg, record, progress)
+    for w in workers:
+        ray.kill(w)
+    return {"mode": mode, "workers": len(workers), "device": info["device"]}

@@ -1,0 +1,103 @@
+"""Tessera's entry point: compose the job with Hydra, plan it, hand it to the cluster, print a summary.
+
+    python run.py                                    # the default job on the embedded defaults
+    python run.py job.seeds=[1,2,3] tiling.method=uniform output.dir=/data/walls
+    python run.py -m job.seeds=[1],[2] tiling.method=uniform,gaussian
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub, ever
+
+import hydra  # noqa: E402
+from hydra.core.config_store import ConfigStore  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from jobs import ConfigError, Manifest, TesseraConfig, plan, validate  # noqa: E402
+
+ConfigStore.instance().store(name="tessera_schema", node=TesseraConfig)
+
+
+def check_output_dir(path: str) -> None:
+    """Create the output folder and prove it writable, or fail naming `output.dir`."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError("output.dir", path, f"not writable ({e.strerror or e})") from e
+
+
+def render_job(cfg: TesseraConfig, show_progress: bool = True) -> dict:
+    """Validate, skip what the manifest already holds, render the rest, record every image."""
+    from cluster import run_job  # Ray and torch load only once the job is known to be valid
+
+    validate(cfg)
+    requests = plan(cfg)
+    if cfg.model.name != "demo":
+        from models import resolve_path
+        try:
+            resolve_path(cfg.model)
+        except ValueError as e:
+            raise ConfigError("model.path", cfg.model.path, str(e).split(": ", 1)[-1]) from e
+    check_output_dir(cfg.output.dir)
+    manifest = Manifest(cfg.output.dir)
+    manifest.compact()
+    done = manifest.done_ids()
+    todo = [r for r in requests if r.image_id not in done]
+    t0, rows, pending, last_flush = time.time(), [], [], time.time()
+
+    def on_row(row: dict) -> None:
+        nonlocal last_flush
+        rows.append(row)
+        pending.append(row)
+        if len(pending) >= 16 or time.time() - last_flush > 10:
+            manifest.append(pending)
+            pending.clear()
+            last_flush = time.time()
+
+    info = {}
+    try:
+        if todo:
+            info = run_job(cfg, todo, on_row, show_progress)
+    finally:
+        if pending:
+            manifest.append(pending)
+        manifest.compact()
+    seconds = time.time() - t0
+    ok = sum(r["status"] == "ok" for r in rows)
+    return {"images": len(requests), "written": ok, "failed": len(rows) - ok, "skipped": len(requests) - len(todo),
+            "seconds": seconds, "images_per_hour": ok / seconds * 3600 if ok else 0.0,
+            "manifest": os.path.join(cfg.output.dir, "manifest"), "rows": rows, **info}
+
+
+def print_summary(s: dict) -> None:
+    print(f"\nTessera: {s['written']} image(s) written, {s['failed']} failed, {s['skipped']} already done"
+          f" (of {s['images']}) in {s['seconds']:.1f} s, {s['images_per_hour']:.1f} images/hour"
+          + (f", {s['mode']} mode on {s['workers']} worker(s) ({s['device']})" if "mode" in s else ""))
+    for r in s["rows"]:
+        if r["status"] != "ok":
+            print(f"  failed {r['image_id']}: {r['error']}", file=sys.stderr)
+    print(f"manifest: {s['manifest']}")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(dcfg: DictConfig) -> None:
+    from cluster import ClusterError
+
+    try:
+        summary = render_job(OmegaConf.to_object(dcfg))
+    except (ConfigError, ClusterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print_summary(summary)
+    if summary["failed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Fusing per-tile predictions onto a canvas with blend weights."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .grid import Tile
+
+
+def weight_sum(tiles: Sequence[Tile], weights: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The summed blend weight of every canvas pixel (positive wherever the tiles cover)."""
+    total = torch.zeros(height, width, dtype=weights.dtype)
+    for t in tiles:
+        total[t.slices] += weights
+    return total
+
+
+def fuse(preds: torch.Tensor, tiles: Sequence[Tile], weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Weighted average of tile predictions [N, C, h, w] on a [C, H, W] canvas, in tile-index order."""
+    out = torch.zeros((preds.shape[1],) + tuple(total.shape), dtype=torch.float32)
+    w = weights.to(torch.float32)
+    for pred, t in zip(preds, tiles):
+        out[(slice(None),) + t.slices] += pred.to(torch.float32) * w
+    return out / total
