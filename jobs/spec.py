@@ -120,7 +120,7 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     _int_in("job.width", j.width, 8, MAX_SIDE)
     _int_in("job.height", j.height, 8, MAX_SIDE)
     _int_in("job.steps", j.steps, 1, MAX_STEPS)
-    _check(isinstance(j.guidance, (int, float)) and 0.0 <= j.guidance <= MAX_GUIDANCE,
+    _check(isinstance(j.guidance, (int, float)) and not isinstance(j.guidance, bool) and 0.0 <= j.guidance <= MAX_GUIDANCE,
            "job.guidance", j.guidance, f"must be a number from 0 to {MAX_GUIDANCE:g}")
     _one_of("job.scheduler", j.scheduler, SCHEDULERS)
     _check(bool(j.name) and "/" not in j.name and not j.name.startswith("."), "job.name", j.name,
@@ -133,7 +133,7 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
                "prompts must be non-empty strings")
     _check(len(j.seeds) > 0, "job.seeds", list(j.seeds), "no seed to render")
     for s in j.seeds:
-        _check(isinstance(s, int) and 0 <= s < 2**63, "job.seeds", list(j.seeds),
+        _check(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63, "job.seeds", list(j.seeds),
                "seeds must be integers from 0 to 2**63-1")
 
     _one_of("tiling.method", t.method, TILING_METHODS)
@@ -151,6 +151,8 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
 
     _one_of("output.format", o.format, OUTPUT_FORMATS)
     _int_in("output.quality", o.quality, 1, 100)
+    if o.format == "webp":  # libwebp's limit
+        _check(max(j.width, j.height) <= 16383, "output.format", o.format, "WebP holds at most 16383 px a side")
     _check(bool(o.dir), "output.dir", o.dir, "must be a folder path")
     return cfg
 

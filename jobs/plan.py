@@ -1,0 +1,88 @@
+"""Expansion of a render job into image requests with stable ids."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from .images import EXTENSIONS
+from .spec import TesseraConfig, prompts_of, validate
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to render: what the renderer and the manifest need to know of it."""
+
+    image_id: str
+    job: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    scheduler: str
+    tiling_method: str
+    tile: int
+    overlap: int
+    format: str
+    path: str  # relative to output.dir: images/<job>/<image_id>.<ext>
+
+    def parameters_text(self) -> str:
+        """AUTOMATIC1111-style generation parameters, as embedded in the image file."""
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(
+            f"Steps: {self.steps}, Sampler: {self.scheduler}, CFG scale: {self.guidance}, "
+            f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}, "
+            f"Tiling: {self.tiling_method} {self.tile}/{self.overlap}, "
+            f"Tessera image id: {self.image_id}")
+        return "\n".join(lines)
+
+    def manifest_row(self, **extra) -> dict:
+        """The manifest columns this request knows, updated with ``extra`` (status, sha256, ...)."""
+        row = {k: getattr(self, k) for k in (
+            "image_id", "job", "prompt", "negative_prompt", "seed", "model", "width", "height",
+            "steps", "guidance", "scheduler", "tiling_method", "tile", "overlap", "path")}
+        row.update(extra)
+        return row
+
+
+def image_id(cfg: TesseraConfig, prompt: str, seed: int) -> str:
+    """First 16 hex chars of sha256 over everything that changes the pixels, and nothing else."""
+    m, j, t = cfg.model, cfg.job, cfg.tiling
+    key = {
+        "model": m.name, "dtype": m.dtype,
+        "model_path": None if m.name == "demo" else os.path.realpath(os.path.expanduser(m.path)),
+        "prompt": prompt, "negative_prompt": j.negative_prompt, "seed": int(seed),
+        "width": int(j.width), "height": int(j.height), "steps": int(j.steps),
+        "guidance": float(j.guidance), "scheduler": j.scheduler,
+        "tiling": [t.method, int(t.tile), int(t.overlap), int(t.batch)],
+        "vae": [int(t.vae_tile), int(t.vae_overlap)],
+    }
+    canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def plan(cfg: TesseraConfig) -> list[ImageRequest]:
+    """Validate ``cfg`` and expand it into prompts x seeds, prompt-major, duplicates dropped."""
+    validate(cfg)
+    j, t, fmt = cfg.job, cfg.tiling, cfg.output.format
+    requests, seen = [], set()
+    for prompt in prompts_of(j):
+        for seed in j.seeds:
+            iid = image_id(cfg, prompt, seed)
+            if iid in seen:
+                continue
+            seen.add(iid)
+            requests.append(ImageRequest(
+                image_id=iid, job=j.name, prompt=prompt, negative_prompt=j.negative_prompt,
+                seed=int(seed), model=cfg.model.name, width=int(j.width), height=int(j.height),
+                steps=int(j.steps), guidance=float(j.guidance), scheduler=j.scheduler,
+                tiling_method=t.method, tile=int(t.tile), overlap=int(t.overlap), format=fmt,
+                path=f"images/{j.name}/{iid}.{EXTENSIONS[fmt]}"))
+    return requests

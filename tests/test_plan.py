@@ -1,0 +1,214 @@
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jobs import ConfigError, ImageRequest, TesseraConfig, image_id, plan, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(**sections) -> TesseraConfig:
+    """A small valid config; ``sections`` maps 'job' etc. to a dict of field overrides."""
+    cfg = TesseraConfig()
+    cfg.job.width, cfg.job.height = 1024, 512
+    for section, values in sections.items():
+        for k, v in values.items():
+            setattr(getattr(cfg, section), k, v)
+    return cfg
+
+
+def test_plan_is_prompt_major_and_drops_duplicates():
+    cfg = make_cfg(job=dict(name="night", prompts=["a", "b", "a"], seeds=[3, 1, 3]))
+    reqs = plan(cfg)
+    assert [(r.prompt, r.seed) for r in reqs] == [("a", 3), ("a", 1), ("b", 3), ("b", 1)]
+    assert len({r.image_id for r in reqs}) == 4
+    r = reqs[0]
+    assert (r.job, r.model, r.width, r.height, r.steps, r.guidance, r.scheduler) == (
+        "night", "demo", 1024, 512, 20, 7.0, "euler")
+    assert (r.tiling_method, r.tile, r.overlap, r.format) == ("gaussian", 64, 16, "png")
+    assert r.path == f"images/night/{r.image_id}.png"
+
+
+def test_prompt_file_comes_after_prompts(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("# comment\n  c  \n\nb\na\n", encoding="utf-8")
+    reqs = plan(make_cfg(job=dict(prompts=["a", "b"], prompt_file=str(f), seeds=[0])))
+    assert [r.prompt for r in reqs] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("fmt,ext", [("png", "png"), ("webp", "webp"), ("jpeg", "jpg")])
+def test_path_extension(fmt, ext):
+    r = plan(make_cfg(output=dict(format=fmt)))[0]
+    assert r.path == f"images/default/{r.image_id}.{ext}" and r.format == fmt
+
+
+def test_default_id_is_pinned():
+    # Changing how ids are computed orphans every manifest on disk: do it on purpose only.
+    assert plan(TesseraConfig())[0].image_id == "b79a9ac34f12103c"
+
+
+def test_id_is_16_hex_and_repeatable():
+    a, b = plan(make_cfg())[0].image_id, plan(make_cfg())[0].image_id
+    assert a == b and len(a) == 16 and int(a, 16) >= 0
+
+
+CHANGES_PIXELS = [
+    ("model", "name", "demo"), ("model", "path", "OTHER"), ("model", "dtype", "fp16"),
+    ("job", "prompts", ["another prompt"]), ("job", "negative_prompt", "blurry"),
+    ("job", "seeds", [1]), ("job", "width", 1032), ("job", "height", 520), ("job", "steps", 21),
+    ("job", "guidance", 7.5), ("job", "scheduler", "ddim"),
+    ("tiling", "method", "uniform"), ("tiling", "tile", 96), ("tiling", "overlap", 8),
+    ("tiling", "batch", 8), ("tiling", "vae_tile", 32), ("tiling", "vae_overlap", 4),
+]
+KEEPS_PIXELS = [
+    ("job", "name", "other_job"), ("output", "dir", "/elsewhere"), ("output", "format", "webp"),
+    ("output", "quality", 50), ("cluster", "workers", 8), ("cluster", "address", "auto"),
+    ("cluster", "mode", "tile_parallel"), ("cluster", "cpus_per_worker", 2),
+    ("model", "path", "a/"), ("job", "guidance", 7),  # the same folder; 7 == 7.0
+]
+
+
+def _base(tmp_path):
+    (tmp_path / "a").mkdir(exist_ok=True)
+    (tmp_path / "OTHER").mkdir(exist_ok=True)
+    return make_cfg(model=dict(name="sd15", path=str(tmp_path / "a")))
+
+
+@pytest.mark.parametrize("section,name,value", CHANGES_PIXELS)
+def test_id_changes_with(tmp_path, section, name, value):
+    base = _base(tmp_path)
+    changed = _base(tmp_path)
+    setattr(getattr(changed, section), name, str(tmp_path / value) if value == "OTHER" else value)
+    assert plan(changed)[0].image_id != plan(base)[0].image_id
+
+
+@pytest.mark.parametrize("section,name,value", KEEPS_PIXELS)
+def test_id_ignores(tmp_path, section, name, value):
+    base = _base(tmp_path)
+    changed = _base(tmp_path)
+    setattr(getattr(changed, section), name, str(tmp_path / value) if value == "a/" else value)
+    assert plan(changed)[0].image_id == plan(base)[0].image_id
+
+
+def test_demo_model_id_ignores_its_cache_folder(tmp_path):
+    a, b = make_cfg(model=dict(path=str(tmp_path / "x"))), make_cfg(model=dict(path=str(tmp_path / "y")))
+    assert plan(a)[0].image_id == plan(b)[0].image_id
+
+
+def test_id_of_a_pair_does_not_depend_on_the_other_prompts_or_seeds():
+    one = plan(make_cfg(job=dict(prompts=["b"], seeds=[5])))[0]
+    many = plan(make_cfg(job=dict(prompts=["a", "b"], seeds=[1, 5])))
+    assert one == [r for r in many if (r.prompt, r.seed) == ("b", 5)][0]
+    assert one.image_id == image_id(make_cfg(), "b", 5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.sampled_from("abcd"), min_size=1, max_size=6),
+       st.lists(st.integers(0, 4), min_size=1, max_size=6))
+def test_plan_is_the_ordered_set_of_pairs(prompts, seeds):
+    reqs = plan(make_cfg(job=dict(prompts=prompts, seeds=seeds)))
+    want = list(dict.fromkeys((p, s) for p in prompts for s in seeds))
+    assert [(r.prompt, r.seed) for r in reqs] == want
+
+
+def test_plan_validates():
+    with pytest.raises(ConfigError, match="job.steps=0"):
+        plan(make_cfg(job=dict(steps=0)))
+
+
+def test_parameters_text():
+    r = plan(make_cfg(job=dict(prompts=["a lake"], negative_prompt="blurry, text", seeds=[1],
+                               width=3840, height=2160)))[0]
+    assert r.parameters_text() == (
+        "a lake\nNegative prompt: blurry, text\n"
+        "Steps: 20, Sampler: euler, CFG scale: 7.0, Seed: 1, Size: 3840x2160, Model: demo, "
+        f"Tiling: gaussian 64/16, Tessera image id: {r.image_id}")
+    no_neg = dataclasses.replace(r, negative_prompt="")
+    assert no_neg.parameters_text().splitlines()[:2] == ["a lake", "Steps: 20, Sampler: euler, "
+        f"CFG scale: 7.0, Seed: 1, Size: 3840x2160, Model: demo, Tiling: gaussian 64/16, "
+        f"Tessera image id: {r.image_id}"]
+
+
+def test_manifest_row():
+    r = plan(make_cfg(job=dict(prompts=["p"], seeds=[9])))[0]
+    row = r.manifest_row(status="ok", worker="w0")
+    assert row == {
+        "image_id": r.image_id, "job": "default", "prompt": "p", "negative_prompt": "", "seed": 9,
+        "model": "demo", "width": 1024, "height": 512, "steps": 20, "guidance": 7.0,
+        "scheduler": "euler", "tiling_method": "gaussian", "tile": 64, "overlap": 16,
+        "path": r.path, "status": "ok", "worker": "w0"}
+
+
+def test_request_is_frozen():
+    r = plan(make_cfg())[0]
+    assert isinstance(r, ImageRequest)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.seed = 2
+
+
+def test_jobs_imports_neither_torch_nor_ray():
+    code = "import sys, jobs; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+# --- jobs.spec.validate --------------------------------------------------------------------------
+
+def test_defaults_are_valid():
+    cfg = TesseraConfig()
+    assert validate(cfg) is cfg
+
+
+BAD = [
+    ("job", "width", 0, "job.width"), ("job", "width", -5, "job.width"),
+    ("job", "width", 100000, "job.width"), ("job", "height", 0, "job.height"),
+    ("job", "steps", 0, "job.steps"), ("job", "guidance", -1, "job.guidance"),
+    ("job", "guidance", 100, "job.guidance"), ("job", "prompts", [], "job.prompts"),
+    ("job", "prompts", [""], "job.prompts"), ("job", "prompts", ["ok", "  "], "job.prompts"),
+    ("job", "seeds", [], "job.seeds"), ("job", "seeds", [-1], "job.seeds"),
+    ("job", "scheduler", "heun9000", "job.scheduler"), ("job", "name", "a/b", "job.name"),
+    ("job", "prompt_file", "/no/such/prompts.txt", "job.prompt_file"),
+    ("model", "name", "sdxl-nope", "model.name"), ("model", "dtype", "fp8", "model.dtype"),
+    ("tiling", "overlap", 64, "tiling.overlap"), ("tiling", "overlap", 65, "tiling.overlap"),
+    ("tiling", "method", "square", "tiling.method"), ("tiling", "tile", 4, "tiling.tile"),
+    ("output", "format", "gif", "output.format"), ("output", "quality", 0, "output.quality"),
+    ("cluster", "workers", 0, "cluster.workers"), ("cluster", "mode", "fast", "cluster.mode"),
+]
+
+
+@pytest.mark.parametrize("section,name,value,field_name", BAD)
+def test_validate_names_field_and_value(section, name, value, field_name):
+    cfg = make_cfg(**{section: {name: value}})
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert e.value.field_name == field_name and e.value.value == value
+    assert str(e.value).startswith(f"{field_name}={value!r}: ")
+
+
+def test_validate_model_path_must_exist():
+    cfg = make_cfg(model=dict(name="sd15", path="/no/such/model"))
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value) == "model.path='/no/such/model': no such file or folder"
+
+
+def test_validate_real_model_needs_a_path():
+    with pytest.raises(ConfigError, match=r"^model.path=None: model=sd15 needs"):
+        validate(make_cfg(model=dict(name="sd15")))
+
+
+def test_validate_accepts_existing_model_path(tmp_path):
+    validate(make_cfg(model=dict(name="sd15", path=str(tmp_path))))
+
+
+def test_plan_takes_hydra_dictconfig():
+    omegaconf = pytest.importorskip("omegaconf")
+    cfg = omegaconf.OmegaConf.structured(TesseraConfig)
+    cfg.job.seeds = [0, 1]
+    cfg.job.guidance = 7  # typed float: stored as 7.0
+    assert plan(cfg) == plan(make_cfg(job=dict(width=3840, height=2160, seeds=[0, 1])))
