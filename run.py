@@ -17,7 +17,7 @@ import hydra  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from jobs import ConfigError, Manifest, TesseraConfig, plan, validate  # noqa: E402
+from jobs import ConfigError, Manifest, TesseraConfig, TesseraError, plan  # noqa: E402
 
 ConfigStore.instance().store(name="tessera_schema", node=TesseraConfig)
 
@@ -34,17 +34,10 @@ def check_output_dir(path: str) -> None:
 
 def render_job(cfg: TesseraConfig, show_progress: bool = True) -> dict:
     """Validate, skip what the manifest already holds, render the rest, record every image."""
+    requests = plan(cfg)  # validates
+    check_output_dir(cfg.output.dir)
     from cluster import run_job  # Ray and torch load only once the job is known to be valid
 
-    validate(cfg)
-    requests = plan(cfg)
-    if cfg.model.name != "demo":
-        from models import resolve_path
-        try:
-            resolve_path(cfg.model)
-        except ValueError as e:
-            raise ConfigError("model.path", cfg.model.path, str(e).split(": ", 1)[-1]) from e
-    check_output_dir(cfg.output.dir)
     manifest = Manifest(cfg.output.dir)
     manifest.compact()
     done = manifest.done_ids()
@@ -87,11 +80,9 @@ def print_summary(s: dict) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
-    from cluster import ClusterError
-
     try:
         summary = render_job(OmegaConf.to_object(dcfg))
-    except (ConfigError, ClusterError) as e:
+    except TesseraError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print_summary(summary)

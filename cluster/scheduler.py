@@ -16,7 +16,7 @@ from typing import Callable, List, Sequence
 import ray
 
 from jobs import ImageRequest
-from jobs.spec import TesseraConfig
+from jobs.spec import TesseraConfig, TesseraError
 
 from .progress import Progress
 from .renderer import Renderer, denoise_request, failed_row, now, tile_count
@@ -24,7 +24,7 @@ from .renderer import Renderer, denoise_request, failed_row, now, tile_count
 READY_TIMEOUT_S = 900  # model load on every worker
 
 
-class ClusterError(RuntimeError):
+class ClusterError(TesseraError):
     """The cluster cannot run the job as configured (too few resources, workers failing to load)."""
 
 
@@ -54,16 +54,20 @@ class Counter:
 
 
 def start_workers(cfg: TesseraConfig) -> List[ray.actor.ActorHandle]:
-    """`cluster.workers` actors, one GPU each (or a share of the CPUs), each with the model loaded."""
+    """`cluster.workers` actors, each with the model loaded: one GPU each, or `cpus_per_worker` CPU threads.
+
+    CPU results depend on the BLAS thread count, so CPU workers get a fixed count (default 1) and the
+    default is one worker per CPU (at most 8): the picture then never depends on the worker count.
+    """
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
-    n = cfg.cluster.workers or max(gpus, 1)
+    threads = cfg.cluster.cpus_per_worker or 1
+    n = cfg.cluster.workers or (gpus if gpus else max(1, min(8, cpus // threads)))
     if gpus:
         if n > gpus:
             raise ClusterError(f"cluster.workers={n}: the cluster has {gpus} GPUs")
-        opts, threads = {"num_gpus": 1, "num_cpus": 1}, None
+        opts = {"num_gpus": 1, "num_cpus": 1}
     else:
-        threads = cfg.cluster.cpus_per_worker or max(1, cpus // n)
         if n * threads > cpus:
             raise ClusterError(f"cluster.workers={n}: {n} x {threads} CPUs asked, the cluster has {cpus}")
         opts = {"num_cpus": threads}

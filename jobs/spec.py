@@ -23,7 +23,11 @@ OUTPUT_FORMATS = ("png", "webp", "jpeg")
 CLUSTER_MODES = ("auto", "bulk", "tile_parallel")
 
 
-class ConfigError(ValueError):
+class TesseraError(Exception):
+    """An error a user can act on: run.py prints its message on one line and exits non-zero."""
+
+
+class ConfigError(TesseraError, ValueError):
     """A bad value in a render job: the message names the field and the value."""
 
     def __init__(self, field_name: str, value, why: str):
@@ -65,9 +69,9 @@ class TilingConfig:
 @dataclass
 class ClusterConfig:
     address: Optional[str] = None  # unset: an embedded local Ray; "auto" or "host:port": join one
-    workers: Optional[int] = None  # unset: one per GPU, or one on a CPU-only cluster
+    workers: Optional[int] = None  # unset: one per GPU; on a CPU-only cluster one per cpus_per_worker (<= 8)
     mode: str = "auto"  # auto: bulk when there are at least as many images as workers
-    cpus_per_worker: Optional[int] = None  # CPU workers only; unset: the node's CPUs / workers
+    cpus_per_worker: Optional[int] = None  # threads of a CPU worker; unset: 1
 
 
 @dataclass
@@ -113,9 +117,11 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     _one_of("model.dtype", m.dtype, DTYPES)
     if m.name != "demo":
         _check(bool(m.path), "model.path", m.path, f"model={m.name} needs a local diffusers folder")
-    if m.path:
-        _check(os.path.exists(os.path.expanduser(m.path)) or m.name == "demo",
-               "model.path", m.path, "no such file or folder")
+    if m.path and m.name != "demo":
+        path = os.path.expanduser(m.path)
+        _check(os.path.exists(path), "model.path", m.path, "no such file or folder")
+        _check(os.path.isfile(os.path.join(path, "model_index.json")), "model.path", m.path,
+               "not a diffusers folder (no model_index.json)")
 
     _int_in("job.width", j.width, 8, MAX_SIDE)
     _int_in("job.height", j.height, 8, MAX_SIDE)

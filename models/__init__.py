@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers / transformers are imported
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time notices (no torchvision, ...)
 
 import torch  # noqa: E402
 
@@ -37,14 +38,26 @@ def resolve_path(model_cfg) -> str:
     return path
 
 
+def quiet() -> None:
+    """Keep the libraries' load-time bars and notices out of a worker's log; errors still show."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_model(model_cfg):
     """Load `model_cfg` (name, path, dtype) from local files onto this process's device."""
     from diffusers import StableDiffusionPipeline
 
     from .sd import SDModel
 
+    quiet()
     device, dtype = pick_device_dtype(model_cfg.dtype)
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_path(model_cfg), local_files_only=True,
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_path(model_cfg), local_files_only=True, dtype=dtype,
                                                    safety_checker=None, requires_safety_checker=False)
     return SDModel(pipe, model_cfg.name, device, dtype)
 

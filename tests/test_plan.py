@@ -73,8 +73,9 @@ KEEPS_PIXELS = [
 
 
 def _base(tmp_path):
-    (tmp_path / "a").mkdir(exist_ok=True)
-    (tmp_path / "OTHER").mkdir(exist_ok=True)
+    for name in ("a", "OTHER"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "model_index.json").write_text("{}")
     return make_cfg(model=dict(name="sd15", path=str(tmp_path / "a")))
 
 
@@ -203,7 +204,13 @@ def test_validate_real_model_needs_a_path():
 
 
 def test_validate_accepts_existing_model_path(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
     validate(make_cfg(model=dict(name="sd15", path=str(tmp_path))))
+
+
+def test_validate_refuses_a_folder_that_is_no_diffusers_pipeline(tmp_path):
+    with pytest.raises(ConfigError, match="model.path=.*no model_index.json"):
+        validate(make_cfg(model=dict(name="sd15", path=str(tmp_path))))
 
 
 def test_plan_takes_hydra_dictconfig():

@@ -1,0 +1,45 @@
+"""Shared fixtures: one demo model per session (built in code, loaded from disk), one Ray per module."""
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_cache(tmp_path_factory):
+    """Every test's demo model lives in one session cache, built once, never in the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("tessera-cache")
+    old = os.environ.get("TESSERA_CACHE")
+    os.environ["TESSERA_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("TESSERA_CACHE", None)
+    else:
+        os.environ["TESSERA_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A small embedded Ray instance shared by a module's tests."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"TESSERA_CACHE": os.environ["TESSERA_CACHE"]}})
+    yield ray
+    ray.shutdown()
+
+
+def compose(*overrides):
+    """The job as `python run.py <overrides>` would see it, as a validated-type TesseraConfig."""
+    from hydra import compose as hydra_compose, initialize
+    from omegaconf import OmegaConf
+
+    import run  # noqa: F401  registers the schema
+
+    with initialize(config_path="../conf", version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose("config", overrides=list(overrides)))
+
+
+SMALL = ["job.width=196", "job.height=130", "job.steps=3", "tiling.tile=16", "tiling.overlap=4",
+         "tiling.vae_tile=16", "tiling.vae_overlap=4", "tiling.batch=2"]

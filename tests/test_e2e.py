@@ -1,0 +1,120 @@
+"""End to end on an embedded Ray: Hydra composition, rendering, manifest, resume, worker independence."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import SMALL, compose
+from jobs import SCHEMA, Manifest, sha256_file
+from run import render_job
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT = ["image_id", "job", "prompt", "negative_prompt", "seed", "model", "width", "height", "steps",
+            "guidance", "scheduler", "tiling_method", "tile", "overlap", "status", "error", "path", "sha256",
+            "bytes", "started_at", "finished_at", "seconds_denoise", "seconds_decode", "worker"]
+
+
+def test_a_job_renders_every_image_records_it_and_resumes(ray_local, tmp_path):
+    cfg = compose(*SMALL, f"output.dir={tmp_path}", "job.seeds=[1,2,3]", "cluster.workers=2")
+    s = render_job(cfg, show_progress=False)
+    assert (s["written"], s["failed"], s["skipped"], s["mode"], s["workers"]) == (3, 0, 0, "bulk", 2)
+    rows = Manifest(tmp_path).rows()
+    assert sorted(r["seed"] for r in rows) == [1, 2, 3] and all(r["status"] == "ok" for r in rows)
+    assert set(CONTRACT) <= set(SCHEMA.names)
+    for r in rows:
+        assert Image.open(tmp_path / r["path"]).size == (196, 130)
+        assert sha256_file(tmp_path / r["path"]) == r["sha256"] and r["finished_at"] > r["started_at"]
+    assert len({r["worker"] for r in rows}) == 2  # both workers were kept busy
+
+    again = render_job(cfg, show_progress=False)
+    assert (again["written"], again["skipped"]) == (0, 3)
+    parts = list((tmp_path / "manifest").glob("*.parquet"))
+    assert len(parts) == 1 and pq.read_table(parts[0]).num_rows == 3  # no duplicate rows
+
+
+def test_a_changed_or_missing_image_is_rendered_again(ray_local, tmp_path):
+    cfg = compose(*SMALL, f"output.dir={tmp_path}", "job.seeds=[5,6]", "cluster.workers=1")
+    render_job(cfg, show_progress=False)
+    a, b = Manifest(tmp_path).rows()
+    (tmp_path / a["path"]).unlink()
+    (tmp_path / b["path"]).write_bytes(b"not a png")
+    s = render_job(cfg, show_progress=False)
+    assert (s["written"], s["skipped"]) == (2, 0)
+    assert {r["sha256"] for r in Manifest(tmp_path).rows()} == {a["sha256"], b["sha256"]}
+    assert len(Manifest(tmp_path).rows()) == 2
+
+
+def test_images_are_byte_identical_whatever_the_worker_count_and_mode(ray_local, tmp_path):
+    shas = {}
+    for workers, mode in [(1, "bulk"), (2, "tile_parallel"), (2, "bulk")]:
+        out = tmp_path / f"{workers}-{mode}"
+        s = render_job(compose(*SMALL, f"output.dir={out}", "job.seeds=[7,8]", f"cluster.workers={workers}",
+                               f"cluster.mode={mode}"), show_progress=False)
+        assert s["written"] == 2 and s["mode"] == mode
+        shas[(workers, mode)] = sorted(r["sha256"] for r in Manifest(out).rows())
+    assert len(set(map(tuple, shas.values()))) == 1, shas
+
+
+def test_too_many_cpu_workers_is_a_clear_error(ray_local, tmp_path):
+    from cluster import ClusterError
+
+    with pytest.raises(ClusterError, match="cluster.workers=5"):
+        render_job(compose(*SMALL, f"output.dir={tmp_path}", "cluster.workers=5"), show_progress=False)
+
+
+def run_py(*args, timeout=300):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_run_py_renders_and_sweeps_with_multirun(tmp_path):
+    p = run_py("-m", *SMALL, f"output.dir={tmp_path}", "job.seeds=[1],[2]", "tiling.method=uniform,gaussian")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("1 image(s) written, 0 failed") == 4
+    rows = Manifest(tmp_path).rows()
+    assert sorted((r["seed"], r["tiling_method"]) for r in rows) == [
+        (1, "gaussian"), (1, "uniform"), (2, "gaussian"), (2, "uniform")]
+    assert len(list(tmp_path.glob("sweeps/*/multirun.yaml"))) == 1
+
+
+def test_run_py_cfg_job_shows_the_resolved_job():
+    p = run_py("--cfg", "job", "job.width=1920", "model.dtype=fp16", timeout=60)
+    assert p.returncode == 0 and "width: 1920" in p.stdout and "dtype: fp16" in p.stdout
+
+
+BAD = [
+    (["job.width=0"], "job.width=0"),
+    (["job.width=-5"], "job.width=-5"),
+    (["job.height=100000"], "job.height=100000"),
+    (["job.steps=0"], "job.steps=0"),
+    (["job.guidance=-1"], "job.guidance=-1"),
+    (["job.prompts=[]"], "job.prompts=[]"),
+    (["job.scheduler=magic"], "job.scheduler='magic'"),
+    (["model.name=nope"], "model.name='nope'"),
+    (["model=sd15", "model.path=/no/such/weights"], "model.path='/no/such/weights'"),
+    (["tiling.overlap=64"], "tiling.overlap=64"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[a[0] for a, _ in BAD])
+def test_bad_input_is_one_clear_error_and_nothing_written(tmp_path, args, message):
+    out = tmp_path / "out"
+    p = run_py(*args, f"output.dir={out}", timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [f"error: {message}" + p.stderr.strip().split(message, 1)[1]]
+    assert not out.exists()
+
+
+def test_an_unknown_model_config_is_refused_by_name(tmp_path):
+    p = run_py("model=nope", f"output.dir={tmp_path / 'out'}", timeout=60)
+    assert p.returncode != 0 and "model/nope" in p.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_output_folder_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    p = run_py(f"output.dir={tmp_path / 'file' / 'out'}", timeout=60)
+    assert p.returncode == 2 and p.stderr.startswith("error: output.dir=") and "not writable" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
