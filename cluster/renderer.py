@@ -15,29 +15,41 @@ import torch
 from jobs import ImageRequest, write_image
 from jobs.spec import ModelConfig, OutputConfig, TilingConfig
 from models import load_model, make_scheduler
-from tiling import decode_tiled, denoise_canvas, padded_size, tile_grid, to_uint8
+from tiling import decode_tiled, denoise_canvas, padded_size, step_layouts, to_uint8
 
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def latent_size(req: ImageRequest, factor: int):
+    """The latent canvas (height, width) of an image: its size rounded up to the VAE factor, divided by it."""
+    width, height = padded_size(req.width, req.height, factor)
+    return height // factor, width // factor
+
+
+def layouts_of(req: ImageRequest, tiling: TilingConfig, factor: int):
+    """Every step's tiles of one image (the same grid each step, or `shifted`'s seeded moving grid)."""
+    h, w = latent_size(req, factor)
+    return step_layouts(h, w, tiling.tile, tiling.overlap, tiling.method, req.steps, req.seed,
+                        wrap_y=tiling.wrap in ("y", "both"), wrap_x=tiling.wrap in ("x", "both"))
+
+
 def denoise_request(predict, info: dict, req: ImageRequest, tiling: TilingConfig,
                     callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """The finished latent canvas of one image; `predict` is the local model or a fan-out to workers."""
-    f = info["vae_scale_factor"]
-    width, height = padded_size(req.width, req.height, f)
     scheduler = make_scheduler(req.scheduler, info["scheduler_config"])
     scheduler.set_timesteps(req.steps)
     g = torch.Generator("cpu").manual_seed(req.seed)
-    x = torch.randn((1, info["latent_channels"], height // f, width // f), generator=g) * scheduler.init_noise_sigma
-    tiles = tile_grid(height // f, width // f, tiling.tile, tiling.overlap)
-    return denoise_canvas(predict, x, scheduler, tiles, tiling.method, tiling.batch, generator=g, callback=callback)
+    shape = (1, info["latent_channels"]) + latent_size(req, info["vae_scale_factor"])
+    x = torch.randn(shape, generator=g) * scheduler.init_noise_sigma
+    layouts = layouts_of(req, tiling, info["vae_scale_factor"])
+    return denoise_canvas(predict, x, scheduler, layouts, tiling.method, tiling.batch, generator=g, callback=callback)
 
 
-def tile_count(req: ImageRequest, tiling: TilingConfig, factor: int = 8) -> int:
-    width, height = padded_size(req.width, req.height, factor)
-    return len(tile_grid(height // factor, width // factor, tiling.tile, tiling.overlap))
+def tile_steps(req: ImageRequest, tiling: TilingConfig, factor: int) -> int:
+    """Tile-steps of one image, for the progress bar."""
+    return sum(len(tiles) for tiles in layouts_of(req, tiling, factor))
 
 
 def failed_row(req: ImageRequest, started_at: datetime, error: BaseException | str, worker: str = "") -> dict:

@@ -19,7 +19,7 @@ from jobs import ImageRequest
 from jobs.spec import TesseraConfig, TesseraError
 
 from .progress import Progress
-from .renderer import Renderer, denoise_request, failed_row, now, tile_count
+from .renderer import Renderer, denoise_request, failed_row, now, tile_steps
 
 READY_TIMEOUT_S = 900  # model load on every worker
 
@@ -143,7 +143,7 @@ def run_job(cfg: TesseraConfig, requests: Sequence[ImageRequest], on_row: Callab
     mode = cfg.cluster.mode
     if mode == "auto":
         mode = "bulk" if len(requests) >= len(workers) else "tile_parallel"
-    total_tiles = sum(tile_count(r, cfg.tiling, info["vae_scale_factor"]) * r.steps for r in requests)
+    total_tiles = sum(tile_steps(r, cfg.tiling, info["vae_scale_factor"]) for r in requests)
     with Progress(len(requests), total_tiles, enabled=show_progress) as progress:
         def record(row):
             progress.image(row["status"] == "ok")

@@ -46,6 +46,9 @@ SCHEMA = pa.schema([
     ("seconds_denoise", pa.float64()),
     ("seconds_decode", pa.float64()),
     ("worker", pa.string()),
+    ("wrap", pa.string()),  # none, x, y or both: the image tiles seamlessly on those axes
+    ("seam_score", pa.float64()),  # across the denoise tiles' borders; 1.0: invisible (tiling.seams)
+    ("seam_score_vae", pa.float64()),  # across the VAE decode tiles' borders
 ])
 STATUSES = ("ok", "failed")
 _last_ns = 0

@@ -30,6 +30,7 @@ class ImageRequest:
     overlap: int
     format: str
     path: str  # relative to output.dir: images/<job>/<image_id>.<ext>
+    wrap: str = "none"  # tiling.wrap: none, x, y or both
 
     def parameters_text(self) -> str:
         """AUTOMATIC1111-style generation parameters, as embedded in the image file."""
@@ -40,6 +41,7 @@ class ImageRequest:
             f"Steps: {self.steps}, Sampler: {self.scheduler}, CFG scale: {self.guidance}, "
             f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}, "
             f"Tiling: {self.tiling_method} {self.tile}/{self.overlap}, "
+            + (f"Wrap: {self.wrap}, " if self.wrap != "none" else "") +
             f"Tessera image id: {self.image_id}")
         return "\n".join(lines)
 
@@ -47,7 +49,7 @@ class ImageRequest:
         """The manifest columns this request knows, updated with ``extra`` (status, sha256, ...)."""
         row = {k: getattr(self, k) for k in (
             "image_id", "job", "prompt", "negative_prompt", "seed", "model", "width", "height",
-            "steps", "guidance", "scheduler", "tiling_method", "tile", "overlap", "path")}
+            "steps", "guidance", "scheduler", "tiling_method", "tile", "overlap", "path", "wrap")}
         row.update(extra)
         return row
 
@@ -61,7 +63,7 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int) -> str:
         "prompt": prompt, "negative_prompt": j.negative_prompt, "seed": int(seed),
         "width": int(j.width), "height": int(j.height), "steps": int(j.steps),
         "guidance": float(j.guidance), "scheduler": j.scheduler,
-        "tiling": [t.method, int(t.tile), int(t.overlap), int(t.batch)],
+        "tiling": [t.method, int(t.tile), int(t.overlap), int(t.batch)] + ([t.wrap] if t.wrap != "none" else []),
         "vae": [int(t.vae_tile), int(t.vae_overlap)],
     }
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -84,5 +86,5 @@ def plan(cfg: TesseraConfig) -> list[ImageRequest]:
                 seed=int(seed), model=cfg.model.name, width=int(j.width), height=int(j.height),
                 steps=int(j.steps), guidance=float(j.guidance), scheduler=j.scheduler,
                 tiling_method=t.method, tile=int(t.tile), overlap=int(t.overlap), format=fmt,
-                path=f"images/{j.name}/{iid}.{EXTENSIONS[fmt]}"))
+                path=f"images/{j.name}/{iid}.{EXTENSIONS[fmt]}", wrap=t.wrap))
     return requests

@@ -18,7 +18,8 @@ MAX_GUIDANCE = 50.0
 MODEL_NAMES = ("demo", "sd15")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m_karras", "unipc")
-TILING_METHODS = ("uniform", "gaussian")
+TILING_METHODS = ("uniform", "gaussian", "shifted")
+WRAPS = ("none", "x", "y", "both")
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 CLUSTER_MODES = ("auto", "bulk", "tile_parallel")
 
@@ -58,7 +59,8 @@ class JobConfig:
 
 @dataclass
 class TilingConfig:
-    method: str = "gaussian"
+    method: str = "gaussian"  # uniform (MultiDiffusion), gaussian (Mixture of Diffusers), shifted (SpotDiffusion)
+    wrap: str = "none"  # x, y, both: the canvas wraps around, so the image tiles seamlessly
     tile: int = 64  # latent pixels (512 image pixels with an 8x VAE)
     overlap: int = 16  # latent pixels shared by neighbouring tiles
     batch: int = 4  # tiles per model call; fixed, so the picture never depends on the worker count
@@ -143,6 +145,7 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
                "seeds must be integers from 0 to 2**63-1")
 
     _one_of("tiling.method", t.method, TILING_METHODS)
+    _one_of("tiling.wrap", t.wrap, WRAPS)
     _int_in("tiling.tile", t.tile, 8, 512)
     _int_in("tiling.overlap", t.overlap, 0, t.tile - 1)
     _int_in("tiling.batch", t.batch, 1, 256)

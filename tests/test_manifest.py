@@ -23,7 +23,7 @@ def row(iid, status="ok", **kw):
          "overlap": 16, "status": status, "error": None if status == "ok" else "CUDA OOM",
          "path": f"images/night/{iid}.png", "sha256": "0" * 64, "bytes": 1234,
          "started_at": T0, "finished_at": T1, "seconds_denoise": 12.25, "seconds_decode": 1.5,
-         "worker": "node1/gpu0"}
+         "worker": "node1/gpu0", "wrap": "none", "seam_score": 1.01, "seam_score_vae": 1.0}
     r.update(kw)
     return r
 
@@ -53,8 +53,8 @@ def test_missing_keys_are_null_and_bad_rows_raise(tmp_path):
     m.append([{"image_id": "x", "status": "failed", "error": "boom"}])
     (r,) = m.rows()
     assert r["error"] == "boom" and r["seed"] is None and r["worker"] is None
-    with pytest.raises(ValueError, match="seam_score"):
-        m.append([row("y", seam_score=0.1)])
+    with pytest.raises(ValueError, match="aesthetic_score"):
+        m.append([row("y", aesthetic_score=0.1)])
     with pytest.raises(ValueError, match="status='done'"):
         m.append([row("y", status="done")])
     with pytest.raises(ValueError, match="no image_id"):
@@ -206,11 +206,11 @@ def test_crash_between_compact_write_and_delete(tmp_path, monkeypatch):
 def test_old_part_without_a_newer_column_still_reads(tmp_path, monkeypatch):
     m = Manifest(tmp_path)
     m.append([row("a")])  # written before the column existed
-    newer = SCHEMA.append(pa.field("seam_score", pa.float64()))
+    newer = SCHEMA.append(pa.field("aesthetic_score", pa.float64()))
     monkeypatch.setattr(jobs.manifest, "SCHEMA", newer)
-    m.append([row("b", seam_score=0.25)])
+    m.append([row("b", aesthetic_score=0.25)])
     got = m.rows()
-    assert got == [row("a", seam_score=None), row("b", seam_score=0.25)]
+    assert got == [row("a", aesthetic_score=None), row("b", aesthetic_score=0.25)]
     assert m.table().schema == newer
     m.compact()
     assert m.rows() == got

@@ -141,7 +141,7 @@ def test_manifest_row():
         "image_id": r.image_id, "job": "default", "prompt": "p", "negative_prompt": "", "seed": 9,
         "model": "demo", "width": 1024, "height": 512, "steps": 20, "guidance": 7.0,
         "scheduler": "euler", "tiling_method": "gaussian", "tile": 64, "overlap": 16,
-        "path": r.path, "status": "ok", "worker": "w0"}
+        "path": r.path, "wrap": "none", "status": "ok", "worker": "w0"}
 
 
 def test_request_is_frozen():

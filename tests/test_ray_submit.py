@@ -29,6 +29,17 @@ def kill_matching(pattern: str) -> None:
         time.sleep(2)
 
 
+def submit(env: dict, address: str, *command: str, attempts: int = 12) -> subprocess.CompletedProcess:
+    """`ray job submit`, again while the head's job agent is still starting (`ray start` returns before)."""
+    for _ in range(attempts):
+        p = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", ".", "--", *command],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if "No available agent to submit job" not in p.stderr:
+            return p
+        time.sleep(5)
+    return p
+
+
 @pytest.fixture(scope="module")
 def head(demo_cache):
     temp = tempfile.mkdtemp(prefix="tray")  # short: Ray's socket paths live under it
@@ -37,6 +48,7 @@ def head(demo_cache):
                TESSERA_CACHE=str(demo_cache))
     start = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=2",
              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+             "--dashboard-agent-listen-port=0",  # no fixed port a lingering agent could still hold
              f"--temp-dir={temp}", "--disable-usage-stats"]
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
@@ -49,10 +61,8 @@ def head(demo_cache):
 def test_a_job_submitted_to_a_head_node_renders(head, tmp_path):
     env, address = head
     out = tmp_path / "out"
-    p = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-                        "python", "run.py", "cluster=ray", "job=smoke", "job.width=128", "job.height=96",
-                        "job.steps=2", f"output.dir={out}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = submit(env, address, "python", "run.py", "cluster=ray", "job=smoke", "job.width=128", "job.height=96",
+               "job.steps=2", f"output.dir={out}")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "1 image(s) written, 0 failed" in p.stdout
     (row,) = Manifest(out).rows()

@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiling import (axis_starts, batches_of, decode_tiled, denoise_canvas, fuse, padded_size, tile_grid,
+from tiling import (axis_starts, batches_of, crop, decode_tiled, denoise_canvas, fuse, layout, padded_size,
+                    step_layouts, tile_grid,
                     tile_weights, to_uint8, weight_sum)
 
 sizes = st.integers(1, 300)
@@ -115,7 +116,7 @@ def test_denoise_canvas_equals_the_untiled_loop_for_a_pixelwise_model():
         calls.append([b.shape[0] for b in batches])
         return [torch.sin(b) + t for b in batches]
 
-    out = denoise_canvas(predict, x, _Sched(), tile_grid(37, 53, 16, 4), "gaussian", batch=5)
+    out = denoise_canvas(predict, x, _Sched(), [tile_grid(37, 53, 16, 4)] * 3, "gaussian", batch=5)
     ref = x
     for t in _Sched.timesteps:
         ref = ref - 0.5 * (torch.sin(ref * 2) + t)
@@ -131,3 +132,54 @@ def test_tiled_decode_of_a_local_decoder_equals_the_full_decode():
     tiled = decode_tiled(dec, z, 8, tile=12, overlap=4)
     assert tiled.shape == (3, 29 * 8, 41 * 8)
     assert torch.allclose(tiled, dec(z)[0], atol=1e-6)
+
+
+def _coverage(tiles, h, w):
+    cover = torch.zeros(h, w, dtype=torch.int32)
+    for t in tiles:
+        cover[t.index(h, w)] += 1
+    return cover
+
+
+@settings(max_examples=150, deadline=None)
+@given(h=st.integers(1, 120), w=st.integers(1, 120), tile=st.integers(2, 64), wrap_y=st.booleans(),
+       wrap_x=st.booleans(), data=st.data())
+def test_wrapped_layouts_cover_everything_and_stay_one_shape(h, w, tile, wrap_y, wrap_x, data):
+    overlap = data.draw(st.integers(0, tile - 1))
+    tiles = layout(h, w, tile, overlap, wrap_y, wrap_x)
+    assert _coverage(tiles, h, w).min() >= 1
+    assert {(t.h, t.w) for t in tiles} == {(min(tile, h), min(tile, w))}
+    assert all(0 <= t.y < h and 0 <= t.x < w for t in tiles)
+    if not wrap_x:
+        assert all(t.x + t.w <= w for t in tiles)
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(8, 100), w=st.integers(8, 100), tile=st.integers(4, 40), seed=st.integers(0, 2**32),
+       wrap=st.sampled_from([(False, False), (True, True), (False, True)]))
+def test_shifted_tiles_cover_every_step_move_and_repeat_with_the_seed(h, w, tile, seed, wrap):
+    steps = step_layouts(h, w, tile, 0, "shifted", 12, seed, *wrap)
+    for tiles in steps:
+        cover = _coverage(tiles, h, w)
+        assert cover.min() >= 1
+        assert len(tiles) <= (-(-h // min(tile, h)) + 1) * (-(-w // min(tile, w)) + 1)  # overlap only at edges
+    assert steps == step_layouts(h, w, tile, 0, "shifted", 12, seed, *wrap)
+    if min(tile, h, w) > 1 and tile < min(h, w):
+        assert len({tuple(t) for t in steps}) > 1  # the grid moves
+
+
+def test_fusion_on_a_wrapped_canvas_equals_the_whole_canvas():
+    x = torch.randn(2, 30, 44, generator=torch.Generator().manual_seed(3))
+    f = lambda v: v * 3 - v ** 3  # noqa: E731
+    for tiles in [layout(30, 44, 16, 6, True, True), step_layouts(30, 44, 16, 0, "shifted", 1, 5, True, False)[0]]:
+        w = tile_weights(tiles[0].h, tiles[0].w, "gaussian")
+        fused = fuse(torch.stack([f(crop(x, t)) for t in tiles]), tiles, w, weight_sum(tiles, w, 30, 44))
+        assert torch.allclose(fused, f(x), atol=1e-5)
+
+
+def test_a_wrapped_tile_takes_its_pixels_from_the_other_side():
+    x = torch.arange(5 * 7, dtype=torch.float32).reshape(1, 5, 7)
+    t = layout(5, 7, 4, 1, True, True)[-1]
+    assert t.y + t.h > 5 and t.x + t.w > 7
+    ref = torch.roll(x, shifts=(-t.y, -t.x), dims=(1, 2))[:, :4, :4]
+    assert torch.equal(crop(x, t), ref)

@@ -1,10 +1,10 @@
 """Pure tensor math of tiled diffusion: grids, blend weights, fusion, the denoise loop, tiled decode."""
 from .blend import METHODS, tile_weights
-from .fuse import fuse, weight_sum
-from .grid import Tile, axis_starts, padded_size, scale_tiles, tile_grid
-from .sampling import batches_of, denoise_canvas, initial_noise
+from .fuse import crop, fuse, weight_sum
+from .grid import Tile, axis_starts, layout, padded_size, scale_tiles, step_layouts, tile_grid
+from .sampling import batches_of, denoise_canvas
 from .vae import DecodeError, decode_tiled, to_uint8
 
-__all__ = ["METHODS", "tile_weights", "fuse", "weight_sum", "Tile", "axis_starts", "padded_size",
-           "scale_tiles", "tile_grid", "batches_of", "denoise_canvas", "initial_noise", "DecodeError",
+__all__ = ["METHODS", "tile_weights", "crop", "fuse", "weight_sum", "Tile", "axis_starts", "layout", "padded_size",
+           "scale_tiles", "step_layouts", "tile_grid", "batches_of", "denoise_canvas", "DecodeError",
            "decode_tiled", "to_uint8"]

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-METHODS = ("uniform", "gaussian")
+METHODS = ("uniform", "gaussian", "shifted")
 
 
 def gaussian_profile(n: int, var: float = 0.01) -> torch.Tensor:
@@ -24,8 +24,9 @@ def ramp_profile(n: int, overlap: int) -> torch.Tensor:
 
 
 def tile_weights(h: int, w: int, method: str) -> torch.Tensor:
-    """An h x w float32 weight map: `uniform` (MultiDiffusion) or `gaussian` (Mixture of Diffusers)."""
-    if method == "uniform":
+    """An h x w float32 weight map: `uniform` (MultiDiffusion, and `shifted`, whose tiles barely overlap) or
+    `gaussian` (Mixture of Diffusers)."""
+    if method in ("uniform", "shifted"):
         return torch.ones(h, w)
     if method == "gaussian":
         return torch.outer(gaussian_profile(h), gaussian_profile(w)).float()

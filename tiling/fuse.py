@@ -12,7 +12,7 @@ def weight_sum(tiles: Sequence[Tile], weights: torch.Tensor, height: int, width:
     """The summed blend weight of every canvas pixel (positive wherever the tiles cover)."""
     total = torch.zeros(height, width, dtype=weights.dtype)
     for t in tiles:
-        total[t.slices] += weights
+        total[t.index(height, width)] += weights
     return total
 
 
@@ -21,5 +21,10 @@ def fuse(preds: torch.Tensor, tiles: Sequence[Tile], weights: torch.Tensor, tota
     out = torch.zeros((preds.shape[1],) + tuple(total.shape), dtype=torch.float32)
     w = weights.to(torch.float32)
     for pred, t in zip(preds, tiles):
-        out[(slice(None),) + t.slices] += pred.to(torch.float32) * w
+        out[(slice(None),) + t.index(*total.shape)] += pred.to(torch.float32) * w
     return out / total
+
+
+def crop(x: torch.Tensor, tile: Tile) -> torch.Tensor:
+    """The tile's window of a [C, H, W] canvas (wrapping around the edges where the tile does)."""
+    return x[(slice(None),) + tile.index(x.shape[-2], x.shape[-1])]

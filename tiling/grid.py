@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import List, NamedTuple, Tuple
 
 
@@ -15,7 +16,22 @@ class Tile(NamedTuple):
 
     @property
     def slices(self) -> Tuple[slice, slice]:
+        """Row and column slices (for a tile inside the canvas)."""
         return slice(self.y, self.y + self.h), slice(self.x, self.x + self.w)
+
+    def index(self, height: int, width: int) -> Tuple:
+        """Indices of the tile's rows and columns in a height x width canvas, wrapping around its edges."""
+        if self.y + self.h <= height and self.x + self.w <= width:
+            return self.slices
+        rows = [(self.y + i) % height for i in range(self.h)]
+        cols = [(self.x + j) % width for j in range(self.w)]
+        return _ix(rows, cols)
+
+
+def _ix(rows: List[int], cols: List[int]):
+    import torch  # geometry stays tensor-free unless a tile wraps
+
+    return torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]
 
 
 def axis_starts(length: int, tile: int, overlap: int) -> List[int]:
@@ -34,10 +50,49 @@ def axis_starts(length: int, tile: int, overlap: int) -> List[int]:
 
 def tile_grid(height: int, width: int, tile: int, overlap: int) -> List[Tile]:
     """Row-major overlapping tiles of side min(tile, canvas side) that cover a height x width canvas."""
+    return layout(height, width, tile, overlap)
+
+
+def wrap_starts(length: int, tile: int, overlap: int) -> List[int]:
+    """Window starts around a periodic axis: evenly spaced, at least `overlap` shared, the last wrapping over the edge."""
+    n = max(2, math.ceil(length / (tile - overlap)))
+    return sorted({round(k * length / n) for k in range(n)})
+
+
+def shifted_starts(length: int, tile: int, offset: int, wrap: bool = False) -> List[int]:
+    """Non-overlapping window starts moved by `offset` (SpotDiffusion); edge windows are clamped inside."""
+    if wrap:
+        return sorted({(offset + k * tile) % length for k in range(math.ceil(length / tile))})
+    if length <= tile:
+        return [0]
+    return sorted({min(max(offset + k * tile, 0), length - tile) for k in range(-1, math.ceil(length / tile) + 1)})
+
+
+def layout(height: int, width: int, tile: int, overlap: int, wrap_y: bool = False, wrap_x: bool = False,
+           offset: Tuple[int, int] | None = None) -> List[Tile]:
+    """The tiles of one step: an overlapping grid, or with `offset` a shifted non-overlapping one.
+
+    On a wrapped axis a tile may run past the far edge and continue at the near one.
+    """
     th, tw = min(tile, height), min(tile, width)
-    ys = axis_starts(height, th, min(overlap, th - 1))
-    xs = axis_starts(width, tw, min(overlap, tw - 1))
+    if offset is not None:
+        ys = shifted_starts(height, th, offset[0], wrap_y)
+        xs = shifted_starts(width, tw, offset[1], wrap_x)
+    else:
+        ys = wrap_starts(height, th, min(overlap, th - 1)) if wrap_y else axis_starts(height, th, min(overlap, th - 1))
+        xs = wrap_starts(width, tw, min(overlap, tw - 1)) if wrap_x else axis_starts(width, tw, min(overlap, tw - 1))
     return [Tile(y, x, th, tw) for y in ys for x in xs]
+
+
+def step_layouts(height: int, width: int, tile: int, overlap: int, method: str, steps: int, seed: int,
+                 wrap_y: bool = False, wrap_x: bool = False) -> List[List[Tile]]:
+    """The tiles of every step; `shifted` moves its grid by offsets drawn from the image's seed."""
+    if method != "shifted":
+        return [layout(height, width, tile, overlap, wrap_y, wrap_x)] * steps
+    rng = random.Random(seed)
+    th, tw = min(tile, height), min(tile, width)
+    return [layout(height, width, tile, 0, wrap_y, wrap_x, (rng.randrange(th), rng.randrange(tw)))
+            for _ in range(steps)]
 
 
 def padded_size(width: int, height: int, multiple: int = 8) -> Tuple[int, int]:

@@ -7,7 +7,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .blend import tile_weights
-from .fuse import fuse, weight_sum
+from .fuse import crop, fuse, weight_sum
 from .grid import Tile
 
 # predict(batches, t) -> one prediction per batch; each batch is [n, C, h, w] tiles in tile-index order.
@@ -19,23 +19,20 @@ def batches_of(tiles: Sequence[Tile], size: int) -> List[List[Tile]]:
     return [list(tiles[i:i + size]) for i in range(0, len(tiles), size)]
 
 
-def initial_noise(seed: int, shape, init_sigma: float) -> torch.Tensor:
-    """The whole canvas's starting noise, drawn on the CPU from the image's seed alone."""
-    g = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float32) * init_sigma
-
-
-def denoise_canvas(predict: Predict, x: torch.Tensor, scheduler, tiles: Sequence[Tile], method: str,
+def denoise_canvas(predict: Predict, x: torch.Tensor, scheduler, layouts: Sequence[Sequence[Tile]], method: str,
                    batch: int, generator: Optional[torch.Generator] = None,
                    callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
-    """MultiDiffusion (Bar-Tal et al. 2023) over a [1, C, H, W] canvas with the scheduler's timesteps set."""
-    weights = tile_weights(tiles[0].h, tiles[0].w, method)
-    total = weight_sum(tiles, weights, x.shape[-2], x.shape[-1])
-    groups = batches_of(tiles, batch)
+    """MultiDiffusion (Bar-Tal et al. 2023) over a [1, C, H, W] canvas; `layouts[i]` are step i's tiles."""
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    fused_with = {}  # the weights of each distinct layout, computed once
     for i, t in enumerate(scheduler.timesteps):
+        tiles = layouts[i]
+        if id(tiles) not in fused_with:
+            w = tile_weights(tiles[0].h, tiles[0].w, method)
+            fused_with = {id(tiles): (w, weight_sum(tiles, w, x.shape[-2], x.shape[-1]))}
+        weights, total = fused_with[id(tiles)]
         x_in = scheduler.scale_model_input(x, t)[0]
-        preds = predict([torch.stack([x_in[(slice(None),) + s.slices] for s in g]) for g in groups], t)
+        preds = predict([torch.stack([crop(x_in, s) for s in g]) for g in batches_of(tiles, batch)], t)
         eps = fuse(torch.cat(preds), tiles, weights, total)[None]
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
         if callback is not None:
