@@ -15,7 +15,7 @@ import torch
 from jobs import ImageRequest, write_image
 from jobs.spec import ModelConfig, OutputConfig, TilingConfig
 from models import load_model, make_scheduler
-from tiling import decode_tiled, denoise_canvas, padded_size, step_layouts, to_uint8
+from tiling import TileBatch, decode_tiled, denoise_canvas, padded_size, step_layouts, to_uint8
 
 
 def now() -> datetime:
@@ -72,8 +72,9 @@ class Renderer:
         return {"scheduler_config": m.scheduler_config, "latent_channels": m.latent_channels,
                 "vae_scale_factor": m.vae_scale_factor, "worker": self.worker, "device": str(m.device)}
 
-    def predict(self, batch: torch.Tensor, t, prompt: str, negative: str, guidance: float) -> torch.Tensor:
-        return self.model.predict(batch, t, self.model.encode(prompt, negative), guidance)
+    def predict(self, batch: TileBatch, t, prompt: str, negative: str, guidance: float) -> torch.Tensor:
+        return self.model.predict(batch.x, t, self.model.encode(prompt, negative), guidance, batch.tiles,
+                                  batch.canvas)
 
     def render(self, req: ImageRequest, tiling: TilingConfig, progress=None) -> dict:
         """Denoise, decode and write one image; a failure becomes a `failed` row, never an exception."""

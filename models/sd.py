@@ -39,8 +39,11 @@ class SDModel:
         return self._cond[key]
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, t, cond: torch.Tensor, guidance: float) -> torch.Tensor:
-        """Noise for a batch of latent tiles [n, C, h, w], both halves of guidance in one UNet call."""
+    def predict(self, x: torch.Tensor, t, cond: torch.Tensor, guidance: float, tiles=None, canvas=None) -> torch.Tensor:
+        """Noise for a batch of latent tiles [n, C, h, w], both halves of guidance in one UNet call.
+
+        `tiles` (where each lies) and `canvas` (the latent canvas's size) matter to families with size
+        conditioning, not to SD 1.x."""
         n = x.shape[0]
         x = x.to(self.device, self.dtype)
         if guidance > 1.0:

@@ -113,8 +113,9 @@ def test_denoise_canvas_equals_the_untiled_loop_for_a_pixelwise_model():
     calls = []
 
     def predict(batches, t):
-        calls.append([b.shape[0] for b in batches])
-        return [torch.sin(b) + t for b in batches]
+        calls.append([len(b.tiles) for b in batches])
+        assert all(b.canvas == (37, 53) and b.x.shape[0] == len(b.tiles) for b in batches)
+        return [torch.sin(b.x) + t for b in batches]
 
     out = denoise_canvas(predict, x, _Sched(), [tile_grid(37, 53, 16, 4)] * 3, "gaussian", batch=5)
     ref = x

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -10,8 +10,16 @@ from .blend import tile_weights
 from .fuse import crop, fuse, weight_sum
 from .grid import Tile
 
-# predict(batches, t) -> one prediction per batch; each batch is [n, C, h, w] tiles in tile-index order.
-Predict = Callable[[List[torch.Tensor], torch.Tensor], List[torch.Tensor]]
+class TileBatch(NamedTuple):
+    """Tiles cut from the canvas [n, C, h, w], where they lie, and the canvas's (H, W): one model call."""
+
+    x: torch.Tensor
+    tiles: Tuple[Tile, ...]
+    canvas: Tuple[int, int]
+
+
+# predict(batches, t) -> one prediction [n, C, h, w] per batch, batches in tile-index order.
+Predict = Callable[[List[TileBatch], torch.Tensor], List[torch.Tensor]]
 
 
 def batches_of(tiles: Sequence[Tile], size: int) -> List[List[Tile]]:
@@ -32,7 +40,9 @@ def denoise_canvas(predict: Predict, x: torch.Tensor, scheduler, layouts: Sequen
             fused_with = {id(tiles): (w, weight_sum(tiles, w, x.shape[-2], x.shape[-1]))}
         weights, total = fused_with[id(tiles)]
         x_in = scheduler.scale_model_input(x, t)[0]
-        preds = predict([torch.stack([crop(x_in, s) for s in g]) for g in batches_of(tiles, batch)], t)
+        canvas = tuple(x.shape[-2:])
+        preds = predict([TileBatch(torch.stack([crop(x_in, s) for s in g]), tuple(g), canvas)
+                         for g in batches_of(tiles, batch)], t)
         eps = fuse(torch.cat(preds), tiles, weights, total)[None]
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
         if callback is not None:
