@@ -15,7 +15,8 @@ import torch
 from jobs import ImageRequest, write_image
 from jobs.spec import ModelConfig, OutputConfig, TilingConfig
 from models import load_model, make_scheduler
-from tiling import TileBatch, decode_tiled, denoise_canvas, padded_size, step_layouts, to_uint8
+from tiling import (TileBatch, decode_tiled, denoise_canvas, padded_size, scale_tiles, seam_score, step_layouts,
+                    tile_grid, to_uint8)
 
 
 def now() -> datetime:
@@ -50,6 +51,19 @@ def denoise_request(predict, info: dict, req: ImageRequest, tiling: TilingConfig
 def tile_steps(req: ImageRequest, tiling: TilingConfig, factor: int) -> int:
     """Tile-steps of one image, for the progress bar."""
     return sum(len(tiles) for tiles in layouts_of(req, tiling, factor))
+
+
+def seam_scores(pixels, req: ImageRequest, tiling: TilingConfig, factor: int) -> dict:
+    """Seam scores of a finished image across its denoise tiles' and its VAE tiles' borders (1.0: invisible).
+
+    `shifted` has no fixed grid: it is scored against the unshifted grid a plain tiler would have used.
+    """
+    h, w = latent_size(req, factor)
+    fixed = "uniform" if tiling.method == "shifted" else tiling.method
+    denoise = step_layouts(h, w, tiling.tile, 0 if tiling.method == "shifted" else tiling.overlap, fixed, 1, 0)[0]
+    vae = tile_grid(h, w, tiling.vae_tile, tiling.vae_overlap)
+    return {"seam_score": seam_score(pixels, scale_tiles(denoise, factor)),
+            "seam_score_vae": seam_score(pixels, scale_tiles(vae, factor))}
 
 
 def failed_row(req: ImageRequest, started_at: datetime, error: BaseException | str, worker: str = "") -> dict:
@@ -97,8 +111,10 @@ class Renderer:
             pixels = to_uint8(img, req.width, req.height)
             sha, size = write_image(pixels, self.output.dir, req.path, self.output.format, self.output.quality,
                                     req.parameters_text())
+            seconds_decode = time.perf_counter() - t0
             return req.manifest_row(status="ok", error=None, sha256=sha, bytes=size, started_at=started_at,
                                     finished_at=now(), seconds_denoise=seconds_denoise,
-                                    seconds_decode=time.perf_counter() - t0, worker=self.worker)
+                                    seconds_decode=seconds_decode, worker=self.worker,
+                                    **seam_scores(pixels, req, tiling, self.model.vae_scale_factor))
         except Exception as e:  # noqa: BLE001
             return failed_row(req, started_at, e, self.worker)

@@ -1,0 +1,186 @@
+"""The seam score, the heat map and the inspect command, on images whose seams are known."""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, PngImagePlugin
+
+from tiling.grid import Tile, scale_tiles, tile_grid
+from tiling.inspect import main as inspect_main, parameters_grid
+from tiling.seams import border_heatmap, border_lines, seam_score, wrap_seam_score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def edges(tiles):
+    return {t.y for t in tiles} | {t.y + t.h for t in tiles}, {t.x for t in tiles} | {t.x + t.w for t in tiles}
+
+
+def ramp(h, w):
+    """A linear colour ramp, a different slope per channel: the same gradient everywhere."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    return np.stack([0.5 * x + 0.25 * y, 0.1 * x + 0.9 * y, 0.3 * x], axis=-1)
+
+
+def stepped(base, tiles, amp, seed=0):
+    """Tiles painted in order, each with its own brightness offset: a step at the edges of later tiles."""
+    offsets = np.random.default_rng(seed).uniform(-1, 1, len(tiles))
+    out = base.copy()
+    for t, o in zip(tiles, offsets):
+        out[t.slices] = base[t.slices] + amp * o
+    return out
+
+
+def test_border_lines_of_a_known_grid():
+    rows, cols = border_lines(tile_grid(256, 384, 64, 16), 256, 384)
+    assert rows.tolist() == [48, 64, 96, 112, 144, 160, 192, 208]
+    assert cols.tolist() == [48, 64, 96, 112, 144, 160, 192, 208, 240, 256, 288, 304, 320, 352]
+    # a 196 x 130 image is rendered on a 25 x 17 latent: tile edges past the crop are not borders
+    rows, cols = border_lines(scale_tiles(tile_grid(17, 25, 16, 4), 8), 130, 196)
+    assert rows.tolist() == [8, 128] and cols.tolist() == [72, 128]  # 200 lies past the crop at 196
+    assert [a.size for a in border_lines([Tile(0, 0, 10, 10)], 10, 10)] == [0, 0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(h=st.integers(1, 400), w=st.integers(1, 400), tile=st.integers(3, 80), factor=st.sampled_from([1, 8]),
+       data=st.data())
+def test_border_lines_are_exactly_the_tile_edges_inside_the_image(h, w, tile, factor, data):
+    overlap = data.draw(st.integers(0, tile - 1))
+    tiles = scale_tiles(tile_grid(-(-h // factor), -(-w // factor), tile, overlap), factor)
+    rows, cols = border_lines(tiles, h, w)
+    ys, xs = edges(tiles)
+    for got, every, n in ((rows, ys, h), (cols, xs, w)):
+        assert got.dtype.kind == "i" and np.all(np.diff(got) > 0)
+        assert set(got.tolist()) == {p for p in every if 0 < p < n}
+
+
+@settings(max_examples=100, deadline=None)
+@given(h=st.integers(2, 120), w=st.integers(2, 120), tile=st.integers(2, 64), data=st.data())
+def test_a_smooth_ramp_scores_one_for_any_grid(h, w, tile, data):
+    tiles = tile_grid(h, w, tile, data.draw(st.integers(0, tile - 1)))
+    rows, cols = border_lines(tiles, h, w)
+    y, x = np.mgrid[0:h, 0:w]
+    for img in (ramp(h, w), np.repeat((x + y).astype(np.uint8)[..., None], 3, axis=-1)):
+        score = seam_score(img, tiles)
+        if 0 < cols.size < w - 1 or 0 < rows.size < h - 1:  # a border, and gradients off the borders
+            assert abs(score - 1) < 0.02
+        else:
+            assert math.isnan(score)
+
+
+@pytest.mark.parametrize("tile,overlap", [(64, 16), (128, 32), (100, 30), (48, 0)])
+def test_noise_without_seams_scores_one(tile, overlap):
+    rng = np.random.default_rng(tile)
+    tiles = tile_grid(256, 384, tile, overlap)
+    assert abs(seam_score(rng.integers(0, 256, (256, 384, 3), dtype=np.uint8), tiles) - 1) < 0.05
+    assert abs(seam_score(rng.normal(0.5, 0.1, (256, 384, 3)), tiles) - 1) < 0.05
+
+
+@pytest.mark.parametrize("tile,overlap", [(64, 16), (100, 30)])
+def test_a_brightness_step_at_every_border_raises_the_score(tile, overlap):
+    tiles = tile_grid(256, 384, tile, overlap)
+    base = np.random.default_rng(1).normal(128, 4, (256, 384, 3))
+    scores = [seam_score(np.clip(stepped(base, tiles, amp), 0, 255).astype(np.uint8), tiles)
+              for amp in (0, 4, 8, 16, 32)]
+    assert abs(scores[0] - 1) < 0.05
+    assert all(a < b for a, b in zip(scores, scores[1:])), scores
+    assert scores[3] > 1.5 and scores[4] > 2.5, scores
+
+
+def test_seam_score_edge_cases():
+    img = np.random.default_rng(0).normal(size=(40, 60, 3))
+    assert math.isnan(seam_score(img, tile_grid(40, 60, 64, 16)))  # smaller than a tile: one tile
+    assert math.isnan(seam_score(img, rows=[], cols=[]))
+    assert math.isnan(seam_score(img[:1, :1], tiles=[Tile(0, 0, 8, 8)]))
+    assert seam_score(np.full((16, 16), 7, np.uint8), rows=[8]) == 1.0  # flat: borders as flat as the rest
+    flat_with_step = np.zeros((16, 16))
+    flat_with_step[:, 8:] = 1
+    assert seam_score(flat_with_step, cols=[8]) == math.inf
+    assert seam_score(flat_with_step[:, :, None], rows=[4], cols=[8]) == math.inf
+    # one border column on a grey ramp of slope 1 with a step of 4 there: (4 + 1) / 1
+    y, x = np.mgrid[0:20, 0:30].astype(np.float64)
+    assert seam_score(x + 4 * (x >= 10), cols=[10]) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="not both"):
+        seam_score(img, tiles=[Tile(0, 0, 20, 20)], cols=[20])
+    with pytest.raises(ValueError, match="strictly inside"):
+        seam_score(img, cols=[60])
+
+
+def test_wrap_seam_score_of_a_periodic_image_is_one_and_of_a_ramp_is_its_length():
+    y, x = np.mgrid[0:96, 0:160].astype(np.float64)
+    wave = np.sin(2 * np.pi * (3 * x / 160 + 2 * y / 96))
+    assert wrap_seam_score(wave, "x") == pytest.approx(1.0, abs=0.01)
+    assert wrap_seam_score(wave, "y") == pytest.approx(1.0, abs=0.01)
+    assert wrap_seam_score(x, "x") == pytest.approx(159.0)  # the whole ramp undone in one step
+    assert wrap_seam_score(x, "y") == 1.0  # flat along y, and so is the wrap
+    assert wrap_seam_score(ramp(96, 160).astype(np.float32), "y") > 50
+    with pytest.raises(ValueError, match="'x' or 'y'"):
+        wrap_seam_score(wave, 1)
+
+
+def test_heatmap_has_the_image_shape_and_peaks_on_a_planted_seam():
+    img = np.random.default_rng(2).normal(128, 8, (120, 200, 3))
+    img[:, 130:] += 30
+    img[70:, :] -= 30
+    for tiles in (None, tile_grid(120, 200, 80, 20)):
+        heat = border_heatmap(np.clip(img, 0, 255).astype(np.uint8), tiles)
+        assert heat.shape == (120, 200) and heat.dtype == np.float32 and np.isfinite(heat).all()
+        assert heat.mean(axis=0).argmax() == 130 and heat.mean(axis=1).argmax() == 70
+        assert 0.8 < np.median(heat) < 1.2  # ordinary texture reads about 1
+        # a step of 30 in texture of typical gradient 9 (noise of sd 8): about 1/2 + 30 / 18
+        assert 1.8 < heat[:, 130].mean() < 2.6 and 1.8 < heat[70].mean() < 2.6
+    assert not border_heatmap(np.zeros((10, 12, 3)), cell=4).any()
+
+
+def png_with_parameters(path, pixels, parameters):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    Image.fromarray(pixels).save(path, pnginfo=info)
+
+
+def test_parameters_grid_rebuilds_the_denoise_layout():
+    text = "a lake\nSteps: 20, Sampler: euler, Size: 196x130, Tiling: gaussian 16/4, Tessera image id: ab"
+    tiles, source = parameters_grid(text, 130, 196)
+    assert tiles == scale_tiles(tile_grid(17, 25, 16, 4), 8) and "gaussian 16/4" in source
+    assert parameters_grid("Steps: 20", 130, 196) is None and parameters_grid(None, 130, 196) is None
+
+
+def test_inspect_writes_a_heat_map_and_prints_the_score(tmp_path):
+    h, w = 130, 196
+    tiles = scale_tiles(tile_grid(17, 25, 16, 4), 8)
+    base = np.random.default_rng(3).normal(128, 4, (h, w, 3))
+    pixels = np.clip(stepped(base, tiles, 24), 0, 255).astype(np.uint8)
+    png_with_parameters(tmp_path / "wall.png", pixels, "a wall\nSteps: 3, Tiling: uniform 16/4, Tessera image id: x")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-m", "tiling.inspect", "wall.png"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    score = float(re.search(r"seam score ([0-9.]+)", run.stdout)[1])
+    assert score == pytest.approx(seam_score(pixels, tiles), rel=1e-3) and score > 1.5
+    assert "uniform 16/4" in run.stdout
+    with Image.open(tmp_path / "wall.seams.png") as heat:
+        assert heat.format == "PNG" and heat.size == (w, h) and heat.mode == "RGB"
+
+
+def test_inspect_with_a_pixel_grid_and_bad_input(tmp_path, capsys):
+    pixels = np.random.default_rng(4).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    assert inspect_main([str(tmp_path / "plain.png"), "--tile", "32", "--overlap", "8",
+                         "--out", str(tmp_path / "h.png")]) == 0
+    assert re.search(r"seam score 0\.9\d|seam score 1\.0\d", capsys.readouterr().out)
+    assert Image.open(tmp_path / "h.png").size == (96, 64)
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    for argv, message in (([str(tmp_path / "missing.png")], "no such file"),
+                          ([str(tmp_path / "junk.png")], "cannot read the image"),
+                          ([str(tmp_path / "plain.png"), "--grid-from-parameters"], "no 'Tiling:"),
+                          ([str(tmp_path / "plain.png"), "--tile", "32", "--overlap", "32"], "overlap must be")):
+        assert inspect_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
