@@ -62,8 +62,8 @@ def seam_scores(pixels, req: ImageRequest, tiling: TilingConfig, factor: int) ->
     fixed = "uniform" if tiling.method == "shifted" else tiling.method
     denoise = step_layouts(h, w, tiling.tile, 0 if tiling.method == "shifted" else tiling.overlap, fixed, 1, 0)[0]
     vae = tile_grid(h, w, tiling.vae_tile, tiling.vae_overlap)
-    return {"seam_score": seam_score(pixels, scale_tiles(denoise, factor)),
-            "seam_score_vae": seam_score(pixels, scale_tiles(vae, factor))}
+    return {"seam_score": seam_score(pixels, scale_tiles(denoise, factor), period=factor),
+            "seam_score_vae": seam_score(pixels, scale_tiles(vae, factor), period=factor)}
 
 
 def failed_row(req: ImageRequest, started_at: datetime, error: BaseException | str, worker: str = "") -> dict:
