@@ -71,7 +71,8 @@ def run_py(*args, timeout=300):
 
 
 def test_run_py_renders_and_sweeps_with_multirun(tmp_path):
-    p = run_py("-m", *SMALL, f"output.dir={tmp_path}", "job.seeds=[1],[2]", "tiling.method=uniform,gaussian")
+    p = run_py("-m", *SMALL, f"output.dir={tmp_path}", "job.seeds=[1],[2]", "tiling.method=uniform,gaussian",
+               "cluster.workers=1")
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("1 image(s) written, 0 failed") == 4
     rows = Manifest(tmp_path).rows()
