@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from .images import EXTENSIONS
-from .spec import TesseraConfig, prompts_of, validate
+from .spec import ModelConfig, TesseraConfig, effective_prompt, prompts_of, validate
 
 
 @dataclass(frozen=True)
@@ -16,10 +16,10 @@ class ImageRequest:
 
     image_id: str
     job: str
-    prompt: str
+    prompt: str  # the effective prompt (job.prompt_template applied): what the model encodes
     negative_prompt: str
     seed: int
-    model: str
+    model: str  # model.name; "<name>+random" for model.weights=random (model_label)
     width: int
     height: int
     steps: int
@@ -54,18 +54,36 @@ class ImageRequest:
         return row
 
 
+def model_label(m: ModelConfig) -> str:
+    """The manifest's `model` value: model.name, marked "+random" when the weights are random (benchmarks)."""
+    return m.name if m.weights == "pretrained" else f"{m.name}+{m.weights}"
+
+
+def _real(path) -> str:
+    return os.path.realpath(os.path.expanduser(path))
+
+
 def image_id(cfg: TesseraConfig, prompt: str, seed: int) -> str:
-    """First 16 hex chars of sha256 over everything that changes the pixels, and nothing else."""
+    """First 16 hex chars of sha256 over everything that changes the pixels, and nothing else.
+
+    `prompt` is the raw prompt; the effective one (job.prompt_template applied) is hashed, so a template
+    and a prompt that spells it out give the same id.  Keys added after the first release appear only when
+    they differ from their default, so older ids stay valid."""
     m, j, t = cfg.model, cfg.job, cfg.tiling
+    pretrained = m.weights == "pretrained"
     key = {
         "model": m.name, "dtype": m.dtype,
-        "model_path": None if m.name == "demo" else os.path.realpath(os.path.expanduser(m.path)),
-        "prompt": prompt, "negative_prompt": j.negative_prompt, "seed": int(seed),
+        "model_path": _real(m.path) if pretrained and m.name != "demo" else None,
+        "prompt": effective_prompt(j, prompt), "negative_prompt": j.negative_prompt, "seed": int(seed),
         "width": int(j.width), "height": int(j.height), "steps": int(j.steps),
         "guidance": float(j.guidance), "scheduler": j.scheduler,
         "tiling": [t.method, int(t.tile), int(t.overlap), int(t.batch)] + ([t.wrap] if t.wrap != "none" else []),
         "vae": [int(t.vae_tile), int(t.vae_overlap)],
     }
+    if not pretrained:
+        key["weights"] = m.weights
+    if m.config:
+        key["model_config"] = _real(m.config)
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -82,8 +100,8 @@ def plan(cfg: TesseraConfig) -> list[ImageRequest]:
                 continue
             seen.add(iid)
             requests.append(ImageRequest(
-                image_id=iid, job=j.name, prompt=prompt, negative_prompt=j.negative_prompt,
-                seed=int(seed), model=cfg.model.name, width=int(j.width), height=int(j.height),
+                image_id=iid, job=j.name, prompt=effective_prompt(j, prompt), negative_prompt=j.negative_prompt,
+                seed=int(seed), model=model_label(cfg.model), width=int(j.width), height=int(j.height),
                 steps=int(j.steps), guidance=float(j.guidance), scheduler=j.scheduler,
                 tiling_method=t.method, tile=int(t.tile), overlap=int(t.overlap), format=fmt,
                 path=f"images/{j.name}/{iid}.{EXTENSIONS[fmt]}", wrap=t.wrap))

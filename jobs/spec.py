@@ -3,9 +3,20 @@
 Hydra merges the YAML groups in ``conf/`` onto these dataclasses, so a wrong type or an unknown key
 fails at composition.  Ranges and cross-field rules are checked by :func:`validate`, which raises one
 :class:`ConfigError` naming the field and the value.
+
+Model families live here as plain tables (no torch): which ``model.name`` belongs to which family, which
+``job.scheduler`` values fit a family, which diffusers pipeline class a family's folder must hold, and
+which families would need ``model.trust_remote_code``.  ``models/`` maps each family to its adapter; a
+new family (a flow-matching DiT, say) adds one row to each table here and one module there.
+
+Prompts: ``job.prompt_template`` (e.g. ``"archer style {prompt}"``) wraps every prompt; the *effective*
+prompt (:func:`effective_prompt`) is what the model encodes, what enters the image id, and what the
+manifest's ``prompt`` column and the image's embedded parameters record, so a row alone reproduces its
+image in any diffusers pipeline.  The raw prompt is the template's ``{prompt}`` part.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +26,22 @@ MAX_SIDE = 16384  # pixels; 16K is already 256 Mpx
 MAX_STEPS = 1000
 MAX_GUIDANCE = 50.0
 
-MODEL_NAMES = ("demo", "sd15")
+# model.name -> family; models/ holds one adapter per family (models.FAMILIES).
+MODEL_FAMILIES = {"demo": "sd", "sd15": "sd", "sdxl": "sdxl"}
+MODEL_NAMES = tuple(MODEL_FAMILIES)
+# The diffusers pipeline class a family's diffusers folder holds (model_index.json's _class_name).
+FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+# Families whose weights come with their own Python code (none yet): they load only with trust_remote_code.
+REMOTE_CODE_FAMILIES: tuple = ()
 DTYPES = ("auto", "fp32", "fp16", "bf16")
-SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m_karras", "unipc")
+WEIGHTS = ("pretrained", "random")
+ATTENTIONS = ("sdpa", "xformers")
+OFFLOADS = ("none", "model", "sequential")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")  # torch pickles: they can run code when loaded
+NOISE_SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m_karras", "unipc")  # epsilon/v-prediction UNets
+FLOW_SCHEDULERS = ("flow_euler",)  # flow-matching families (DiTs): FlowMatchEulerDiscreteScheduler
+SCHEDULERS = NOISE_SCHEDULERS + FLOW_SCHEDULERS
+FAMILY_SCHEDULERS = {"sd": NOISE_SCHEDULERS, "sdxl": NOISE_SCHEDULERS}
 TILING_METHODS = ("uniform", "gaussian", "shifted")
 WRAPS = ("none", "x", "y", "both")
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
@@ -38,9 +62,15 @@ class ConfigError(TesseraError, ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "demo"
-    path: Optional[str] = None  # local diffusers folder; for the demo model, its cache folder
+    name: str = "demo"  # demo | sd15 | sdxl: picks the family (MODEL_FAMILIES)
+    path: Optional[str] = None  # a local diffusers folder or one .safetensors file; demo: its cache folder
+    config: Optional[str] = None  # for a single-file path: a local diffusers folder with the pipeline's configs
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    weights: str = "pretrained"  # random: the family's full-size architecture, random weights (benchmarks)
+    attention: str = "sdpa"  # sdpa (torch) | xformers (must be installed)
+    offload: str = "none"  # none | model | sequential: diffusers' CPU offload (GPU workers only)
+    allow_pickle: bool = False  # load .ckpt/.bin/.pt/.pth weights (torch pickles)
+    trust_remote_code: bool = False  # for families that ship code with their weights (none yet)
 
 
 @dataclass
@@ -54,7 +84,8 @@ class JobConfig:
     height: int = 2160
     steps: int = 20
     guidance: float = 7.0
-    scheduler: str = "euler"
+    scheduler: str = "euler"  # one of the model family's schedulers (FAMILY_SCHEDULERS)
+    prompt_template: Optional[str] = None  # e.g. "archer style {prompt}"; None: prompts as they are
 
 
 @dataclass
@@ -115,15 +146,7 @@ def read_prompt_file(path: str) -> List[str]:
 def validate(cfg: TesseraConfig) -> TesseraConfig:
     """Check every range and rule of a job; raise ConfigError on the first bad field."""
     m, j, t, c, o = cfg.model, cfg.job, cfg.tiling, cfg.cluster, cfg.output
-    _one_of("model.name", m.name, MODEL_NAMES)
-    _one_of("model.dtype", m.dtype, DTYPES)
-    if m.name != "demo":
-        _check(bool(m.path), "model.path", m.path, f"model={m.name} needs a local diffusers folder")
-    if m.path and m.name != "demo":
-        path = os.path.expanduser(m.path)
-        _check(os.path.exists(path), "model.path", m.path, "no such file or folder")
-        _check(os.path.isfile(os.path.join(path, "model_index.json")), "model.path", m.path,
-               "not a diffusers folder (no model_index.json)")
+    validate_model(m)
 
     _int_in("job.width", j.width, 8, MAX_SIDE)
     _int_in("job.height", j.height, 8, MAX_SIDE)
@@ -131,6 +154,12 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     _check(isinstance(j.guidance, (int, float)) and not isinstance(j.guidance, bool) and 0.0 <= j.guidance <= MAX_GUIDANCE,
            "job.guidance", j.guidance, f"must be a number from 0 to {MAX_GUIDANCE:g}")
     _one_of("job.scheduler", j.scheduler, SCHEDULERS)
+    fits = FAMILY_SCHEDULERS[MODEL_FAMILIES[m.name]]
+    _check(j.scheduler in fits, "job.scheduler", j.scheduler,
+           f"does not fit model={m.name} ({MODEL_FAMILIES[m.name]} family); use one of {', '.join(fits)}")
+    if j.prompt_template is not None:
+        _check(isinstance(j.prompt_template, str) and "{prompt}" in j.prompt_template, "job.prompt_template",
+               j.prompt_template, "must contain {prompt}, where each prompt goes")
     _check(bool(j.name) and "/" not in j.name and not j.name.startswith("."), "job.name", j.name,
            "must be a non-empty folder name")
     if j.prompt_file:
@@ -164,6 +193,87 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
         _check(max(j.width, j.height) <= 16383, "output.format", o.format, "WebP holds at most 16383 px a side")
     _check(bool(o.dir), "output.dir", o.dir, "must be a folder path")
     return cfg
+
+
+def validate_model(m: ModelConfig) -> None:
+    """The model section: names, the weights' files (single files need a config folder; pickles are refused)."""
+    _one_of("model.name", m.name, MODEL_NAMES)
+    _one_of("model.dtype", m.dtype, DTYPES)
+    _one_of("model.weights", m.weights, WEIGHTS)
+    _one_of("model.attention", m.attention, ATTENTIONS)
+    _one_of("model.offload", m.offload, OFFLOADS)
+    family = MODEL_FAMILIES[m.name]
+    if family in REMOTE_CODE_FAMILIES:
+        _check(m.trust_remote_code, "model.trust_remote_code", m.trust_remote_code,
+               f"model={m.name} runs code shipped with its weights; set it to true only for weights you trust")
+    if m.weights == "random":
+        _check(m.name != "demo", "model.weights", m.weights,
+               "the demo model is random already; random builds a full-size family (model=sd15 or sdxl)")
+        for name, value in (("model.path", m.path), ("model.config", m.config)):
+            _check(not value, name, value, "not used with model.weights=random (the architecture is built in code); "
+                   "unset it")
+        return
+    if m.name == "demo":
+        _check(not m.config, "model.config", m.config, "only for a single-file model.path; not for the demo model")
+        return
+    _check(bool(m.path), "model.path", m.path,
+           f"model={m.name} needs a local diffusers folder or a .safetensors file")
+    path = os.path.expanduser(m.path)
+    _check(os.path.exists(path), "model.path", m.path, "no such file or folder")
+    if os.path.isdir(path):
+        _check(not m.config, "model.config", m.config,
+               "only for a single-file model.path; a diffusers folder carries its own configs")
+        _check_pipeline_folder("model.path", m.path, family)
+        if not m.allow_pickle:
+            pickles = _pickle_only_components(path)
+            _check(not pickles, "model.path", m.path,
+                   f"{', '.join(pickles)} hold only pickle weights (.bin/.ckpt/.pt/.pth), which can run code when "
+                   "loaded; convert them to .safetensors or set model.allow_pickle=true for weights you trust")
+        return
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in PICKLE_SUFFIXES:
+        _check(m.allow_pickle, "model.path", m.path,
+               f"a {suffix} file is a torch pickle, which can run code when loaded; use a .safetensors file "
+               "or set model.allow_pickle=true for weights you trust")
+    else:
+        _check(suffix == ".safetensors", "model.path", m.path,
+               "must be a diffusers folder (with model_index.json) or a .safetensors file")
+    _check(bool(m.config), "model.config", m.config,
+           f"a single-file model.path needs a local diffusers folder of the same architecture for its configs "
+           f"and tokenizers (no hub is reached), e.g. model.config=/weights/{m.name}-base")
+    _check(os.path.isdir(os.path.expanduser(m.config)), "model.config", m.config, "no such folder")
+    _check_pipeline_folder("model.config", m.config, family)
+
+
+def _check_pipeline_folder(name: str, value: str, family: str) -> None:
+    """`value` is a diffusers folder (model_index.json) of the family's pipeline class."""
+    index = os.path.join(os.path.expanduser(value), "model_index.json")
+    _check(os.path.isfile(index), name, value, "not a diffusers folder (no model_index.json)")
+    try:
+        with open(index, encoding="utf-8") as f:
+            cls = json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(name, value, f"unreadable model_index.json ({e})") from e
+    want = FAMILY_PIPELINES[family]
+    _check(cls in (None, want), name, value, f"holds a {cls}, not a {want} (the {family} family)")
+
+
+def _pickle_only_components(path: str) -> List[str]:
+    """Sub-folders of a diffusers folder whose weights exist only as pickles."""
+    found = []
+    for sub in sorted(os.listdir(path)):
+        d = os.path.join(path, sub)
+        if not os.path.isdir(d):
+            continue
+        names = os.listdir(d)
+        if any(n.endswith(PICKLE_SUFFIXES) for n in names) and not any(n.endswith(".safetensors") for n in names):
+            found.append(sub)
+    return found
+
+
+def effective_prompt(job: JobConfig, prompt: str) -> str:
+    """The prompt the model encodes: `prompt` put into job.prompt_template, or as it is."""
+    return job.prompt_template.replace("{prompt}", prompt) if job.prompt_template else prompt
 
 
 def prompts_of(job: JobConfig) -> List[str]:

@@ -1,8 +1,12 @@
-"""The diffusers schedulers behind `job.scheduler`, built from a model's own scheduler config."""
+"""The diffusers schedulers behind `job.scheduler`, built from a model's own scheduler config.
+
+Which of them fit which family is `jobs.spec.FAMILY_SCHEDULERS` (checked before anything runs): the
+noise-prediction UNets (SD 1.x, SDXL) take the first five; `flow_euler` is for flow-matching families.
+"""
 from __future__ import annotations
 
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, UniPCMultistepScheduler)
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler)
 
 SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
@@ -10,6 +14,7 @@ SCHEDULERS = {
     "ddim": (DDIMScheduler, {}),
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "flow_euler": (FlowMatchEulerDiscreteScheduler, {}),
 }
 
 

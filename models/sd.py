@@ -1,29 +1,102 @@
-"""Stable Diffusion 1.x family (and the demo model): a UNet that predicts noise, CLIP text, an 8x VAE."""
-from __future__ import annotations
+"""Stable Diffusion 1.x family (and the demo model): a UNet that predicts noise, CLIP-L text, an 8x VAE.
 
-from typing import Dict, Tuple
+`SD15_*` are Stable Diffusion 1.5's published component configs (runwayml/stable-diffusion-v1-5), written
+out here so that `model.weights=random` builds the full-size architecture without reaching a hub.
+"""
+from __future__ import annotations
 
 import torch
 
+from .base import Family, PromptCache, decode_latents, seeded_build
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
+    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, act_fn="silu",
+)  # 859.5 M parameters
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu", scaling_factor=0.18215,
+)  # 83.7 M
+CLIP_L_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+)  # OpenAI CLIP ViT-L/14's text tower, 123.1 M
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, prediction_type="epsilon", timestep_spacing="leading",
+)
+
+
+def offline_tokenizer():
+    """A CLIP BPE tokenizer over a tiny byte-level vocabulary (models.demo): for random weights only,
+    where the ids need only be valid, never meaningful."""
+    from .demo import _build_tokenizer
+
+    return _build_tokenizer()
+
+
+def clip_text_config(tokenizer, **arch):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**arch, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+
+
+def random_pipeline(device: torch.device, dtype: torch.dtype):
+    """SD 1.5's full-size architecture with random weights (seeded), on `device` in `dtype`."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = offline_tokenizer()
+
+    def build():
+        return StableDiffusionPipeline(
+            vae=AutoencoderKL(**SD_VAE), text_encoder=CLIPTextModel(clip_text_config(tokenizer, **CLIP_L_TEXT)),
+            tokenizer=tokenizer, unet=UNet2DConditionModel(**SD15_UNET),
+            scheduler=EulerDiscreteScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+
+    pipe = seeded_build(build, device)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.to(dtype=dtype)
+    return pipe
+
 
 class SDModel:
-    """One loaded SD 1.x pipeline behind Tessera's model interface."""
+    """One loaded SD 1.x pipeline behind Tessera's model interface.
+
+    The loader (`models.load_model`) has already placed the modules (on the device, or under diffusers'
+    CPU offload hooks) and chosen the VAE's dtype; inputs go to `device`, the execution device."""
 
     family = "sd"
 
-    def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype):
-        self.name, self.device, self.dtype = name, device, dtype
+    def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
+                 weights: str = "pretrained"):
+        self.name, self.device, self.dtype, self.offload, self.weights_kind = name, device, dtype, offload, weights
         self.unet, self.vae = pipe.unet, pipe.vae
         self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
         self.scheduler_config = dict(pipe.scheduler.config)
         self.latent_channels = self.unet.config.in_channels
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        upcast = dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
-        self.vae_dtype = torch.float32 if upcast else dtype
-        self.unet.to(device, dtype).eval()
-        self.text_encoder.to(device, dtype).eval()
-        self.vae.to(device, self.vae_dtype).eval()
-        self._cond: Dict[Tuple[str, str], torch.Tensor] = {}
+        for m in (self.unet, self.vae, *self.text_modules()):
+            m.eval()
+        self._cache = PromptCache(self._encode_pair)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    def text_modules(self):
+        return [self.text_encoder]
+
+    def encode(self, prompt: str, negative: str):
+        """The text conditioning of (prompt, negative): encoded once while the pair is in use, then kept."""
+        return self._cache(prompt, negative)
 
     @torch.no_grad()
     def _embed(self, text: str) -> torch.Tensor:
@@ -31,12 +104,20 @@ class SDModel:
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device))[0]
 
-    def encode(self, prompt: str, negative: str) -> torch.Tensor:
-        """[2, L, D] text embeddings (negative, prompt), computed once per pair and kept."""
-        key = (prompt, negative)
-        if key not in self._cond:
-            self._cond[key] = torch.cat([self._embed(negative), self._embed(prompt)])
-        return self._cond[key]
+    def _encode_pair(self, prompt: str, negative: str) -> torch.Tensor:
+        """[2, L, D] text embeddings (negative, prompt); an empty negative is the embedding of "" as in
+        StableDiffusionPipeline."""
+        cond = torch.cat([self._embed(negative), self._embed(prompt)])
+        self._release_text_encoders()
+        return cond
+
+    def _release_text_encoders(self) -> None:
+        """Under CPU offload, hand the text encoders' GPU memory back at once (the cache keeps the embeddings);
+        a later new prompt brings them back through the offload hooks."""
+        if self.offload == "model" and self.device.type == "cuda":
+            for m in self.text_modules():
+                m.to("cpu")
+            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, t, cond: torch.Tensor, guidance: float, tiles=None, canvas=None) -> torch.Tensor:
@@ -54,9 +135,10 @@ class SDModel:
             eps = self.unet(x, t, encoder_hidden_states=cond[1:].expand(n, -1, -1)).sample.float()
         return eps.cpu()
 
-    @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [1, C, h, w] to an image [1, 3, 8h, 8w] in [-1, 1]."""
-        cfg = self.vae.config
-        z = z.to(self.device, self.vae_dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        return self.vae.decode(z).sample.float().cpu()
+        return decode_latents(self.vae, z, self.device)
+
+
+FAMILY = Family(name="sd", pipeline="StableDiffusionPipeline", adapter=SDModel, random_pipeline=random_pipeline,
+                pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False})

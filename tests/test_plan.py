@@ -63,12 +63,15 @@ CHANGES_PIXELS = [
     ("job", "guidance", 7.5), ("job", "scheduler", "ddim"),
     ("tiling", "method", "uniform"), ("tiling", "tile", 96), ("tiling", "overlap", 8),
     ("tiling", "batch", 8), ("tiling", "vae_tile", 32), ("tiling", "vae_overlap", 4),
+    ("job", "prompt_template", "archer style, {prompt}"),
 ]
 KEEPS_PIXELS = [
     ("job", "name", "other_job"), ("output", "dir", "/elsewhere"), ("output", "format", "webp"),
     ("output", "quality", 50), ("cluster", "workers", 8), ("cluster", "address", "auto"),
     ("cluster", "mode", "tile_parallel"), ("cluster", "cpus_per_worker", 2),
     ("model", "path", "a/"), ("job", "guidance", 7),  # the same folder; 7 == 7.0
+    ("model", "attention", "xformers"), ("model", "offload", "model"), ("model", "allow_pickle", True),
+    ("model", "trust_remote_code", True), ("job", "prompt_template", "{prompt}"),
 ]
 
 
@@ -114,6 +117,20 @@ def test_plan_is_the_ordered_set_of_pairs(prompts, seeds):
     reqs = plan(make_cfg(job=dict(prompts=prompts, seeds=seeds)))
     want = list(dict.fromkeys((p, s) for p in prompts for s in seeds))
     assert [(r.prompt, r.seed) for r in reqs] == want
+
+
+def test_prompt_template_gives_the_effective_prompt_and_its_id():
+    templated = plan(make_cfg(job=dict(prompts=["a lake", "a cliff"], prompt_template="archer style, {prompt}")))
+    assert [r.prompt for r in templated] == ["archer style, a lake", "archer style, a cliff"]
+    spelled_out = plan(make_cfg(job=dict(prompts=["archer style, a lake"])))[0]
+    assert templated[0].image_id == spelled_out.image_id  # the same pixels, the same id
+    assert templated[0].parameters_text().startswith("archer style, a lake\n")
+
+
+def test_random_weights_are_marked_in_the_model_column_and_the_id():
+    r = plan(make_cfg(model=dict(name="sdxl", weights="random")))[0]
+    assert r.model == "sdxl+random" and r.manifest_row()["model"] == "sdxl+random"
+    assert "Model: sdxl+random" in r.parameters_text()
 
 
 def test_plan_validates():
@@ -179,6 +196,9 @@ BAD = [
     ("tiling", "method", "square", "tiling.method"), ("tiling", "tile", 4, "tiling.tile"),
     ("output", "format", "gif", "output.format"), ("output", "quality", 0, "output.quality"),
     ("cluster", "workers", 0, "cluster.workers"), ("cluster", "mode", "fast", "cluster.mode"),
+    ("job", "scheduler", "flow_euler", "job.scheduler"), ("job", "prompt_template", "no slot", "job.prompt_template"),
+    ("model", "weights", "zeros", "model.weights"), ("model", "attention", "flash9", "model.attention"),
+    ("model", "offload", "disk", "model.offload"),
 ]
 
 

@@ -1,0 +1,115 @@
+"""Loading a family's pipeline from local files: a diffusers folder, one .safetensors file, or random weights.
+
+Every path is local (``local_files_only=True``); the options are checked before any weights are read:
+
+* a diffusers folder: ``from_pretrained``, safetensors only unless ``model.allow_pickle``;
+* one ``.safetensors`` (or, with ``model.allow_pickle``, ``.ckpt``) file in the original (LDM / A1111)
+  layout: ``from_single_file(..., config=model.config)``, where ``model.config`` is a local diffusers
+  folder of the same architecture that supplies the component configs, the scheduler and the tokenizers
+  (a single file holds none of them, and no hub is asked);
+* ``model.weights=random``: the family's full-size architecture, random weights, for benchmarks.
+
+Then the VAE's dtype (fp32 when fp16 is asked and the VAE has ``force_upcast``), the attention backend,
+and the placement: on the device, or under diffusers' model / sequential CPU offload (GPU only).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from jobs.spec import ConfigError, ModelConfig, validate_model
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_device_dtype(dtype: str):
+    """The device (first visible GPU, else CPU) and torch dtype; `auto` is bf16 on GPU, fp32 on CPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, DTYPES[dtype]
+
+
+def resolve_path(model_cfg) -> str:
+    """The local folder or file of the model's weights (building the demo model on first use)."""
+    if model_cfg.name == "demo":
+        from .demo import ensure_demo
+        return ensure_demo(os.path.expanduser(model_cfg.path) if model_cfg.path else None)
+    return os.path.expanduser(model_cfg.path)
+
+
+def quiet() -> None:
+    """Keep the libraries' load-time bars and notices out of a worker's log; errors still show."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def check_runtime(m: ModelConfig, device: torch.device) -> None:
+    """What only the worker can know (a GPU, xformers), checked before gigabytes of weights are read."""
+    if m.offload != "none" and device.type != "cuda":
+        raise ConfigError("model.offload", m.offload,
+                          "CPU offload moves weights between the CPU and a GPU; this worker has no GPU "
+                          "(use model.offload=none)")
+    if m.attention == "xformers":
+        from diffusers.utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise ConfigError("model.attention", m.attention,
+                              "xformers is not installed here (pip install xformers, a build matching torch "
+                              f"{torch.__version__}), or use model.attention=sdpa")
+        if device.type != "cuda":
+            raise ConfigError("model.attention", m.attention, "xformers needs a GPU; this worker has none")
+
+
+def load_pipeline(family, m: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """The family's diffusers pipeline from `m`'s weights, in `dtype`, still on the CPU (or built on
+    `device` for random weights without offload)."""
+    import diffusers
+
+    if m.weights == "random":
+        return family.random_pipeline(device if m.offload == "none" else torch.device("cpu"), dtype)
+    cls = getattr(diffusers, family.pipeline)
+    path = resolve_path(m)
+    if os.path.isdir(path):
+        return cls.from_pretrained(path, local_files_only=True, dtype=dtype, use_safetensors=not m.allow_pickle,
+                                   **family.pipeline_kwargs)
+    return cls.from_single_file(path, config=os.path.expanduser(m.config), local_files_only=True, dtype=dtype,
+                                **family.pipeline_kwargs)
+
+
+def place(pipe, m: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """VAE dtype, attention backend, then the device or CPU offload hooks (in that order: dtype changes
+    must precede the hooks)."""
+    vae = pipe.vae
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(dtype=torch.float32)  # diffusers upcasts around each decode; kept in fp32 here, 80 M parameters
+    if m.attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
+    # sdpa: diffusers' default attention processors already call torch's scaled_dot_product_attention.
+    if m.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif m.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+
+
+def load_model(model_cfg: ModelConfig):
+    """Load `model_cfg` from local files (or build random weights) onto this process's device: the adapter
+    of its family (models.FAMILIES)."""
+    from . import family as family_of
+
+    validate_model(model_cfg)
+    quiet()
+    fam = family_of(model_cfg.name)
+    device, dtype = pick_device_dtype(model_cfg.dtype)
+    check_runtime(model_cfg, device)
+    pipe = load_pipeline(fam, model_cfg, device, dtype)
+    place(pipe, model_cfg, device, dtype)
+    return fam.adapter(pipe, model_cfg.name, device, dtype, offload=model_cfg.offload, weights=model_cfg.weights)
