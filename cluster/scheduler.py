@@ -75,8 +75,9 @@ def start_workers(cfg: TesseraConfig) -> List[ray.actor.ActorHandle]:
     workers = [actor.remote(cfg.model, cfg.output, threads) for _ in range(n)]
     try:
         ray.get([w.info.remote() for w in workers], timeout=READY_TIMEOUT_S)
-    except ray.exceptions.RayActorError as e:
-        raise ClusterError(f"a worker failed to load model={cfg.model.name}: {e}") from e
+    except ray.exceptions.RayActorError as e:  # the worker's own error is the last line of Ray's report
+        cause = [line for line in str(e).splitlines() if line.strip()][-1].strip()
+        raise ClusterError(f"a worker failed to load model={cfg.model.name}: {cause}") from e
     return workers
 
 
