@@ -50,7 +50,7 @@ def peak_gib() -> float:
 
 def reset_peak() -> None:
     if torch.cuda.is_available():
-        reset_peak()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def cfg_for(model: str, method: str, tile: int, overlap: int, batch: int, out: str, steps: int) -> TesseraConfig:
