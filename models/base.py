@@ -53,8 +53,9 @@ class PromptCache:
 
 
 @torch.no_grad()
-def decode_latents(vae, z: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Latents [1, C, h, w] to an image [1, 3, f*h, f*w] in [-1, 1], unscaled as diffusers' pipelines do.
+def unscale_latents(vae, z: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Diffusion latents to the VAE's own latent space, on `device` in the VAE's dtype, as diffusers'
+    pipelines do: undo `scaling_factor` (and `shift_factor`, or `latents_mean`/`latents_std`).
 
     The VAE runs in its own dtype: fp32 when the model is fp16 and the VAE asks for `force_upcast`
     (SDXL's VAE overflows in fp16), else the model's."""
@@ -65,10 +66,13 @@ def decode_latents(vae, z: torch.Tensor, device: torch.device) -> torch.Tensor:
         shape = (1, -1, 1, 1)
         mean = torch.tensor(mean, device=device, dtype=z.dtype).view(shape)
         std = torch.tensor(std, device=device, dtype=z.dtype).view(shape)
-        z = z * std / cfg.scaling_factor + mean
-    else:
-        z = z / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    return vae.decode(z).sample.float().cpu()
+        return z * std / cfg.scaling_factor + mean
+    return z / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+
+
+def decode_latents(vae, z: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Latents [1, C, h, w] to an image [1, 3, f*h, f*w] in [-1, 1] in one piece (full-frame decode)."""
+    return vae.decode(unscale_latents(vae, z, device)).sample.float().cpu()
 
 
 def seeded_build(build: Callable[[], Any], device: torch.device, seed: int = 0):

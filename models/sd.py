@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, PromptCache, decode_latents, seeded_build
+from .base import Family, PromptCache, decode_latents, seeded_build, unscale_latents
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -138,6 +138,10 @@ class SDModel:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [1, C, h, w] to an image [1, 3, 8h, 8w] in [-1, 1]."""
         return decode_latents(self.vae, z, self.device)
+
+    def unscale(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents in the VAE's own space, on its device and dtype: what `tiling.decode_tiled` takes."""
+        return unscale_latents(self.vae, z, self.device)
 
 
 FAMILY = Family(name="sd", pipeline="StableDiffusionPipeline", adapter=SDModel, random_pipeline=random_pipeline,
