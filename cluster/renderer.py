@@ -107,7 +107,9 @@ class Renderer:
         """Decode a finished canvas in tiles, write the image file, return its manifest row."""
         try:
             t0 = time.perf_counter()
-            img = decode_tiled(self.model.decode, z, self.model.vae_scale_factor, tiling.vae_tile, tiling.vae_overlap)
+            img = decode_tiled(self.model.vae, self.model.unscale(z), self.model.vae_scale_factor, tiling.vae_tile,
+                               tiling.vae_overlap, wrap_x=tiling.wrap in ("x", "both"),
+                               wrap_y=tiling.wrap in ("y", "both"), passes=tiling.vae_passes)
             pixels = to_uint8(img, req.width, req.height)
             sha, size = write_image(pixels, self.output.dir, req.path, self.output.format, self.output.quality,
                                     req.parameters_text())

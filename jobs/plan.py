@@ -78,7 +78,7 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int) -> str:
         "width": int(j.width), "height": int(j.height), "steps": int(j.steps),
         "guidance": float(j.guidance), "scheduler": j.scheduler,
         "tiling": [t.method, int(t.tile), int(t.overlap), int(t.batch)] + ([t.wrap] if t.wrap != "none" else []),
-        "vae": [int(t.vae_tile), int(t.vae_overlap)],
+        "vae": [int(t.vae_tile), int(t.vae_overlap)] + ([int(t.vae_passes)] if t.vae_passes != 3 else []),
     }
     if not pretrained:
         key["weights"] = m.weights

@@ -97,6 +97,7 @@ class TilingConfig:
     batch: int = 4  # tiles per model call; fixed, so the picture never depends on the worker count
     vae_tile: int = 64  # latent pixels per VAE decode tile
     vae_overlap: int = 8
+    vae_passes: int = 3  # sweeps of the tiled decode: 1 each tile its own GroupNorm statistics; 3 shared (exact)
 
 
 @dataclass
@@ -180,6 +181,7 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     _int_in("tiling.batch", t.batch, 1, 256)
     _int_in("tiling.vae_tile", t.vae_tile, 8, 512)
     _int_in("tiling.vae_overlap", t.vae_overlap, 0, t.vae_tile // 2)
+    _int_in("tiling.vae_passes", t.vae_passes, 1, 5)
 
     if c.workers is not None:
         _int_in("cluster.workers", c.workers, 1, 4096)

@@ -62,7 +62,8 @@ CHANGES_PIXELS = [
     ("job", "seeds", [1]), ("job", "width", 1032), ("job", "height", 520), ("job", "steps", 21),
     ("job", "guidance", 7.5), ("job", "scheduler", "ddim"),
     ("tiling", "method", "uniform"), ("tiling", "tile", 96), ("tiling", "overlap", 8),
-    ("tiling", "batch", 8), ("tiling", "vae_tile", 32), ("tiling", "vae_overlap", 4),
+    ("tiling", "batch", 8), ("tiling", "vae_tile", 32), ("tiling", "vae_overlap", 4), ("tiling", "vae_passes", 1),
+    ("tiling", "wrap", "x"),
     ("job", "prompt_template", "archer style, {prompt}"),
 ]
 KEEPS_PIXELS = [

@@ -1,44 +1,514 @@
-"""Tiled VAE decode: overlapping latent tiles, each decoded with context, feathered together."""
+"""Tiled VAE decode and encode whose tiles agree with the full-frame pass.
+
+A VAE's convolutions are local but its GroupNorms are global: decoded on its own, each tile normalises with
+its own statistics and comes out in its own tone. Here each tile runs with as much latent context as its
+convolutions look across (cut down block by block as it is used up), and the GroupNorms of the tiled part
+share statistics of the whole canvas, gathered over the part of the canvas each tile owns and merged. Each
+GroupNorm's input depends on the normalisations before it, so the tiles are swept three times: the first
+sweep lets each tile normalise with its own statistics and gathers; the second normalises with the merged
+statistics tracked to the tile (so that errors do not compound through the layers) and gathers again; the
+third applies those to every tile and writes the picture. The global parts (decoder: conv_in and the mid
+block with its attention; encoder: the mid block and after) run on the whole canvas at latent resolution.
+Nothing is patched: the tiled part runs on a copy of the module tree that shares the caller's parameters.
+"""
 from __future__ import annotations
 
-from typing import Callable
+import copy
+import math
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .blend import ramp_profile
-from .grid import tile_grid
+from .grid import axis_starts, wrap_starts
 
 Decode = Callable[[torch.Tensor], torch.Tensor]  # [1, C, h, w] latents -> [1, 3, h*f, w*f] in [-1, 1]
 
 
 class DecodeError(RuntimeError):
-    """The decoder produced non-finite values (fp16 overflow, broken weights): no image is written."""
+    """The VAE produced non-finite values even in fp32 (broken weights, overflow): no image is written."""
 
 
-def decode_tiled(decode: Decode, z: torch.Tensor, factor: int, tile: int, overlap: int,
-                 context: int = 8) -> torch.Tensor:
-    """Decode a [1, C, H, W] latent canvas into a [3, H*f, W*f] float32 image, one tile at a time.
+# ---------------------------------------------------------------------------------------------- geometry
 
-    Each tile is decoded with `context` latent pixels of true neighbours on every side (cut away after),
-    then tiles are blended with linear ramps over their `overlap`; peak memory follows the tile.
+class Span(NamedTuple):
+    """A tile along one axis: `length` positions from `start` (modulo the axis when it wraps); the tile
+    owns positions start+lo .. start+hi-1, and the owned parts of all spans partition the axis."""
+
+    start: int
+    length: int
+    lo: int
+    hi: int
+
+
+def axis_spans(size: int, tile: int, overlap: int, wrap: bool = False) -> List[Span]:
+    """Tiles along one axis; on a periodic axis they are spread evenly round the circle and the last one
+    overlaps the first across the edge, otherwise the last one is aligned to the far edge."""
+    if size <= tile:
+        return [Span(0, size, 0, size)]
+    if wrap:
+        starts = wrap_starts(size, tile, overlap)
+        prev_end = [starts[-1] - size + tile] + [s + tile for s in starts[:-1]]
+    else:
+        starts = axis_starts(size, tile, overlap)
+        prev_end = [0] + [s + tile for s in starts[:-1]]
+    bounds = [(s + e) // 2 for s, e in zip(starts, prev_end)]
+    bounds.append(bounds[0] + size)
+    return [Span(s, tile, bounds[i] - s, bounds[i + 1] - s) for i, s in enumerate(starts)]
+
+
+def window(span: Span, context: int, size: int, wrap: bool) -> Tuple[torch.Tensor, int]:
+    """Canvas indices of a span widened by `context` (modulo `size` on a periodic axis, clipped at the
+    canvas edge otherwise), and the offset of the span inside that window."""
+    if wrap:
+        return torch.arange(span.start - context, span.start + span.length + context) % size, context
+    a, b = max(span.start - context, 0), min(span.start + span.length + context, size)
+    return torch.arange(a, b), span.start - a
+
+
+def _fine(idx: torch.Tensor, s: int) -> torch.Tensor:
+    """Indices of a coarse axis mapped to an axis `s` times finer."""
+    return (idx[:, None] * s + torch.arange(s)).reshape(-1)
+
+
+def _crop(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, s: int) -> torch.Tensor:
+    rows, cols = _fine(rows, s).to(x.device), _fine(cols, s).to(x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+class _Canvas:
+    """Feathered accumulation of tiles at `s` canvas pixels per latent pixel, placed modulo the canvas."""
+
+    def __init__(self, channels: int, h: int, w: int, s: int, overlap: int, device=None):
+        self.s, self.overlap = s, overlap
+        self.sum = torch.zeros(channels, h * s, w * s, device=device)
+        self.weight = torch.zeros(h * s, w * s, device=device)
+
+    def add(self, img: torch.Tensor, sy: Span, sx: Span):
+        s, ov = self.s, self.overlap * self.s
+        H, W = self.weight.shape
+        ys = (sy.start * s + torch.arange(sy.length * s)) % H
+        xs = (sx.start * s + torch.arange(sx.length * s)) % W
+        w = torch.outer(ramp_profile(sy.length * s, ov), ramp_profile(sx.length * s, ov)).float()
+        self.sum[:, ys[:, None], xs] += img.float().to(self.sum.device) * w.to(self.sum.device)
+        self.weight[ys[:, None], xs] += w
+
+    def result(self) -> torch.Tensor:
+        return self.sum / self.weight
+
+
+def _grid(h: int, w: int, tile: int, overlap: int, wrap_y: bool, wrap_x: bool):
+    return [(sy, sx) for sy in axis_spans(h, tile, overlap, wrap_y) for sx in axis_spans(w, tile, overlap, wrap_x)]
+
+
+# --------------------------------------------------------------------------- tiles decoded independently
+
+def decode_tiled(decode, z: torch.Tensor, factor: int, tile: int, overlap: int, context: Optional[int] = None,
+                 wrap_x: bool = False, wrap_y: bool = False, passes: int = 3) -> torch.Tensor:
+    """Decode a [1, C, H, W] latent canvas into a [3, H*f, W*f] float32 image on the CPU, one tile at a time.
+
+    `decode` is an `AutoencoderKL` (anything with a GroupNorm `.decoder`): then z must be unscaled latents
+    and the tiles share GroupNorm statistics (`decode_tiled_shared`), so they match the full-frame decode.
+    Any other callable (already scaled latents -> [1, 3, h*f, w*f]) decodes each tile on its own, with
+    `context` (default 8) latent pixels of neighbours; right only for decoders without global statistics.
     """
+    if hasattr(decode, "decoder"):
+        f = vae_factor(decode)
+        if factor != f:
+            raise ValueError(f"factor={factor}, but the VAE scales by {f}")
+        return decode_tiled_shared(decode, z, tile, overlap, context, wrap_x, wrap_y, passes)
+    return decode_each(decode, z, factor, tile, overlap, 8 if context is None else context, wrap_x, wrap_y)
+
+
+def decode_each(decode: Decode, z: torch.Tensor, factor: int, tile: int, overlap: int, context: int = 8,
+                wrap_x: bool = False, wrap_y: bool = False) -> torch.Tensor:
+    """Each tile decoded on its own with `context` latent pixels of true neighbours, feathered together."""
     H, W = z.shape[-2:]
-    out = torch.zeros(3, H * factor, W * factor)
-    total = torch.zeros(H * factor, W * factor)
-    for t in tile_grid(H, W, tile, overlap):
-        y0, x0 = max(t.y - context, 0), max(t.x - context, 0)
-        y1, x1 = min(t.y + t.h + context, H), min(t.x + t.w + context, W)
-        img = decode(z[:, :, y0:y1, x0:x1])[0].float()
+    canvas = _Canvas(3, H, W, factor, overlap)
+    for sy, sx in _grid(H, W, tile, overlap, wrap_y, wrap_x):
+        (rows, oy), (cols, ox) = window(sy, context, H, wrap_y), window(sx, context, W, wrap_x)
+        img = decode(_crop(z, rows, cols, 1))[0].float().cpu()
         if not torch.isfinite(img).all():
-            raise DecodeError(f"VAE decode gave non-finite values in the tile at latent ({t.y}, {t.x})")
-        oy, ox = (t.y - y0) * factor, (t.x - x0) * factor
-        img = img[:, oy:oy + t.h * factor, ox:ox + t.w * factor]
-        ov = overlap * factor
-        w = torch.outer(ramp_profile(t.h * factor, ov), ramp_profile(t.w * factor, ov)).float()
-        ys, xs = slice(t.y * factor, (t.y + t.h) * factor), slice(t.x * factor, (t.x + t.w) * factor)
-        out[:, ys, xs] += img * w
-        total[ys, xs] += w
-    return out / total
+            raise DecodeError(f"VAE decode gave non-finite values in the tile at latent ({sy.start}, {sx.start})")
+        canvas.add(img[:, oy * factor:(oy + sy.length) * factor, ox * factor:(ox + sx.length) * factor], sy, sx)
+    return canvas.result()
+
+
+# ---------------------------------------------------------------------------------- shared GroupNorms
+
+Moments = Tuple[float, torch.Tensor, torch.Tensor]  # count, mean per group, sum of squared deviations
+
+
+def _merge(a: Optional[Moments], b: Moments) -> Moments:
+    """Chan et al.'s parallel update of (count, mean, M2)."""
+    if a is None:
+        return b
+    (na, ma, qa), (nb, mb, qb) = a, b
+    n, d = na + nb, mb - ma
+    return n, ma + d * (nb / n), qa + qb + d * d * (na * nb / n)
+
+
+def _group_moments(x: torch.Tensor, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Variance and mean per channel group of a [C, h, w] activation, in fp32, without copying it."""
+    return torch.var_mean(x.unflatten(0, (groups, -1)).float(), dim=(1, 2, 3), correction=0)
+
+
+class Win(NamedTuple):
+    """A tile at (y, x), h x w, inside an H x W window of its neighbours; latent pixels."""
+
+    y: int
+    x: int
+    h: int
+    w: int
+    H: int
+    W: int
+
+
+def shrink(t: torch.Tensor, win: Win, context: int) -> Tuple[torch.Tensor, Win]:
+    """Cut an activation of a window down to the tile and at most `context` latent pixels round it."""
+    s = t.shape[-1] // win.W
+    y0, y1 = max(win.y - context, 0), min(win.y + win.h + context, win.H)
+    x0, x1 = max(win.x - context, 0), min(win.x + win.w + context, win.W)
+    return t[..., y0 * s:y1 * s, x0 * s:x1 * s], Win(win.y - y0, win.x - x0, win.h, win.w, y1 - y0, x1 - x0)
+
+
+class GroupStats:
+    """The GroupNorm statistics of one tiled pass, shared by all its SharedGroupNorms.
+
+    A sweep with nothing `applied` lets each tile normalise with its own statistics; a gathering sweep
+    with statistics applied uses them tracked to the tile (its window's statistics now, scaled as they
+    moved since the last sweep, so that errors do not compound through the layers); the last sweep
+    applies the same merged statistics to every tile. Gathering sweeps merge, per GroupNorm, the moments
+    of the part of the canvas each tile owns, so every pixel counts once.
+    """
+
+    def __init__(self):
+        self.applied: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None  # name -> mean, var
+        self.ref: Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]] = {}  # (tile, name) -> window's
+        self.total: Dict[str, Moments] = {}
+        self.key, self.own, self.gather, self.win = 0, (0, 0, 0, 0), False, None
+        self.owned: Dict[str, Moments] = {}  # this tile's, kept once it ran finitely
+        self.windows: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def begin(self, key: int, own: Tuple[int, int, int, int], gather: bool):
+        """Tile `key`, owning rows own[0]:own[1] and columns own[2]:own[3] of itself."""
+        self.key, self.own, self.gather = key, own, gather
+        self.owned, self.windows = {}, {}
+
+    def normalizer(self, name: str, x: torch.Tensor, groups: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Record x's statistics; the mean and var to normalise it with per group (None: its own)."""
+        if not self.gather:
+            return None if self.applied is None else self.applied[name]
+        win, (ly, hy, lx, hx) = self.win, self.own
+        s = x.shape[-1] // win.W
+        if x.shape[-2] != win.H * s or x.shape[-1] != win.W * s:
+            raise ValueError(f"GroupNorm {name} sees {tuple(x.shape)}, no multiple of the {win.H}x{win.W} window")
+        var, mean = _group_moments(x[0], groups)
+        self.windows[name] = m, v = mean.double(), var.double()
+        part = x[0, :, (win.y + ly) * s:(win.y + hy) * s, (win.x + lx) * s:(win.x + hx) * s]
+        pv, pm = _group_moments(part, groups)
+        n = part[0].numel() * (part.shape[0] // groups)
+        self.owned[name] = (n, pm.double(), pv.double() * n)
+        if self.applied is None:
+            return None
+        (M, V), (m0, v0) = self.applied[name], self.ref[self.key, name]
+        r2 = (v + 1e-12) / (v0 + 1e-12)
+        return m + (M - m0) * r2.sqrt(), V * r2
+
+    def tile_finite(self) -> bool:
+        return all(bool(torch.isfinite(q).all()) for _, _, q in self.owned.values())
+
+    def commit(self):
+        for name, m in self.owned.items():
+            self.total[name] = _merge(self.total.get(name), m)
+        for name, mv in self.windows.items():
+            self.ref[self.key, name] = mv
+        self.owned, self.windows = {}, {}
+
+    def settle(self):
+        """After a gathering sweep: apply what it merged from now on."""
+        self.applied = {k: (m, q / n) for k, (n, m, q) in self.total.items()}
+        self.total = {}
+
+
+class SharedGroupNorm(nn.Module):
+    """Stands in for one nn.GroupNorm of a tiled pass: normalises with the statistics GroupStats gives."""
+
+    def __init__(self, name: str, norm: nn.GroupNorm, stats: GroupStats):
+        super().__init__()
+        self.name, self.norm, self.stats = name, norm, stats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.norm.num_groups
+        stats = self.stats.normalizer(self.name, x, g)
+        if stats is None:
+            return self.norm(x)
+        mean, var = stats
+        c = x.shape[1] // g
+        scale = (var + self.norm.eps).rsqrt().float().repeat_interleave(c)
+        shift = -mean.float().repeat_interleave(c) * scale
+        if self.norm.affine:
+            scale, shift = scale * self.norm.weight.float(), shift * self.norm.weight.float() + self.norm.bias.float()
+        return x * scale.to(x.dtype)[:, None, None] + shift.to(x.dtype)[:, None, None]
+
+
+class PeriodicConv(nn.Module):
+    """Stands in for a zero-padded nn.Conv2d: pads circularly along the periodic axes."""
+
+    def __init__(self, conv: nn.Conv2d, wrap_y: bool, wrap_x: bool):
+        super().__init__()
+        self.conv, self.wrap_y, self.wrap_x = conv, wrap_y, wrap_x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        ph, pw = c.padding
+        x = F.pad(x, (pw if self.wrap_x else 0,) * 2 + (ph if self.wrap_y else 0,) * 2, mode="circular")
+        return F.conv2d(x, c.weight, c.bias, c.stride, (0 if self.wrap_y else ph, 0 if self.wrap_x else pw),
+                        c.dilation, c.groups)
+
+
+def rebuilt(module: nn.Module, replace: Callable[[str, nn.Module], Optional[nn.Module]]) -> nn.Module:
+    """A copy of `module` that shares its parameters and buffers, with submodules swapped by `replace`
+    (the caller's module is never changed)."""
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    new = copy.deepcopy(module, memo)
+    for pname, parent in list(new.named_modules()):
+        for cname, child in list(parent.named_children()):
+            r = replace(f"{pname}.{cname}" if pname else cname, child)
+            if r is not None:
+                setattr(parent, cname, r)
+    return new
+
+
+def _cutter(stats: GroupStats):
+    """`shrink` that tells the shared GroupNorms where the tile now lies."""
+    def cut(x: torch.Tensor, win: Win, context: int) -> Tuple[torch.Tensor, Win]:
+        x, stats.win = shrink(x, win, context)
+        return x, stats.win
+    return cut
+
+
+def _norms(stats: GroupStats):
+    return lambda name, m: SharedGroupNorm(name, m, stats) if isinstance(m, nn.GroupNorm) else None
+
+
+def _periodic(wrap_y: bool, wrap_x: bool):
+    def swap(name, m):
+        pads = isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+        return PeriodicConv(m, wrap_y, wrap_x) if pads and (wrap_x or wrap_y) and any(m.padding) else None
+    return swap
+
+
+# --------------------------------------------------------------------------------- precision and sweeps
+
+def _work_dtype(vae) -> torch.dtype:
+    dtype = next(vae.parameters()).dtype
+    return torch.float32 if dtype != torch.float32 and getattr(vae.config, "force_upcast", False) else dtype
+
+
+def _or_identity(vae, name: str) -> nn.Module:
+    """vae.quant_conv / post_quant_conv, or an identity where the config leaves it out."""
+    conv = getattr(vae, name, None)
+    return conv if conv is not None else nn.Identity()
+
+
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+class _Precisions:
+    """Runs a stage in the working dtype, and again in fp32 (on an fp32 copy, made once) if that gave
+    non-finite values; fp32 that fails too is a DecodeError naming the stage."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype, build: Callable[[nn.Module], nn.Module]):
+        self.module, self.dtype, self.build = module, dtype, build
+        self.nets = {dtype: build(module) if dtype == next(module.parameters()).dtype
+                     else build(copy.deepcopy(module).to(dtype))}
+
+    def net(self, dtype):
+        if dtype not in self.nets:
+            self.nets[dtype] = self.build(copy.deepcopy(self.module).float())
+        return self.nets[dtype]
+
+    def run(self, fn, x: torch.Tensor, where: str, stats: Optional[GroupStats] = None) -> torch.Tensor:
+        for dtype in dict.fromkeys((self.dtype, torch.float32)):
+            if stats is not None:
+                stats.begin(stats.key, stats.own, stats.gather)
+            y = fn(self.net(dtype), x.to(dtype))
+            if _finite(y) and (stats is None or stats.tile_finite()):
+                return y
+        raise DecodeError(f"VAE gave non-finite values in {where}, also in fp32")
+
+
+def _sweeps(run: Callable, src: torch.Tensor, s_in: int, size: Tuple[int, int], tile: int, overlap: int,
+            context: int, wrap: Tuple[bool, bool], stats: GroupStats, passes: int, canvas: _Canvas):
+    """`passes` sweeps of `run(x, win, where)` over the tiles of `src` (s_in pixels per latent pixel):
+    all but the last gather GroupNorm statistics, the last writes each tile onto `canvas`."""
+    if passes < 1:
+        raise ValueError(f"passes={passes}: must be at least 1")
+    H, W = size
+    for p in range(passes):
+        last = p == passes - 1
+        for i, (sy, sx) in enumerate(_grid(H, W, tile, overlap, *wrap)):
+            (rows, oy), (cols, ox) = window(sy, context, H, wrap[0]), window(sx, context, W, wrap[1])
+            stats.begin(i, (sy.lo, sy.hi, sx.lo, sx.hi), gather=not last)
+            win = Win(oy, ox, sy.length, sx.length, len(rows), len(cols))
+            y = run(_crop(src, rows, cols, s_in), win, f"the tile at latent ({sy.start}, {sx.start}), sweep {p + 1}")
+            stats.commit()
+            if last:
+                canvas.add(y[0], sy, sx)
+        if not last:
+            stats.settle()
+    return canvas.result()
+
+
+# ------------------------------------------------------------------------------------------ architecture
+
+def _reach(conv: nn.Module) -> int:
+    """How far a conv looks to one side, in its input's pixels (both sides for unpadded, strided ones)."""
+    if not isinstance(conv, nn.Conv2d):
+        return 0
+    ext = max(d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size))
+    same = not isinstance(conv.padding, str) and 2 * max(conv.padding) == ext and max(conv.stride) == 1
+    return ext // 2 if same else ext
+
+
+def _convs(module: nn.Module) -> int:
+    return sum(_reach(m) for m in module.modules())
+
+
+def _needs(reaches: List[float], context: Optional[int]) -> List[int]:
+    """Context (latent pixels) to keep before each stage: what the stages from there on look across."""
+    needs = [math.ceil(sum(reaches[i:]) - 1e-9) for i in range(len(reaches))]
+    return needs if context is None else [min(n, context) for n in needs]
+
+
+def _no_attention(blocks, what):
+    if any(type(m).__name__ == "Attention" for m in blocks.modules()):
+        raise ValueError(f"{what} hold attention, which tiles cannot reproduce")
+
+
+def vae_factor(vae) -> int:
+    """Image pixels per latent pixel: 2 per down block that downsamples."""
+    return 2 ** sum(1 for b in vae.encoder.down_blocks if getattr(b, "downsamplers", None))
+
+
+def decoder_needs(vae, context: Optional[int] = None) -> List[int]:
+    """Latent pixels of context before each up block and before conv_norm_out that make a tile see
+    exactly what the full decode sees (at most `context`)."""
+    dec, reaches, s = vae.decoder, [], 1
+    for up in dec.up_blocks:
+        r = _convs(up.resnets) / s
+        for u in up.upsamplers or []:
+            s *= 2
+            r += _convs(u) / s
+        reaches.append(r)
+    return _needs(reaches + [_reach(dec.conv_out) / s], context)
+
+
+def encoder_needs(vae, context: Optional[int] = None) -> List[int]:
+    """Latent pixels of context before conv_in and before each down block that make a tile see exactly
+    what the full encode sees (at most `context`)."""
+    enc, f, s = vae.encoder, vae_factor(vae), 1
+    reaches = [_reach(enc.conv_in) / f]
+    for down in enc.down_blocks:
+        r = _convs(down.resnets) * s
+        for d in down.downsamplers or []:
+            r += _convs(d) * s
+            s *= 2
+        reaches.append(r / f)
+    return _needs(reaches, context)
+
+
+# ----------------------------------------------------------------------------------- decode and encode
+
+@torch.no_grad()
+def decode_tiled_shared(vae, z: torch.Tensor, tile: int, overlap: int, context: Optional[int] = None,
+                        wrap_x: bool = False, wrap_y: bool = False, passes: int = 3) -> torch.Tensor:
+    """Decode unscaled latents [1, C, H, W] with an AutoencoderKL into a [3, H*f, W*f] float32 CPU image
+    that matches `vae.decode(z).sample`; peak memory follows the tile (plus the latent-resolution mid block).
+
+    `tile`, `overlap`, `context` are latent pixels (context defaults to the up blocks' receptive field, and
+    is cut down block by block as it is used up); `wrap_x`/`wrap_y` make that axis periodic, so that the
+    picture tiles seamlessly. `passes` sweeps over the tiles: 1 normalises each tile with its own statistics
+    (one sweep, tiles differ in tone); 3 (the default) and more gather, refine and apply shared statistics as
+    the module says; 2 applies the first sweep's, biased by the per-tile normalisation before each layer.
+    """
+    if z.dim() != 4 or z.shape[0] != 1:
+        raise ValueError(f"z must be [1, C, H, W], got {tuple(z.shape)}")
+    dec, f = vae.decoder, vae_factor(vae)
+    if not isinstance(dec.conv_norm_out, nn.GroupNorm):
+        raise ValueError(f"decode_tiled_shared needs a GroupNorm decoder, got {type(dec.conv_norm_out).__name__}")
+    _no_attention(dec.up_blocks, "the decoder's up blocks")
+    needs = decoder_needs(vae, context)
+    device, dtype = next(vae.parameters()).device, _work_dtype(vae)
+    parts = nn.ModuleDict({"dec": dec, "quant": _or_identity(vae, "post_quant_conv")})
+
+    def head(m, z):  # the latent-resolution part, on the whole canvas
+        return m.dec.mid_block(m.dec.conv_in(m.quant(z)), None)
+
+    h = _Precisions(parts, dtype, lambda m: rebuilt(m, _periodic(wrap_y, wrap_x))).run(
+        head, z.to(device), "the latent-resolution stage (conv_in, mid block)")
+    stats = GroupStats()
+
+    cut = _cutter(stats)
+
+    def tail(d, x, win):  # the up blocks on one tile, its context cut down as it is used up
+        for up, c in zip(d.up_blocks, needs):
+            x, win = cut(x, win, c)
+            x = up(x, None)
+        x, win = cut(x, win, needs[-1])
+        return shrink(d.conv_out(d.conv_act(d.conv_norm_out(x))), win, 0)[0]
+
+    tails = _Precisions(dec, dtype, lambda d: rebuilt(d, _norms(stats)))
+    H, W = z.shape[-2:]
+    return _sweeps(lambda x, win, where: tails.run(lambda d, x: tail(d, x, win), x, where, stats), h, 1, (H, W),
+                   tile, overlap, needs[0], (wrap_y, wrap_x), stats, passes, _Canvas(3, H, W, f, overlap))
+
+
+@torch.no_grad()
+def encode_tiled(vae, image: torch.Tensor, tile: int, overlap: int, context: Optional[int] = None,
+                 wrap_x: bool = False, wrap_y: bool = False, passes: int = 3) -> torch.Tensor:
+    """Encode an image [1, 3, H, W] in [-1, 1] (H, W multiples of the VAE factor) into the latent mean
+    [1, C, H/f, W/f] (float32, CPU, before scaling) that matches `vae.encode(x).latent_dist.mean`.
+
+    The down blocks run tile by tile with shared GroupNorm statistics, the mid block on the whole latent;
+    `tile`, `overlap`, `context` are latent pixels, the rest as in `decode_tiled_shared`.
+    """
+    f = vae_factor(vae)
+    if image.dim() != 4 or image.shape[0] != 1 or image.shape[-2] % f or image.shape[-1] % f:
+        raise ValueError(f"image must be [1, 3, H, W] with H and W multiples of {f}, got {tuple(image.shape)}")
+    enc = vae.encoder
+    _no_attention(enc.down_blocks, "the encoder's down blocks")
+    needs = encoder_needs(vae, context)
+    device, dtype = next(vae.parameters()).device, _work_dtype(vae)
+    H, W = image.shape[-2] // f, image.shape[-1] // f
+    stats = GroupStats()
+
+    cut = _cutter(stats)
+
+    def front(d, x, win):  # conv_in and the down blocks on one tile, its context cut down as it is used up
+        x, win = cut(x, win, needs[0])
+        x = d.conv_in(x)
+        for down, c in zip(d.down_blocks, needs[1:]):
+            x, win = cut(x, win, c)
+            x = down(x)
+        return shrink(x, win, 0)[0]
+
+    fronts = _Precisions(enc, dtype, lambda d: rebuilt(d, _norms(stats)))
+    feats = _sweeps(lambda x, win, where: fronts.run(lambda d, x: front(d, x, win), x, where, stats),
+                    image.to(device), f, (H, W), tile, overlap, needs[0], (wrap_y, wrap_x), stats, passes,
+                    _Canvas(enc.conv_norm_out.num_channels, H, W, 1, overlap, device))
+    parts = nn.ModuleDict({"enc": enc, "quant": _or_identity(vae, "quant_conv")})
+
+    def back(m, x):  # the latent-resolution part, on the whole canvas
+        return m.quant(m.enc.conv_out(m.enc.conv_act(m.enc.conv_norm_out(m.enc.mid_block(x)))))
+
+    moments = _Precisions(parts, dtype, lambda m: rebuilt(m, _periodic(wrap_y, wrap_x))).run(
+        back, feats[None], "the latent-resolution stage (mid block, conv_out)")
+    return moments[:, :moments.shape[1] // 2].float().cpu()
 
 
 def to_uint8(img: torch.Tensor, width: int, height: int) -> "numpy.ndarray":

@@ -1,0 +1,236 @@
+"""Tiled VAE decode and encode against the full-frame pass, on small random-weight VAEs built here."""
+import copy
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiling import DecodeError, decode_tiled
+from tiling.vae import (SharedGroupNorm, axis_spans, decode_each, decode_tiled_shared, decoder_needs, encode_tiled,
+                        encoder_needs, window)
+
+
+def small_vae(seed=0, **config) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    kw = dict(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+              sample_size=32)
+    return AutoencoderKL(**{**kw, **config}).eval()
+
+
+def latent(*shape, seed=5):
+    return torch.randn(1, 4, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def psnr(a, b):
+    """On images in [-1, 1] (peak to peak 2), clamped as they are written."""
+    return (10 * torch.log10(4 / ((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).mean())).item()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These VAEs are tiny: one thread spends no time waiting on the other (and none on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return small_vae()
+
+
+@pytest.fixture(scope="module")
+def z():
+    return latent(24, 32)
+
+
+@pytest.fixture(scope="module")
+def full(vae, z):
+    with torch.no_grad():
+        return vae.decode(z).sample[0]
+
+
+@pytest.fixture(scope="module")
+def shared(vae, z):
+    return decode_tiled_shared(vae, z, tile=8, overlap=2)
+
+
+# ------------------------------------------------------------------------------------------- geometry
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, 90), tile=st.integers(1, 40), overlap=st.integers(0, 39), wrap=st.booleans())
+def test_axis_spans_cover_the_axis_and_their_owned_parts_partition_it(size, tile, overlap, wrap):
+    overlap = min(overlap, tile - 1)
+    spans = axis_spans(size, tile, overlap, wrap)
+    owned, covered = [], set()
+    for i, s in enumerate(spans):
+        assert s.length == min(tile, size) and 0 <= s.lo <= s.hi <= s.length
+        assert 0 <= s.start < size and (wrap or s.start + s.length <= size)
+        owned += [(s.start + p) % size for p in range(s.lo, s.hi)]
+        covered |= {(s.start + p) % size for p in range(s.length)}
+        if i and len(spans) > 1:  # neighbours overlap by at least `overlap`
+            assert spans[i - 1].start + s.length - s.start >= overlap
+    assert sorted(owned) == list(range(size)) and covered == set(range(size))
+    if wrap and len(spans) > 1:  # ... also across the edge
+        assert spans[-1].start + spans[-1].length - size - spans[0].start >= overlap
+
+
+def test_windows_wrap_modulo_or_clip_at_the_edge():
+    s = axis_spans(20, 8, 2, wrap=True)[0]
+    idx, off = window(s, 3, 20, wrap=True)
+    assert idx.tolist() == [17, 18, 19] + list(range(11)) and off == 3
+    idx, off = window(s, 3, 20, wrap=False)
+    assert idx.tolist() == list(range(11)) and off == 0
+
+
+def test_context_covers_the_receptive_field(vae):
+    # small VAE, one resnet pair per up block: 4 convs at 1x, an upsampling conv at 2x, ... in latent pixels
+    assert decoder_needs(vae) == [9, 4, 2, 1, 1]
+    assert decoder_needs(vae, context=3) == [3, 3, 2, 1, 1]
+    assert encoder_needs(vae) == [6, 6, 5, 4, 2]
+
+
+# --------------------------------------------------------------------------------------------- decode
+
+def test_shared_statistics_match_the_full_decode_and_beat_separate_tiles(vae, z, full, shared):
+    assert shared.shape == (3, 24 * 8, 32 * 8) and shared.dtype == torch.float32
+    separate = decode_each(lambda t: vae.decode(t).sample, z, 8, tile=8, overlap=2)
+    own_stats = decode_tiled_shared(vae, z, tile=8, overlap=2, passes=1)
+    assert psnr(shared, full) >= 45
+    assert psnr(shared, full) >= psnr(separate, full) + 12
+    assert psnr(shared, full) >= psnr(own_stats, full) + 12
+
+
+def test_decode_tiled_takes_a_vae_and_decodes_with_shared_statistics(vae, z, shared):
+    assert torch.equal(decode_tiled(vae, z, 8, tile=8, overlap=2), shared)
+    with pytest.raises(ValueError, match="scales by 8"):
+        decode_tiled(vae, z, 4, tile=8, overlap=2)
+
+
+def test_one_tile_with_its_own_statistics_is_the_full_decode(vae, z, full):
+    assert torch.allclose(decode_tiled_shared(vae, z, tile=64, overlap=0, passes=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("h, w, tile, overlap", [(13, 21, 8, 3), (5, 9, 16, 4), (9, 3, 4, 0)])
+def test_exact_output_size(vae, h, w, tile, overlap):
+    z = latent(h, w)
+    with torch.no_grad():
+        full = vae.decode(z).sample[0]
+    out = decode_tiled_shared(vae, z, tile, overlap)
+    assert out.shape == (3, 8 * h, 8 * w) and psnr(out, full) >= 45
+
+
+def test_the_callers_vae_is_left_as_it_was(vae, z, full):
+    params = {k: v for k, v in vae.named_parameters()}
+    decode_tiled_shared(vae, z[..., :8, :8], tile=4, overlap=0)
+    encode_tiled(vae, torch.zeros(1, 3, 32, 32), tile=2, overlap=0)
+    assert not any(isinstance(m, SharedGroupNorm) for m in vae.modules())
+    assert all(p is params[k] for k, p in vae.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(vae.decode(z).sample[0], full)
+
+
+def test_wrapped_canvas_continues_across_the_edge(vae):
+    b = latent(16, 24, seed=3)
+    img = decode_tiled_shared(vae, b, tile=8, overlap=2, wrap_x=True)
+    # rolling the latent rolls the picture: the edge is decoded like any inside boundary
+    rolled = decode_tiled_shared(vae, b.roll(5, -1), tile=8, overlap=2, wrap_x=True)
+    assert psnr(rolled, img.roll(40, -1)) >= 45
+    jumps = (img[..., 1:] - img[..., :-1]).abs().mean((0, 1))[7::8]  # across latent pixel boundaries inside
+    assert (img[..., 0] - img[..., -1]).abs().mean() <= 1.25 * jumps.mean()
+    # a periodic latent: two periods decode to the picture twice
+    twice = decode_tiled_shared(vae, torch.cat([b, b], -1), tile=8, overlap=2, wrap_x=True)
+    assert psnr(twice, torch.cat([img, img], -1)) >= 60
+    # without wrapping the edge is a seam
+    flat = decode_tiled_shared(vae, b, tile=8, overlap=2)
+    assert psnr(decode_tiled_shared(vae, b.roll(5, -1), tile=8, overlap=2), flat.roll(40, -1)) < 30
+
+
+def test_wrapping_both_axes(vae):
+    b = latent(12, 16, seed=4)
+    img = decode_tiled_shared(vae, b, tile=8, overlap=2, wrap_x=True, wrap_y=True)
+    rolled = decode_tiled_shared(vae, b.roll((3, 7), (-2, -1)), tile=8, overlap=2, wrap_x=True, wrap_y=True)
+    assert psnr(rolled, img.roll((24, 56), (-2, -1))) >= 45
+
+
+# ------------------------------------------------------------------------------- precision and errors
+
+def test_fp16_overflow_is_retried_in_fp32():
+    vae = small_vae(force_upcast=False)
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(3e5)  # outputs far beyond fp16's 65504
+    z = latent(8, 12)
+    with torch.no_grad():
+        ref = vae.decode(z).sample[0]
+    half = copy.deepcopy(vae).half()
+    with torch.no_grad():
+        assert not torch.isfinite(half.decode(z.half()).sample).all()
+    out = decode_tiled_shared(half, z, tile=4, overlap=1)
+    assert torch.isfinite(out).all() and out.abs().max() > 1e5
+    assert ((out - ref).abs().mean() / ref.abs().mean()).item() < 0.02  # fp16 weights, fp32 arithmetic
+    assert next(half.parameters()).dtype == torch.float16
+
+
+def test_force_upcast_decodes_in_fp32():
+    vae = small_vae(force_upcast=True)
+    half = copy.deepcopy(vae).half()
+    z = latent(8, 12)
+    with torch.no_grad():
+        ref = copy.deepcopy(half).float().decode(z).sample[0]
+    assert psnr(decode_tiled_shared(half, z, tile=4, overlap=1), ref) >= 45
+
+
+def test_non_finite_tiles_raise_a_decode_error_naming_the_tile():
+    vae = small_vae()
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.fill_(float("inf"))
+    with pytest.raises(DecodeError, match=r"tile at latent \(0, 0\), sweep 1, also in fp32"):
+        decode_tiled_shared(vae, latent(8, 8), tile=4, overlap=0)
+    with pytest.raises(DecodeError, match=r"tile at latent \(0, 0\)"):
+        decode_tiled(lambda t: vae.decode(t).sample, latent(8, 8), 8, tile=4, overlap=0)
+
+
+def test_a_non_finite_mid_block_raises_a_decode_error():
+    vae = small_vae()
+    with torch.no_grad():
+        vae.decoder.conv_in.bias.fill_(float("nan"))
+    with pytest.raises(DecodeError, match="latent-resolution stage"):
+        decode_tiled_shared(vae, latent(8, 8), tile=4, overlap=0)
+
+
+def test_bad_shapes_are_refused(vae):
+    with pytest.raises(ValueError, match=r"\[1, C, H, W\]"):
+        decode_tiled_shared(vae, torch.zeros(2, 4, 8, 8), tile=4, overlap=0)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        encode_tiled(vae, torch.zeros(1, 3, 60, 64), tile=4, overlap=0)
+    with pytest.raises(ValueError, match="passes=0"):
+        decode_tiled_shared(vae, torch.zeros(1, 4, 8, 8), tile=4, overlap=0, passes=0)
+
+
+# --------------------------------------------------------------------------------------------- encode
+
+def test_tiled_encode_matches_the_full_encode(vae):
+    g = torch.Generator().manual_seed(7)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 48, 64, generator=g) * 2 - 1, scale_factor=4,
+                                        mode="bilinear")
+    with torch.no_grad():
+        ref = vae.encode(x).latent_dist.mean
+
+    def snr(m):
+        return (10 * torch.log10(ref.var() / ((m - ref) ** 2).mean())).item()
+
+    tiled = encode_tiled(vae, x, tile=8, overlap=2)
+    assert tiled.shape == ref.shape == (1, 4, 24, 32)
+    assert snr(tiled) >= 45
+    assert snr(tiled) >= snr(encode_tiled(vae, x, tile=8, overlap=2, passes=1)) + 12
+
+
+def test_wrapped_encode_rolls_with_the_image(vae):
+    x = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    e = encode_tiled(vae, x, tile=8, overlap=2, wrap_x=True)
+    rolled = encode_tiled(vae, x.roll(40, -1), tile=8, overlap=2, wrap_x=True)
+    assert (rolled - e.roll(5, -1)).abs().max() < 0.01 * e.abs().max()
