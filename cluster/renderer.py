@@ -36,14 +36,21 @@ def layouts_of(req: ImageRequest, tiling: TilingConfig, factor: int):
                         wrap_y=tiling.wrap in ("y", "both"), wrap_x=tiling.wrap in ("x", "both"))
 
 
-def denoise_request(predict, info: dict, req: ImageRequest, tiling: TilingConfig,
-                    callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
-    """The finished latent canvas of one image; `predict` is the local model or a fan-out to workers."""
+def start_canvas(info: dict, req: ImageRequest):
+    """One image's fresh scheduler (timesteps set), its initial noise [1, C, h, w] drawn on the CPU from the
+    seed (so the picture does not depend on the device), and the generator the scheduler's steps draw from."""
     scheduler = make_scheduler(req.scheduler, info["scheduler_config"])
     scheduler.set_timesteps(req.steps)
     g = torch.Generator("cpu").manual_seed(req.seed)
     shape = (1, info["latent_channels"]) + latent_size(req, info["vae_scale_factor"])
-    x = torch.randn(shape, generator=g) * scheduler.init_noise_sigma
+    x = torch.randn(shape, generator=g) * getattr(scheduler, "init_noise_sigma", 1.0)
+    return scheduler, x, g
+
+
+def denoise_request(predict, info: dict, req: ImageRequest, tiling: TilingConfig,
+                    callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """The finished latent canvas of one image; `predict` is the local model or a fan-out to workers."""
+    scheduler, x, g = start_canvas(info, req)
     layouts = layouts_of(req, tiling, info["vae_scale_factor"])
     return denoise_canvas(predict, x, scheduler, layouts, tiling.method, tiling.batch, generator=g, callback=callback)
 

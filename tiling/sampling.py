@@ -39,7 +39,7 @@ def denoise_canvas(predict: Predict, x: torch.Tensor, scheduler, layouts: Sequen
             w = tile_weights(tiles[0].h, tiles[0].w, method)
             fused_with = {id(tiles): (w, weight_sum(tiles, w, x.shape[-2], x.shape[-1]))}
         weights, total = fused_with[id(tiles)]
-        x_in = scheduler.scale_model_input(x, t)[0]
+        x_in = (scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x)[0]  # flow: none
         canvas = tuple(x.shape[-2:])
         preds = predict([TileBatch(torch.stack([crop(x_in, s) for s in g]), tuple(g), canvas)
                          for g in batches_of(tiles, batch)], t)
