@@ -8,14 +8,17 @@ import os
 import socket
 import time
 from datetime import datetime, timezone
-from typing import Callable, Optional
+import threading
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from jobs import ImageRequest, write_image
 from jobs.spec import ModelConfig, OutputConfig, TilingConfig
 from models import load_model, make_scheduler
-from tiling import (TileBatch, decode_tiled, denoise_canvas, padded_size, scale_tiles, seam_score, step_layouts,
+from models.schedulers import tile_seq_len, timestep_kwargs
+from models.loading import compile_denoiser
+from tiling import (TileBatch, decode_tiled, denoise_canvases, padded_size, scale_tiles, seam_score, step_layouts,
                     tile_grid, to_uint8)
 
 
@@ -38,21 +41,52 @@ def layouts_of(req: ImageRequest, tiling: TilingConfig, factor: int):
 
 def start_canvas(info: dict, req: ImageRequest):
     """One image's fresh scheduler (timesteps set), its initial noise [1, C, h, w] drawn on the CPU from the
-    seed (so the picture does not depend on the device), and the generator the scheduler's steps draw from."""
+    seed (so the picture does not depend on the device), and the generator the scheduler's steps draw from.
+
+    A flow transformer's schedule (sigmas, dynamic shift) follows its pipeline for a picture the size of one
+    tile, the input the model sees (`info["patch_size"]`; see models/flow.py)."""
     scheduler = make_scheduler(req.scheduler, info["scheduler_config"])
-    scheduler.set_timesteps(req.steps)
+    size = latent_size(req, info["vae_scale_factor"])
+    seq_len = tile_seq_len(*size, req.tile, info.get("patch_size"))
+    scheduler.set_timesteps(req.steps, **timestep_kwargs(scheduler.config, req.steps, seq_len))
     g = torch.Generator("cpu").manual_seed(req.seed)
-    shape = (1, info["latent_channels"]) + latent_size(req, info["vae_scale_factor"])
+    shape = (1, info["latent_channels"]) + size
     x = torch.randn(shape, generator=g) * getattr(scheduler, "init_noise_sigma", 1.0)
     return scheduler, x, g
 
 
+def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int,
+                  device="cpu", callback: Optional[Callable[[int, int], None]] = None) -> List[torch.Tensor]:
+    """The finished latent canvases of images that share a prompt, a size and a schedule, stepped together
+    on `device`; `predict` is the local model or a fan-out to workers."""
+    starts = [start_canvas(info, req) for req in reqs]
+    layouts = [layouts_of(req, tiling, info["vae_scale_factor"]) for req in reqs]
+    return denoise_canvases(predict, [x.to(device) for _, x, _ in starts], [s for s, _, _ in starts], layouts,
+                            tiling.method, batch, [g for _, _, g in starts], callback)
+
+
 def denoise_request(predict, info: dict, req: ImageRequest, tiling: TilingConfig,
-                    callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
-    """The finished latent canvas of one image; `predict` is the local model or a fan-out to workers."""
-    scheduler, x, g = start_canvas(info, req)
-    layouts = layouts_of(req, tiling, info["vae_scale_factor"])
-    return denoise_canvas(predict, x, scheduler, layouts, tiling.method, tiling.batch, generator=g, callback=callback)
+                    callback: Optional[Callable[[int, int], None]] = None, batch: Optional[int] = None,
+                    device="cpu") -> torch.Tensor:
+    """The finished latent canvas of one image (a group of one)."""
+    return denoise_group(predict, info, [req], tiling, batch or tiling.batch or 4, device, callback)[0]
+
+
+def group_key(req: ImageRequest) -> tuple:
+    """Images with equal keys can be stepped together: one prompt pair, guidance, size and schedule."""
+    return (req.prompt, req.negative_prompt, req.guidance, req.width, req.height, req.steps, req.scheduler)
+
+
+def groups_of(reqs: Sequence[ImageRequest], size: int) -> List[List[ImageRequest]]:
+    """Runs of consecutive images with one `group_key`, at most `size` each (jobs are prompt-major, so a
+    prompt's seeds group together)."""
+    groups: List[List[ImageRequest]] = []
+    for req in reqs:
+        if groups and len(groups[-1]) < size and group_key(groups[-1][0]) == group_key(req):
+            groups[-1].append(req)
+        else:
+            groups.append([req])
+    return groups
 
 
 def tile_steps(req: ImageRequest, tiling: TilingConfig, factor: int) -> int:
@@ -79,51 +113,128 @@ def failed_row(req: ImageRequest, started_at: datetime, error: BaseException | s
 
 
 class Renderer:
-    """Holds one model for the whole job; `predict` serves tile batches, `render` whole images."""
+    """Holds one model for the whole job; `predict` serves tile batches, `render_group` whole images.
+
+    Thread-safe for two callers (a Ray actor with max_concurrency=2): the device work (denoise, decode)
+    holds a lock, the CPU work (image encoding, seam scores, hashing, the write) does not, so one image's
+    PNG is written while the next one denoises."""
 
     def __init__(self, model: ModelConfig, output: OutputConfig, threads: Optional[int] = None):
         if threads:
             torch.set_num_threads(threads)
         self.model = load_model(model)
+        self.compiled = model.compile
+        if model.compile:
+            compile_denoiser(self.model)
         self.output = output
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._device = threading.Lock()
+        self._batches = {}  # tile size -> automatic batch size
 
     def info(self) -> dict:
         m = self.model
         return {"scheduler_config": m.scheduler_config, "latent_channels": m.latent_channels,
-                "vae_scale_factor": m.vae_scale_factor, "worker": self.worker, "device": str(m.device)}
+                "vae_scale_factor": m.vae_scale_factor, "patch_size": getattr(m, "patch_size", None),
+                "worker": self.worker, "device": str(m.device)}
 
-    def predict(self, batch: TileBatch, t, prompt: str, negative: str, guidance: float) -> torch.Tensor:
-        return self.model.predict(batch.x, t, self.model.encode(prompt, negative), guidance, batch.tiles,
-                                  batch.canvas)
+    def batch_size(self, tiling: TilingConfig) -> int:
+        """`tiling.batch`, or for 0 (auto) as many tiles as the free GPU memory holds (4 on a CPU)."""
+        if tiling.batch:
+            return tiling.batch
+        if tiling.tile not in self._batches:
+            with self._device:
+                self._batches[tiling.tile] = auto_batch(self.model, tiling.tile)
+        return self._batches[tiling.tile]
+
+    def _predict(self, batch: TileBatch, t, cond, guidance: float, pad_to: int = 0) -> torch.Tensor:
+        """The model on one batch, on the model's device. A compiled model sees one batch shape only: a short
+        batch is padded with copies of its last tile (their predictions dropped)."""
+        x, tiles, n = batch.x, batch.tiles, batch.x.shape[0]
+        if self.compiled and n < pad_to:
+            x = torch.cat([x, x[-1:].expand(pad_to - n, -1, -1, -1)])
+            tiles = tuple(tiles) + (tiles[-1],) * (pad_to - n)
+        return self.model.predict(x, t, cond, guidance, tiles, batch.canvas)[:n]
+
+    def predict(self, batch: TileBatch, t, prompt: str, negative: str, guidance: float, pad_to: int = 0):
+        """Tile-parallel mode: one batch from the driver; the prediction goes back on the CPU."""
+        with self._device:
+            return self._predict(batch, t, self.model.encode(prompt, negative), guidance, pad_to).cpu()
 
     def render(self, req: ImageRequest, tiling: TilingConfig, progress=None) -> dict:
         """Denoise, decode and write one image; a failure becomes a `failed` row, never an exception."""
+        return self.render_group([req], tiling, progress)[0]
+
+    def render_group(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, progress=None) -> List[dict]:
+        """Images of one `group_key`, stepped together on this worker's device, decoded and written; one row
+        each (a failure becomes a `failed` row, never an exception)."""
         started = now()
         try:
-            t0 = time.perf_counter()
+            batch = self.batch_size(tiling)
             tick = (lambda i, n: progress.add.remote(n)) if progress is not None else None
-            z = denoise_request(lambda bs, t: [self.predict(b, t, req.prompt, req.negative_prompt, req.guidance)
-                                               for b in bs], self.info(), req, tiling, tick)
-            return self.finish(req, tiling, z, started, time.perf_counter() - t0)
+            with self._device:
+                t0 = time.perf_counter()
+                cond = self.model.encode(reqs[0].prompt, reqs[0].negative_prompt)
+                zs = denoise_group(lambda bs, t: [self._predict(b, t, cond, reqs[0].guidance, batch) for b in bs],
+                                   self.info(), reqs, tiling, batch, self.model.device, tick)
+                seconds = (time.perf_counter() - t0) / len(reqs)
+                decoded = [self._decode(req, tiling, z) for req, z in zip(reqs, zs)]
         except Exception as e:  # noqa: BLE001 - recorded in the manifest, the job goes on
-            return failed_row(req, started, e, self.worker)
+            return [failed_row(req, started, e, self.worker) for req in reqs]
+        return [self._write(req, tiling, d, started, seconds) for req, d in zip(reqs, decoded)]
 
     def finish(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor, started_at: datetime,
                seconds_denoise: float) -> dict:
         """Decode a finished canvas in tiles, write the image file, return its manifest row."""
+        with self._device:
+            decoded = self._decode(req, tiling, z)
+        return self._write(req, tiling, decoded, started_at, seconds_denoise)
+
+    def _decode(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor):
+        """(uint8 pixels, seconds) of a finished canvas, or the exception that stopped the decode."""
         try:
             t0 = time.perf_counter()
             img = decode_tiled(self.model.vae, self.model.unscale(z), self.model.vae_scale_factor, tiling.vae_tile,
                                tiling.vae_overlap, wrap_x=tiling.wrap in ("x", "both"),
                                wrap_y=tiling.wrap in ("y", "both"), passes=tiling.vae_passes)
-            pixels = to_uint8(img, req.width, req.height)
+            return to_uint8(img, req.width, req.height), time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001
+            return e
+
+    def _write(self, req: ImageRequest, tiling: TilingConfig, decoded, started_at: datetime,
+               seconds_denoise: float) -> dict:
+        """Encode and write the image file, score its seams, return its manifest row (CPU only)."""
+        if isinstance(decoded, BaseException):
+            return failed_row(req, started_at, decoded, self.worker)
+        try:
+            pixels, seconds_decode = decoded
+            t0 = time.perf_counter()
             sha, size = write_image(pixels, self.output.dir, req.path, self.output.format, self.output.quality,
                                     req.parameters_text())
-            seconds_decode = time.perf_counter() - t0
             return req.manifest_row(status="ok", error=None, sha256=sha, bytes=size, started_at=started_at,
                                     finished_at=now(), seconds_denoise=seconds_denoise,
-                                    seconds_decode=seconds_decode, worker=self.worker,
+                                    seconds_decode=seconds_decode + time.perf_counter() - t0, worker=self.worker,
                                     **seam_scores(pixels, req, tiling, self.model.vae_scale_factor))
         except Exception as e:  # noqa: BLE001
             return failed_row(req, started_at, e, self.worker)
+
+
+@torch.no_grad()
+def auto_batch(model, tile: int, budget: float = 0.8, cap_px: int = 8 * 128 * 128) -> int:
+    """Tiles per model call from the GPU's free memory: one call of 1 and of 2 tiles measure the fixed and
+    the per-tile activation memory; at most `cap_px` latent pixels a call (8 SDXL tiles: past that a bigger
+    call gains under 3%, DESIGN.md), 4 on a CPU."""
+    if model.device.type != "cuda":
+        return 4
+    cond = model.encode("", "")
+    peaks = []
+    for n in (1, 2):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model.predict(torch.zeros(n, model.latent_channels, tile, tile), torch.tensor(500), cond, 2.0)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+    per_tile = max(peaks[1] - peaks[0], 1)
+    free = torch.cuda.mem_get_info()[0]
+    fits = int((budget * free - (peaks[0] - per_tile)) // per_tile)
+    return max(1, min(fits, max(1, cap_px // (tile * tile))))

@@ -1,10 +1,11 @@
 """Ray at the edges: connect, start workers that each hold a model, and feed them a job's images.
 
 Two modes over one denoise loop (`cluster.renderer.denoise_request`):
-  bulk           each worker owns whole images; every worker is kept busy with up to two in flight.
+  bulk           each worker owns whole images (groups of one prompt's seeds, stepped together); every
+                 worker is kept busy with two groups in flight.
   tile_parallel  the driver runs the loop for one image at a time and fans each step's tile batches
                  out to all workers; a worker decodes and writes the finished canvas.
-Dead workers are handled in one place, `_result`: the image becomes a `failed` row and the job goes on
+Dead workers are handled in one place, `_rows`: the image becomes a `failed` row and the job goes on
 (each actor restarts once, reloading its model, before Ray gives up on it).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jobs import ImageRequest
 from jobs.spec import TesseraConfig, TesseraError
 
 from .progress import Progress
-from .renderer import Renderer, denoise_request, failed_row, now, tile_steps
+from .renderer import Renderer, denoise_request, failed_row, groups_of, now, tile_steps
 
 READY_TIMEOUT_S = 900  # model load on every worker
 
@@ -71,7 +72,8 @@ def start_workers(cfg: TesseraConfig) -> List[ray.actor.ActorHandle]:
         if n * threads > cpus:
             raise ClusterError(f"cluster.workers={n}: {n} x {threads} CPUs asked, the cluster has {cpus}")
         opts = {"num_cpus": threads}
-    actor = ray.remote(Renderer).options(max_restarts=1, max_task_retries=1, **opts)
+    # Two calls at once: the Renderer serialises device work itself and writes files outside that lock.
+    actor = ray.remote(Renderer).options(max_restarts=1, max_task_retries=1, max_concurrency=2, **opts)
     workers = [actor.remote(cfg.model, cfg.output, threads) for _ in range(n)]
     try:
         ray.get([w.info.remote() for w in workers], timeout=READY_TIMEOUT_S)
@@ -81,25 +83,29 @@ def start_workers(cfg: TesseraConfig) -> List[ray.actor.ActorHandle]:
     return workers
 
 
-def _result(ref, req: ImageRequest, started) -> dict:
-    """The row of a finished render task; a dead worker or a lost object makes a `failed` row."""
+def _rows(ref, reqs: Sequence[ImageRequest], started) -> List[dict]:
+    """The rows of a finished render task (one row or a group's list); a dead worker or a lost object makes
+    a `failed` row of each of its images."""
     try:
-        return ray.get(ref)
+        rows = ray.get(ref)
+        return rows if isinstance(rows, list) else [rows]
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
-        return failed_row(req, started, f"worker lost: {type(e).__name__}: {e}")
+        return [failed_row(req, started, f"worker lost: {type(e).__name__}: {e}") for req in reqs]
 
 
 def run_bulk(workers, requests: Sequence[ImageRequest], cfg: TesseraConfig, on_row: Callable[[dict], None],
              progress: Progress) -> None:
-    """Each worker renders whole images, two in flight each so none waits on the driver."""
+    """Each worker renders groups of images (`cluster.group` seeds of one prompt stepped together), two
+    groups in flight each: it never waits on the driver, and writes one group's files while the next
+    denoises."""
     counter = Counter.remote()
-    todo = list(reversed(requests))
+    todo = list(reversed(groups_of(requests, cfg.cluster.group)))
     pending = {}
 
     def submit(w):
         if todo:
-            req = todo.pop()
-            pending[w.render.remote(req, cfg.tiling, counter)] = (w, req, now())
+            group = todo.pop()
+            pending[w.render_group.remote(group, cfg.tiling, counter)] = (w, group, now())
 
     for w in workers:
         submit(w)
@@ -108,31 +114,40 @@ def run_bulk(workers, requests: Sequence[ImageRequest], cfg: TesseraConfig, on_r
         done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
         progress.tiles_to(ray.get(counter.value.remote()))
         for ref in done:
-            w, req, started = pending.pop(ref)
-            on_row(_result(ref, req, started))
+            w, group, started = pending.pop(ref)
+            for row in _rows(ref, group, started):
+                on_row(row)
             submit(w)
 
 
 def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraConfig,
                       on_row: Callable[[dict], None], progress: Progress) -> None:
-    """One image at a time, each step's tile batches spread round-robin over every worker."""
+    """One image at a time, each step's tile batches spread round-robin over every worker; a worker decodes
+    and writes the image while the next one denoises."""
     info = ray.get(workers[0].info.remote())
+    batch = ray.get(workers[0].batch_size.remote(cfg.tiling))
+    writing = None  # (ref, req, started) of the image being decoded and written
     for i, req in enumerate(requests):
         started = now()
 
         def predict(batches, t):
-            refs = [workers[k % len(workers)].predict.remote(b, t, req.prompt, req.negative_prompt, req.guidance)
+            refs = [workers[k % len(workers)].predict.remote(b, t, req.prompt, req.negative_prompt, req.guidance,
+                                                             batch)
                     for k, b in enumerate(batches)]
             return ray.get(refs)
 
         try:
             t0 = time.perf_counter()
-            z = denoise_request(predict, info, req, cfg.tiling, lambda step, n: progress.tiles(n))
-            ref = workers[i % len(workers)].finish.remote(req, cfg.tiling, z, started, time.perf_counter() - t0)
+            z = denoise_request(predict, info, req, cfg.tiling, lambda step, n: progress.tiles(n), batch)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             on_row(failed_row(req, started, f"worker lost: {type(e).__name__}: {e}"))
             continue
-        on_row(_result(ref, req, started))
+        if writing is not None:
+            on_row(_rows(writing[0], [writing[1]], writing[2])[0])
+        ref = workers[i % len(workers)].finish.remote(req, cfg.tiling, z, started, time.perf_counter() - t0)
+        writing = (ref, req, started)
+    if writing is not None:
+        on_row(_rows(writing[0], [writing[1]], writing[2])[0])
 
 
 def run_job(cfg: TesseraConfig, requests: Sequence[ImageRequest], on_row: Callable[[dict], None],

@@ -27,10 +27,19 @@ MAX_STEPS = 1000
 MAX_GUIDANCE = 50.0
 
 # model.name -> family; models/ holds one adapter per family (models.FAMILIES).
-MODEL_FAMILIES = {"demo": "sd", "sd15": "sd", "sdxl": "sdxl"}
+MODEL_FAMILIES = {"demo": "sd", "sd15": "sd", "sdxl": "sdxl", "z_image": "z_image", "lumina2": "lumina2"}
 MODEL_NAMES = tuple(MODEL_FAMILIES)
 # The diffusers pipeline class a family's diffusers folder holds (model_index.json's _class_name).
-FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                    "z_image": "ZImagePipeline", "lumina2": "Lumina2Pipeline"}
+# Older names of the same class that folders in the wild still carry (diffusers renamed the class).
+PIPELINE_ALIASES = {"lumina2": ("Lumina2Text2ImgPipeline",)}
+# Families that load from one original-layout .safetensors file (from_single_file); the others need a folder.
+SINGLE_FILE_FAMILIES = ("sd", "sdxl")
+# Transformer families: latent pixels per patch side.  A tile (and a canvas side smaller than a tile, which is
+# then the tile) must be whole patches.
+FAMILY_PATCH = {"z_image": 2, "lumina2": 2}
+VAE_FACTOR = 8  # image pixels per latent pixel, for every family here
 # Families whose weights come with their own Python code (none yet): they load only with trust_remote_code.
 REMOTE_CODE_FAMILIES: tuple = ()
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -41,7 +50,8 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")  # torch pickles: they can ru
 NOISE_SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m_karras", "unipc")  # epsilon/v-prediction UNets
 FLOW_SCHEDULERS = ("flow_euler",)  # flow-matching families (DiTs): FlowMatchEulerDiscreteScheduler
 SCHEDULERS = NOISE_SCHEDULERS + FLOW_SCHEDULERS
-FAMILY_SCHEDULERS = {"sd": NOISE_SCHEDULERS, "sdxl": NOISE_SCHEDULERS}
+FAMILY_SCHEDULERS = {"sd": NOISE_SCHEDULERS, "sdxl": NOISE_SCHEDULERS, "z_image": FLOW_SCHEDULERS,
+                     "lumina2": FLOW_SCHEDULERS}
 TILING_METHODS = ("uniform", "gaussian", "shifted")
 WRAPS = ("none", "x", "y", "both")
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
@@ -62,7 +72,7 @@ class ConfigError(TesseraError, ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "demo"  # demo | sd15 | sdxl: picks the family (MODEL_FAMILIES)
+    name: str = "demo"  # demo | sd15 | sdxl | z_image | lumina2: picks the family (MODEL_FAMILIES)
     path: Optional[str] = None  # a local diffusers folder or one .safetensors file; demo: its cache folder
     config: Optional[str] = None  # for a single-file path: a local diffusers folder with the pipeline's configs
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -71,6 +81,7 @@ class ModelConfig:
     offload: str = "none"  # none | model | sequential: diffusers' CPU offload (GPU workers only)
     allow_pickle: bool = False  # load .ckpt/.bin/.pt/.pth weights (torch pickles)
     trust_remote_code: bool = False  # for families that ship code with their weights (none yet)
+    compile: bool = False  # torch.compile the denoiser for the fixed tile shape (GPU; compile time paid once)
 
 
 @dataclass
@@ -94,7 +105,8 @@ class TilingConfig:
     wrap: str = "none"  # x, y, both: the canvas wraps around, so the image tiles seamlessly
     tile: int = 64  # latent pixels (512 image pixels with an 8x VAE)
     overlap: int = 16  # latent pixels shared by neighbouring tiles
-    batch: int = 4  # tiles per model call; fixed, so the picture never depends on the worker count
+    batch: int = 4  # tiles per model call, fixed so the picture never depends on the worker count; 0: auto,
+    #                 as many as the GPU's free memory holds (at most 8 SDXL-size tiles' worth), 4 on a CPU
     vae_tile: int = 64  # latent pixels per VAE decode tile
     vae_overlap: int = 8
     vae_passes: int = 3  # sweeps of the tiled decode: 1 each tile its own GroupNorm statistics; 3 shared (exact)
@@ -106,6 +118,7 @@ class ClusterConfig:
     workers: Optional[int] = None  # unset: one per GPU; on a CPU-only cluster one per cpus_per_worker (<= 8)
     mode: str = "auto"  # auto: bulk when there are at least as many images as workers
     cpus_per_worker: Optional[int] = None  # threads of a CPU worker; unset: 1
+    group: int = 1  # bulk mode: images of one prompt and size a worker steps together, their tiles batched
 
 
 @dataclass
@@ -178,16 +191,18 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     _one_of("tiling.wrap", t.wrap, WRAPS)
     _int_in("tiling.tile", t.tile, 8, 512)
     _int_in("tiling.overlap", t.overlap, 0, t.tile - 1)
-    _int_in("tiling.batch", t.batch, 1, 256)
+    _int_in("tiling.batch", t.batch, 0, 256)
     _int_in("tiling.vae_tile", t.vae_tile, 8, 512)
     _int_in("tiling.vae_overlap", t.vae_overlap, 0, t.vae_tile // 2)
     _int_in("tiling.vae_passes", t.vae_passes, 1, 5)
+    _check_patches(cfg)
 
     if c.workers is not None:
         _int_in("cluster.workers", c.workers, 1, 4096)
     if c.cpus_per_worker is not None:
         _int_in("cluster.cpus_per_worker", c.cpus_per_worker, 1, 1024)
     _one_of("cluster.mode", c.mode, CLUSTER_MODES)
+    _int_in("cluster.group", c.group, 1, 64)
 
     _one_of("output.format", o.format, OUTPUT_FORMATS)
     _int_in("output.quality", o.quality, 1, 100)
@@ -210,7 +225,8 @@ def validate_model(m: ModelConfig) -> None:
                f"model={m.name} runs code shipped with its weights; set it to true only for weights you trust")
     if m.weights == "random":
         _check(m.name != "demo", "model.weights", m.weights,
-               "the demo model is random already; random builds a full-size family (model=sd15 or sdxl)")
+               "the demo model is random already; random builds a full-size family (model="
+               f"{' or '.join(n for n in MODEL_NAMES if n != 'demo')})")
         for name, value in (("model.path", m.path), ("model.config", m.config)):
             _check(not value, name, value, "not used with model.weights=random (the architecture is built in code); "
                    "unset it")
@@ -232,6 +248,9 @@ def validate_model(m: ModelConfig) -> None:
                    f"{', '.join(pickles)} hold only pickle weights (.bin/.ckpt/.pt/.pth), which can run code when "
                    "loaded; convert them to .safetensors or set model.allow_pickle=true for weights you trust")
         return
+    _check(family in SINGLE_FILE_FAMILIES, "model.path", m.path,
+           f"model={m.name} loads only from a diffusers folder (model_index.json and its component folders); "
+           "a transformer's own .safetensors belongs in the folder's transformer/")
     suffix = os.path.splitext(path)[1].lower()
     if suffix in PICKLE_SUFFIXES:
         _check(m.allow_pickle, "model.path", m.path,
@@ -257,7 +276,25 @@ def _check_pipeline_folder(name: str, value: str, family: str) -> None:
     except (OSError, ValueError, AttributeError) as e:
         raise ConfigError(name, value, f"unreadable model_index.json ({e})") from e
     want = FAMILY_PIPELINES[family]
-    _check(cls in (None, want), name, value, f"holds a {cls}, not a {want} (the {family} family)")
+    _check(cls in (None, want, *PIPELINE_ALIASES.get(family, ())), name, value,
+           f"holds a {cls}, not a {want} (the {family} family)")
+
+
+def _check_patches(cfg: TesseraConfig) -> None:
+    """A transformer family sees each tile as whole patches: tiling.tile, and a canvas side smaller than a tile
+    (which is then the tile's side), must be multiples of the patch."""
+    p = FAMILY_PATCH.get(MODEL_FAMILIES[cfg.model.name])
+    if not p:
+        return
+    t = cfg.tiling.tile
+    _check(t % p == 0, "tiling.tile", t,
+           f"model={cfg.model.name} works on {p}x{p} latent patches; use a multiple of {p} (128: 1024 px tiles, "
+           "the size these models are trained at)")
+    for field_name, px in (("job.width", cfg.job.width), ("job.height", cfg.job.height)):
+        side = -(-px // VAE_FACTOR)
+        _check(side >= t or side % p == 0, field_name, px,
+               f"a side smaller than a tile ({t * VAE_FACTOR} px) is one tile, and model={cfg.model.name} needs "
+               f"it a multiple of {p * VAE_FACTOR} px (its {p}x{p} latent patches)")
 
 
 def _pickle_only_components(path: str) -> List[str]:

@@ -1,14 +1,16 @@
 """Model families loaded from local weights, behind one small interface.
 
-An adapter has ``encode(prompt, negative) -> cond``, ``predict(x, t, cond, guidance, tiles, canvas)`` (noise
-for a batch of latent tiles, both halves of guidance), ``decode(latents)``, and ``scheduler_config``,
-``latent_channels``, ``vae_scale_factor``, ``name``, ``device``, ``weights_kind`` (pretrained | random).
+An adapter has ``encode(prompt, negative) -> cond``, ``predict(x, t, cond, guidance, tiles, canvas)`` (what the
+scheduler's step takes, for a batch of latent tiles, both halves of guidance: noise for the UNets, the negated
+velocity for the flow DiTs), ``decode(latents)``, ``unscale(latents)``, and ``scheduler_config``,
+``latent_channels``, ``vae_scale_factor``, ``patch_size`` (DiTs only), ``name``, ``device``, ``weights_kind``
+(pretrained | random).
 
 The registry: ``jobs.spec.MODEL_FAMILIES`` maps ``model.name`` to a family, :data:`FAMILIES` maps a family
 to the module whose ``FAMILY`` (:class:`models.base.Family`) says how to load it and which adapter serves
-it; :func:`load_model` is the one entry point.  A new family (a flow-matching DiT: Z-Image, Lumina 2, ...)
-is a module with an adapter and a ``FAMILY``, one row here, and one row in each table of ``jobs.spec``
-(names, pipeline class, schedulers: ``flow_euler``).  Nothing here reaches a model hub.
+it; :func:`load_model` is the one entry point.  A new family is a module with an adapter and a ``FAMILY``,
+one row here, and one row in each table of ``jobs.spec`` (names, pipeline class, schedulers; patch size for a
+transformer).  The flow-matching DiTs (Z-Image, Lumina 2) share ``models.flow``.  Nothing here reaches a hub.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from jobs.spec import MODEL_FAMILIES  # noqa: E402
 from .loading import DTYPES, load_model, pick_device_dtype, quiet, resolve_path  # noqa: E402
 from .schedulers import SCHEDULERS, make_scheduler  # noqa: E402
 
-FAMILIES = {"sd": "models.sd", "sdxl": "models.sdxl"}  # family -> module defining FAMILY
+FAMILIES = {"sd": "models.sd", "sdxl": "models.sdxl", "z_image": "models.zimage",
+            "lumina2": "models.lumina2"}  # family -> module defining FAMILY
 
 
 def family(name: str):

@@ -100,6 +100,14 @@ def place(pipe, m: ModelConfig, device: torch.device, dtype: torch.dtype) -> Non
         pipe.to(device)
 
 
+def compile_denoiser(adapter) -> None:
+    """`model.compile`: torch.compile the adapter's denoiser (its `unet`, or `transformer` for DiTs) with
+    static shapes; the renderer feeds it one batch shape (short batches padded), so it compiles once per tile
+    size, on the first call, and the worker reuses it for the whole job."""
+    name = "unet" if hasattr(adapter, "unet") else "transformer"
+    setattr(adapter, name, torch.compile(getattr(adapter, name), dynamic=False))
+
+
 def load_model(model_cfg: ModelConfig):
     """Load `model_cfg` from local files (or build random weights) onto this process's device: the adapter
     of its family (models.FAMILIES)."""

@@ -53,12 +53,13 @@ def random_pipeline(device: torch.device, dtype: torch.dtype):
     from transformers import CLIPTextModel
 
     tokenizer = offline_tokenizer()
+    scheduler = EulerDiscreteScheduler(**SD_SCHEDULER)  # outside the device context: it keeps its tables on the CPU
 
     def build():
         return StableDiffusionPipeline(
             vae=AutoencoderKL(**SD_VAE), text_encoder=CLIPTextModel(clip_text_config(tokenizer, **CLIP_L_TEXT)),
             tokenizer=tokenizer, unet=UNet2DConditionModel(**SD15_UNET),
-            scheduler=EulerDiscreteScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
 
     pipe = seeded_build(build, device)
@@ -133,7 +134,7 @@ class SDModel:
             eps = uncond + guidance * (text - uncond)
         else:
             eps = self.unet(x, t, encoder_hidden_states=cond[1:].expand(n, -1, -1)).sample.float()
-        return eps.cpu()
+        return eps
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [1, C, h, w] to an image [1, 3, 8h, 8w] in [-1, 1]."""

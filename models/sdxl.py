@@ -57,6 +57,7 @@ def random_pipeline(device: torch.device, dtype: torch.dtype):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = offline_tokenizer()
+    scheduler = EulerDiscreteScheduler(**SD_SCHEDULER)  # outside the device context: it keeps its tables on the CPU
 
     def build():
         return StableDiffusionXLPipeline(
@@ -64,7 +65,7 @@ def random_pipeline(device: torch.device, dtype: torch.dtype):
             text_encoder=CLIPTextModel(clip_text_config(tokenizer, **CLIP_L_TEXT)),
             text_encoder_2=CLIPTextModelWithProjection(clip_text_config(tokenizer, **CLIP_BIGG_TEXT)),
             tokenizer=tokenizer, tokenizer_2=tokenizer, unet=UNet2DConditionModel(**SDXL_UNET),
-            scheduler=EulerDiscreteScheduler(**SD_SCHEDULER), force_zeros_for_empty_prompt=True,
+            scheduler=scheduler, force_zeros_for_empty_prompt=True,
             add_watermarker=False)
 
     pipe = seeded_build(build, device)
@@ -148,7 +149,7 @@ class SDXLModel(SDModel):
             added = {"text_embeds": cond.pooled[1:].expand(n, -1), "time_ids": ids}
             eps = self.unet(x, t, encoder_hidden_states=cond.embeds[1:].expand(n, -1, -1),
                             added_cond_kwargs=added).sample.float()
-        return eps.cpu()
+        return eps
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [1, 4, h, w] to an image [1, 3, 8h, 8w] in [-1, 1]; scaling_factor 0.13025 from the VAE's config."""

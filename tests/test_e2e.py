@@ -49,12 +49,12 @@ def test_a_changed_or_missing_image_is_rendered_again(ray_local, tmp_path):
 
 def test_images_are_byte_identical_whatever_the_worker_count_and_mode(ray_local, tmp_path):
     shas = {}
-    for workers, mode in [(1, "bulk"), (2, "tile_parallel"), (2, "bulk")]:
-        out = tmp_path / f"{workers}-{mode}"
+    for workers, mode, group in [(1, "bulk", 1), (2, "tile_parallel", 1), (2, "bulk", 1), (1, "bulk", 2)]:
+        out = tmp_path / f"{workers}-{mode}-{group}"
         s = render_job(compose(*SMALL, f"output.dir={out}", "job.seeds=[7,8]", f"cluster.workers={workers}",
-                               f"cluster.mode={mode}"), show_progress=False)
+                               f"cluster.mode={mode}", f"cluster.group={group}"), show_progress=False)
         assert s["written"] == 2 and s["mode"] == mode
-        shas[(workers, mode)] = sorted(r["sha256"] for r in Manifest(out).rows())
+        shas[(workers, mode, group)] = sorted(r["sha256"] for r in Manifest(out).rows())
     assert len(set(map(tuple, shas.values()))) == 1, shas
 
 

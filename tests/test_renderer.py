@@ -1,9 +1,11 @@
 """The worker's predictor without Ray: whole images, determinism, and independence from the grouping."""
+import os
+
 import numpy as np
 import torch
 from PIL import Image
 
-from cluster.renderer import Renderer, denoise_request
+from cluster.renderer import Renderer, denoise_request, groups_of
 from conftest import SMALL, compose
 from jobs import plan
 
@@ -62,3 +64,48 @@ def test_each_scheduler_renders(tmp_path):
         cfg = compose(*SMALL, f"output.dir={tmp_path}", f"job.scheduler={name}")
         row = _renderer(cfg).render(plan(cfg)[0], cfg.tiling)
         assert row["status"] == "ok", (name, row["error"])
+
+
+def test_seeds_stepped_together_give_the_images_rendered_one_by_one(tmp_path):
+    """Bulk grouping batches tiles of several canvases per call; each image stays what it is alone."""
+    cfg = compose(*SMALL, f"output.dir={tmp_path}", "job.seeds=[1,2,3]")
+    reqs = plan(cfg)
+    r = _renderer(cfg, threads=1)
+    alone = [np.asarray(Image.open(tmp_path / r.render(q, cfg.tiling)["path"])).astype(int) for q in reqs]
+    rows = r.render_group(reqs, cfg.tiling)
+    assert [row["status"] for row in rows] == ["ok"] * 3
+    together = [np.asarray(Image.open(tmp_path / row["path"])).astype(int) for row in rows]
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(alone, together))
+    assert len({row["sha256"] for row in rows}) == 3  # three different seeds, three pictures
+
+
+def test_groups_hold_consecutive_seeds_of_one_prompt():
+    cfg = compose(*SMALL, "job.prompts=[a,b]", "job.seeds=[1,2,3]")
+    groups = groups_of(plan(cfg), 2)
+    assert [[(q.prompt, q.seed) for q in g] for g in groups] == [
+        [("a", 1), ("a", 2)], [("a", 3)], [("b", 1), ("b", 2)], [("b", 3)]]
+    assert [len(g) for g in groups_of(plan(cfg), 1)] == [1] * 6
+
+
+def test_a_compiled_model_sees_one_batch_shape(tmp_path):
+    """With model.compile a short batch is padded to the full batch and the padding's predictions dropped."""
+    cfg = compose(*SMALL, f"output.dir={tmp_path}", "tiling.batch=3")  # 4 tiles: batches of 3 and 1
+    req = plan(cfg)[0]
+    r = _renderer(cfg, threads=1)
+    plain = r.render(req, cfg.tiling)
+    os.rename(tmp_path / plain["path"], tmp_path / "plain.png")
+    plain["path"] = "plain.png"
+    shapes = []
+    predict = r.model.predict
+    r.model.predict = lambda x, *a: shapes.append(x.shape[0]) or predict(x, *a)
+    r.compiled = True
+    padded = r.render(req, cfg.tiling)
+    assert set(shapes) == {3} and padded["status"] == "ok"
+    a, b = (np.asarray(Image.open(tmp_path / row["path"])).astype(int) for row in (plain, padded))
+    assert np.abs(a - b).max() <= 1  # a batch of 3 and a batch of 1 round differently, nothing more
+
+
+def test_automatic_batch_on_a_cpu_is_four(tmp_path):
+    cfg = compose(*SMALL, f"output.dir={tmp_path}", "tiling.batch=0")
+    r = _renderer(cfg, threads=1)
+    assert r.batch_size(cfg.tiling) == 4 and r.render(plan(cfg)[0], cfg.tiling)["status"] == "ok"

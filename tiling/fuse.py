@@ -10,16 +10,18 @@ from .grid import Tile
 
 def weight_sum(tiles: Sequence[Tile], weights: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The summed blend weight of every canvas pixel (positive wherever the tiles cover)."""
-    total = torch.zeros(height, width, dtype=weights.dtype)
+    total = torch.zeros(height, width, dtype=weights.dtype, device=weights.device)
     for t in tiles:
         total[t.index(height, width)] += weights
     return total
 
 
 def fuse(preds: torch.Tensor, tiles: Sequence[Tile], weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """Weighted average of tile predictions [N, C, h, w] on a [C, H, W] canvas, in tile-index order."""
-    out = torch.zeros((preds.shape[1],) + tuple(total.shape), dtype=torch.float32)
-    w = weights.to(torch.float32)
+    """Weighted average of tile predictions [N, C, h, w] on a [C, H, W] canvas, in tile-index order, on the
+    device of `total` (the canvas's)."""
+    out = torch.zeros((preds.shape[1],) + tuple(total.shape), dtype=torch.float32, device=total.device)
+    w = weights.to(total.device, torch.float32)
+    preds = preds.to(total.device)
     for pred, t in zip(preds, tiles):
         out[(slice(None),) + t.index(*total.shape)] += pred.to(torch.float32) * w
     return out / total

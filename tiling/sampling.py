@@ -1,4 +1,4 @@
-"""The tiled denoise loop: every step, fuse all tiles' predictions, then one scheduler step on the canvas."""
+"""The tiled denoise loop: every step, fuse all tiles' predictions, then one scheduler step on each canvas."""
 from __future__ import annotations
 
 import inspect
@@ -10,8 +10,9 @@ from .blend import tile_weights
 from .fuse import crop, fuse, weight_sum
 from .grid import Tile
 
+
 class TileBatch(NamedTuple):
-    """Tiles cut from the canvas [n, C, h, w], where they lie, and the canvas's (H, W): one model call."""
+    """Tiles cut from canvases of size (H, W) [n, C, h, w], where they lie, and (H, W): one model call."""
 
     x: torch.Tensor
     tiles: Tuple[Tile, ...]
@@ -22,29 +23,52 @@ class TileBatch(NamedTuple):
 Predict = Callable[[List[TileBatch], torch.Tensor], List[torch.Tensor]]
 
 
-def batches_of(tiles: Sequence[Tile], size: int) -> List[List[Tile]]:
+def batches_of(tiles: Sequence, size: int) -> List[list]:
     """Consecutive groups of `size` tiles: the grouping depends on the tile index only."""
     return [list(tiles[i:i + size]) for i in range(0, len(tiles), size)]
+
+
+def _model_input(scheduler, x: torch.Tensor, t) -> torch.Tensor:
+    """The scheduler's scaled input (noise-prediction schedulers); flow-matching ones take x as it is."""
+    return scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
 
 
 def denoise_canvas(predict: Predict, x: torch.Tensor, scheduler, layouts: Sequence[Sequence[Tile]], method: str,
                    batch: int, generator: Optional[torch.Generator] = None,
                    callback: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """MultiDiffusion (Bar-Tal et al. 2023) over a [1, C, H, W] canvas; `layouts[i]` are step i's tiles."""
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    fused_with = {}  # the weights of each distinct layout, computed once
-    for i, t in enumerate(scheduler.timesteps):
-        tiles = layouts[i]
-        if id(tiles) not in fused_with:
-            w = tile_weights(tiles[0].h, tiles[0].w, method)
-            fused_with = {id(tiles): (w, weight_sum(tiles, w, x.shape[-2], x.shape[-1]))}
-        weights, total = fused_with[id(tiles)]
-        x_in = (scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x)[0]  # flow: none
-        canvas = tuple(x.shape[-2:])
-        preds = predict([TileBatch(torch.stack([crop(x_in, s) for s in g]), tuple(g), canvas)
-                         for g in batches_of(tiles, batch)], t)
-        eps = fuse(torch.cat(preds), tiles, weights, total)[None]
-        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+    return denoise_canvases(predict, [x], [scheduler], [layouts], method, batch, [generator], callback)[0]
+
+
+def denoise_canvases(predict: Predict, xs: Sequence[torch.Tensor], schedulers: Sequence, layouts: Sequence,
+                     method: str, batch: int, generators: Sequence[Optional[torch.Generator]],
+                     callback: Optional[Callable[[int, int], None]] = None) -> List[torch.Tensor]:
+    """MultiDiffusion over a group of same-size canvases [1, C, H, W] that share one prompt and timesteps,
+    stepped together: each step, all their tiles (canvas-major, tile-index order) go through `predict` in
+    batches of `batch`, each canvas is fused on its own device and stepped by its own scheduler.
+    `layouts[k][i]` are canvas k's tiles at step i. A group of one batches exactly as a single image."""
+    xs = list(xs)
+    canvas = tuple(xs[0].shape[-2:])
+    steppers = [("generator" in inspect.signature(s.step).parameters, s) for s in schedulers]
+    cache = {}  # id(layout) -> (tile weights, their sum): each distinct layout computed once
+    for i, t in enumerate(schedulers[0].timesteps):
+        step_tiles = [lay[i] for lay in layouts]
+        cache = {id(tiles): cache.get(id(tiles)) or _weights(tiles, method, canvas, xs[0].device)
+                 for tiles in step_tiles}
+        cuts = [(k, tile, crop(_model_input(s, x, t)[0], tile))
+                for k, (x, s, tiles) in enumerate(zip(xs, schedulers, step_tiles)) for tile in tiles]
+        preds = predict([TileBatch(torch.stack([c for _, _, c in g]), tuple(tile for _, tile, _ in g), canvas)
+                         for g in batches_of(cuts, batch)], t)
+        eps = torch.cat([p.to(xs[0].device) for p in preds]).split([len(tiles) for tiles in step_tiles])
+        for k, (tiles, (with_generator, s)) in enumerate(zip(step_tiles, steppers)):
+            fused = fuse(eps[k], tiles, *cache[id(tiles)])[None]
+            kwargs = {"generator": generators[k]} if with_generator else {}
+            xs[k] = s.step(fused, t, xs[k], **kwargs).prev_sample
         if callback is not None:
-            callback(i, len(tiles))
-    return x
+            callback(i, len(cuts))
+    return xs
+
+
+def _weights(tiles: Sequence[Tile], method: str, canvas: Tuple[int, int], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    w = tile_weights(tiles[0].h, tiles[0].w, method).to(device)
+    return w, weight_sum(tiles, w, *canvas)
