@@ -4,7 +4,8 @@ Run on the device machine (random full-size weights; speed does not depend on th
 
     source .gpu/env.sh && python3 bench/gpu.py --preset full --out $OUT
 
-Writes bench.json and bench.md under --out. `--preset quick` runs a few steps of each, in under two minutes.
+Writes bench-<family>.json and .md under --out; `--only sd15|sdxl` runs one family (each fits one device call),
+`--compile` adds the compiled denoiser. `--preset quick` runs a few steps of each, in under two minutes.
 Per-step figures of the panorama pipeline at its defaults are timed over a few steps and multiplied out
 to 30 (its steps all cost the same); every Tessera figure is a whole image, decode and PNG included.
 """
@@ -15,6 +16,7 @@ import functools
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,12 +29,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from cluster.renderer import Renderer, denoise_request  # noqa: E402
+from cluster.renderer import Renderer, denoise_group, groups_of  # noqa: E402
 from jobs import plan  # noqa: E402
 from jobs.spec import TesseraConfig  # noqa: E402
 
 PEAK_BF16 = 790e12  # H100/H200 dense bf16 as measured by a large matmul here (DESIGN.md); fp16 the same
 W, H, STEPS, GUIDANCE = 3840, 2160, 30, 7.0
+SMOKE = False
+ROWS = None  # --out/rows-<family>.jsonl
 
 
 class Stop(Exception):
@@ -61,7 +65,7 @@ def cfg_for(model: str, method: str, tile: int, overlap: int, batch: int, out: s
     else:
         cfg.model.weights = "random"
     cfg.job.width, cfg.job.height, cfg.job.steps, cfg.job.guidance = W, H, steps, GUIDANCE
-    cfg.job.prompts = ["a vast mountain lake at dawn, wallpaper"]
+    cfg.job.prompts, cfg.job.seeds = ["a vast mountain lake at dawn, wallpaper"], [1]
     cfg.tiling.method, cfg.tiling.tile, cfg.tiling.overlap, cfg.tiling.batch = method, tile, overlap, batch
     cfg.output.dir = out
     return cfg
@@ -76,34 +80,109 @@ def unet_flops(model, batch: int, tile: int) -> float:
     return float(fc.get_total_flops())
 
 
+class _Ticks:
+    """Stands in for the Ray progress counter a worker reports tile-steps to."""
+
+    def __init__(self):
+        self.n = 0
+        self.add = self  # progress.add.remote(n)
+
+    def remote(self, n: int) -> None:
+        self.n += n
+
+
 def tessera(renderer: Renderer, cfg: TesseraConfig, label: str, flops_per_tile: float) -> dict:
-    """One whole image through the worker's own path: denoise, tiled decode, PNG write."""
+    """One whole image through the worker's own steps (denoise on the device, tiled VAE decode, PNG write),
+    each timed and its peak memory taken."""
     req = plan(cfg)[0]
+    batch = renderer.batch_size(cfg.tiling)
+    ticks = _Ticks()
     reset_peak()
-    calls = {"tiles": 0}
-
-    def predict(batches, t):
-        calls["tiles"] += sum(len(b.tiles) for b in batches)
-        return [renderer.predict(b, t, req.prompt, req.negative_prompt, req.guidance) for b in batches]
-
     sync()
     t0 = time.perf_counter()
-    z = denoise_request(predict, renderer.info(), req, cfg.tiling)
+    cond = renderer.model.encode(req.prompt, req.negative_prompt)
+    z = denoise_group(lambda bs, t: [renderer._predict(b, t, cond, req.guidance, batch) for b in bs],
+                      renderer.info(), [req], cfg.tiling, batch, renderer.model.device,
+                      lambda i, n: ticks.remote(n))[0]
     sync()
     t_denoise = time.perf_counter() - t0
     peak_denoise = peak_gib()
     reset_peak()
-    t1 = time.perf_counter()
-    row = renderer.finish(req, cfg.tiling, z, None, t_denoise)
+    decoded = renderer._decode(req, cfg.tiling, z)
+    assert not isinstance(decoded, BaseException), decoded
     sync()
-    t_finish = time.perf_counter() - t1
+    peak_decode = peak_gib()
+    t1 = time.perf_counter()
+    row = renderer._write(req, cfg.tiling, decoded, None, t_denoise)
+    t_write = time.perf_counter() - t1
     assert row["status"] == "ok", row["error"]
-    total = t_denoise + t_finish
-    tflops = flops_per_tile * calls["tiles"] / t_denoise
+    keep = Path(cfg.output.dir) / f"reference-{time.monotonic_ns()}.png"  # later runs write the same image id
+    shutil.copyfile(Path(cfg.output.dir) / row["path"], keep)
+    total = t_denoise + decoded[1] + t_write
+    tflops = flops_per_tile * ticks.n / t_denoise
     return {"contender": label, "seconds_per_image": total, "images_per_gpu_hour": 3600 / total,
-            "seconds_denoise": t_denoise, "seconds_decode_and_write": t_finish,
-            "tiles_per_image": calls["tiles"], "unet_tflops": tflops / 1e12, "fraction_of_peak": tflops / PEAK_BF16,
-            "peak_gib_denoise": peak_denoise, "peak_gib_decode": peak_gib()}
+            "seconds_denoise": t_denoise, "seconds_decode": decoded[1], "seconds_write": t_write,
+            "seconds_decode_and_write": decoded[1] + t_write, "batch": batch,
+            "tiles_per_image": ticks.n, "unet_tflops": tflops / 1e12, "fraction_of_peak": tflops / PEAK_BF16,
+            "peak_gib_denoise": peak_denoise, "peak_gib_decode": peak_decode,
+            "seam_score": row["seam_score"], "seam_score_vae": row["seam_score_vae"], "kept": str(keep)}
+
+
+def bulk(renderer: Renderer, cfg: TesseraConfig, label: str, images: int, group: int, flops_per_tile: float,
+         reference: dict = None) -> dict:
+    """`images` seeds of one prompt as a bulk worker renders them: groups of `group` stepped together, two
+    groups in flight (the Ray actor's two threads), so one group's PNGs are written while the next denoises.
+    `reference`: a one-at-a-time row of seed 1 to compare pixels with (bf16 tolerance)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from PIL import Image
+
+    cfg.job.seeds = list(range(1, images + 1))
+    reqs = plan(cfg)
+    ticks = _Ticks()
+    reset_peak()
+    sync()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        rows = [row for rows in pool.map(lambda g: renderer.render_group(g, cfg.tiling, ticks),
+                                         groups_of(reqs, group)) for row in rows]
+    sync()
+    wall = time.perf_counter() - t0
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    out = {"contender": label, "seconds_per_image": wall / images, "images_per_gpu_hour": 3600 * images / wall,
+           "images": images, "group": group, "tiles_per_image": ticks.n / images,
+           "unet_tflops": flops_per_tile * ticks.n / sum(r["seconds_denoise"] for r in rows) / 1e12,
+           "peak_gib_denoise": peak_gib(), "note": f"{images} images, groups of {group}, 2 in flight"}
+    out["fraction_of_peak"] = out["unet_tflops"] * 1e12 / PEAK_BF16
+    if reference is not None:
+        a, b = (np.asarray(Image.open(path)).astype(np.float64)
+                for path in (reference["kept"], Path(cfg.output.dir) / rows[0]["path"]))
+        mse = ((a - b) ** 2).mean()
+        out["psnr_vs_one_at_a_time_db"] = float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+        out["max_abs_diff_vs_one_at_a_time"] = float(np.abs(a - b).max())
+    return out
+
+
+def decode_variants(renderer: Renderer, cfg: TesseraConfig, variants) -> list:
+    """The tiled VAE decode alone on one 3840x2160 latent: time and peak memory per (vae_tile, overlap, passes)."""
+    req = plan(cfg)[0]
+    factor = renderer.model.vae_scale_factor
+    g = torch.Generator("cpu").manual_seed(0)
+    z = torch.randn((1, renderer.model.latent_channels, H // factor, W // factor), generator=g)
+    out = []
+    for tile, overlap, passes in variants:
+        cfg.tiling.vae_tile, cfg.tiling.vae_overlap, cfg.tiling.vae_passes = tile, overlap, passes
+        renderer._decode(req, cfg.tiling, z[..., :64, :64])  # warm-up
+        reset_peak()
+        sync()
+        t0 = time.perf_counter()
+        decoded = renderer._decode(req, cfg.tiling, z)
+        sync()
+        assert not isinstance(decoded, BaseException), decoded
+        emit(out, {"contender": f"VAE decode only, tile {tile} overlap {overlap}, {passes} sweeps",
+                   "seconds_decode": time.perf_counter() - t0, "peak_gib_decode": peak_gib()})
+    return out
 
 
 def panorama(model, label: str, stride: int, view_batch: int, timed_steps: int) -> dict:
@@ -169,28 +248,89 @@ def plain_sdxl(model, label: str) -> dict:
             "peak_gib_denoise": peak_gib(), "note": "whole image; decode without PNG write"}
 
 
-def run_family(name: str, tile: int, overlap: int, batch: int, steps: int, tmp: str, panoramas, env) -> list:
-    """Tessera in each method on one model, then the diffusers contenders on the very same modules."""
-    cfg = cfg_for(name, "gaussian", tile, overlap, batch, tmp, steps)
+def emit(results: list, row: dict) -> dict:
+    """Keep a result, print it, and append it to rows.jsonl under --out (kept if a later contender fails)."""
+    results.append(row)
+    print(json.dumps(row), flush=True)
+    if ROWS is not None:
+        with open(ROWS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def run_sd15(steps: int, tmp: str, panoramas, env, compile_too: bool) -> list:
+    """Tessera on SD 1.5 (64-latent tiles, 16 a call) against the panorama pipeline on the very same modules."""
+    name = "demo" if SMOKE else "sd15"
+    cfg = cfg_for(name, "gaussian", 64, 16, 16, tmp, steps)
     r = Renderer(cfg.model, cfg.output)
-    flops = unet_flops(r.model, batch, tile) / batch
+    flops = unet_flops(r.model, 16, 64) / 16
     env[f"{name}_flops_per_tile_step"] = flops
     results = []
-    for method, ov in [("uniform", overlap), ("gaussian", overlap), ("shifted", 0)]:
-        tessera(r, cfg_for(name, method, tile, ov, batch, tmp, 2), "warm-up", flops)
-        results.append(tessera(r, cfg_for(name, method, tile, ov, batch, tmp, steps),
-                               f"Tessera {name} {method} {tile}/{ov}, {batch} tiles/call", flops))
-        print(json.dumps(results[-1]), flush=True)
+    for method, ov in [("gaussian", 16), ("shifted", 0)]:
+        tessera(r, cfg_for(name, method, 64, ov, 16, tmp, 2), "warm-up", flops)
+        emit(results, tessera(r, cfg_for(name, method, 64, ov, 16, tmp, steps), f"Tessera {name} {method} 64/{ov}, "
+                              "16 tiles/call", flops))
+    if compile_too:
+        compiled(r, results, env, name, flops, [("shifted", 0, 16)], tmp, steps, 64)
     for stride, vb, k in panoramas:
-        results.append(panorama(r.model, f"diffusers panorama {name} window 64 stride {stride}, view_batch_size {vb}",
-                                stride, vb, k))
-        print(json.dumps(results[-1]), flush=True)
-    if name == "sdxl":
-        results.append(plain_sdxl(r.model, "diffusers SDXL pipeline, whole frame, VAE tiling"))
-        print(json.dumps(results[-1]), flush=True)
-    del r
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        emit(results, panorama(r.model, f"diffusers panorama {name} window 64 stride {stride}, view_batch_size {vb}",
+                               stride, vb, k))
+    return results
+
+
+def compiled(r: Renderer, results: list, env: dict, name: str, flops: float, runs, tmp: str, steps: int,
+             tile: int, bulk_images: int = 0, reference: dict = None) -> None:
+    """The same renderer with model.compile: the compile time (first call of the fixed batch shape) apart,
+    then whole images."""
+    from models.loading import compile_denoiser
+
+    compile_denoiser(r.model)
+    r.compiled = True
+    for method, ov, batch in runs:
+        sync()
+        t0 = time.perf_counter()
+        tessera(r, cfg_for(name, method, tile, ov, batch, tmp, 1), "compile", flops)
+        env[f"{name}_compile_seconds_batch{batch}"] = time.perf_counter() - t0
+        print(f"compile {name} batch {batch}: {env[f'{name}_compile_seconds_batch{batch}']:.1f} s", flush=True)
+        row = emit(results, tessera(r, cfg_for(name, method, tile, ov, batch, tmp, steps),
+                                    f"Tessera {name} {method} {tile}/{ov}, {batch} tiles/call, compiled", flops))
+        if bulk_images:
+            emit(results, bulk(r, cfg_for(name, method, tile, ov, batch, tmp, steps),
+                               f"Tessera {name} {method} {tile}/{ov}, compiled, bulk", bulk_images, 2, flops,
+                               reference or row))
+
+
+def run_sdxl(steps: int, tmp: str, env, compile_too: bool, quick: bool) -> list:
+    """Tessera on SDXL (128-latent tiles): each method one image at a time, bulk, compiled, 8K memory, the VAE
+    decode alone, and the plain diffusers pipeline on the whole frame."""
+    name, T, O = ("demo", 32, 8) if SMOKE else ("sdxl", 128, 32)  # --smoke: the demo model, several tiles
+    cfg = cfg_for(name, "gaussian", T, O, 8, tmp, steps)
+    r = Renderer(cfg.model, cfg.output)
+    flops = unet_flops(r.model, 8, T) / 8
+    env[f"{name}_flops_per_tile_step"] = flops
+    results = []
+    one = {}
+    for method, ov in [("uniform", O), ("gaussian", O), ("shifted", 0)]:
+        tessera(r, cfg_for(name, method, T, ov, 8, tmp, 2), "warm-up", flops)
+        one[method] = emit(results, tessera(r, cfg_for(name, method, T, ov, 8, tmp, steps),
+                                            f"Tessera {name} {method} {T}/{ov}, 8 tiles/call", flops))
+    emit(results, bulk(r, cfg_for(name, "shifted", T, 0, 8, tmp, steps), f"Tessera {name} shifted {T}, bulk",
+                       2 if quick else 4, 2, flops, one["shifted"]))
+    auto = cfg_for(name, "shifted", T, 0, 0, tmp, steps)
+    env[f"{name}_auto_batch"] = r.batch_size(auto.tiling)
+    global W, H
+    w, h = W, H
+    W, H = 2 * w, 2 * h
+    row = tessera(r, cfg_for(name, "shifted", T, 0, 8, tmp, 2), f"Tessera {name} shifted {T} at {W}x{H} (2 steps: memory)", flops)
+    W, H = w, h
+    emit(results, dict(row, seconds_per_image=float("nan"), images_per_gpu_hour=float("nan")))
+    results += decode_variants(r, cfg_for(name, "shifted", T, 0, 8, tmp, steps),
+                               [(64, 8, 3), (128, 0, 3), (128, 0, 1)])
+    if not quick and not SMOKE:
+        emit(results, plain_sdxl(r.model, "diffusers SDXL pipeline, whole frame, VAE tiling"))
+    if compile_too:
+        compiled(r, results, env, name, flops, [("shifted", 0, 8)], tmp, steps, T, 2 if quick else 4,
+                 one["shifted"])
     return results
 
 
@@ -199,9 +339,12 @@ def main() -> None:
     ap.add_argument("--preset", choices=["quick", "full"], default="quick")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--smoke", action="store_true", help="the demo model at 512x256 on any device: checks the script")
+    ap.add_argument("--only", choices=["sd15", "sdxl"], help="one family (each fits in one device call)")
+    ap.add_argument("--compile", action="store_true", help="also the compiled denoiser (adds its compile time)")
     ap.add_argument("--skip-panorama-defaults", action="store_true")
     args = ap.parse_args()
-    global W, H
+    global W, H, SMOKE, ROWS
+    SMOKE = args.smoke
     if args.smoke:
         W, H = 512, 256
     out = Path(args.out)
@@ -216,27 +359,32 @@ def main() -> None:
         "command": " ".join(sys.argv), "preset": args.preset, "steps": steps}
     tmp = tempfile.mkdtemp()
     torch.backends.cuda.matmul.allow_tf32 = True
-
-    sd_name = "demo" if args.smoke else "sd15"
-    results += run_family(sd_name, 64, 16, 16, steps, tmp, [(48, 16, 3), (48, 1, 2)] if quick else
-                          [(48, 16, 5), (48, 1, 3)] + ([] if args.skip_panorama_defaults else [(8, 16, 2), (8, 1, 1)]),
-                          env)
-    if not args.smoke:
-        results += run_family("sdxl", 128, 32, 8, steps, tmp, [], env)
-    (out / "bench.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+    tag = args.only or "all"
+    ROWS = out / f"rows-{tag}.jsonl"
+    if args.only != "sdxl":
+        results += run_sd15(steps, tmp, [(48, 16, 3), (48, 1, 2)] if quick else
+                            [(48, 16, 5), (48, 1, 3)] + ([] if args.skip_panorama_defaults else [(8, 16, 2), (8, 1, 1)]),
+                            env, args.compile)
+    if args.only != "sd15":
+        results += run_sdxl(steps, tmp, env, args.compile, quick)
+    (out / f"bench-{tag}.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
     lines = [f"Device: {env['device']}, driver {env['driver']}, torch {env['torch']}, diffusers {env['diffusers']}; "
              f"`{env['command']}`", "",
              "| contender | s / image | images / GPU-hour | UNet TFLOP/s (of 790) | peak GiB denoise / decode | "
-             "s decode+write | notes |",
+             "s decode / write | notes |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
+    nan = float("nan")
     for r in results:
-        lines.append(f"| {r['contender']} | {r['seconds_per_image']:.2f} | {r['images_per_gpu_hour']:.0f} | "
-                     f"{r.get('unet_tflops', float('nan')):.0f} ({r.get('fraction_of_peak', float('nan')):.0%}) | "
-                     f"{r['peak_gib_denoise']:.1f} / {r.get('peak_gib_decode', float('nan')):.1f} | "
-                     f"{r.get('seconds_decode_and_write', float('nan')):.2f} | {r.get('note', '')} "
-                     f"{('%d tile-steps' % r['tiles_per_image']) if 'tiles_per_image' in r else ''} |")
-    (out / "bench.md").write_text("\n".join(lines) + "\n")
+        lines.append(f"| {r['contender']} | {r.get('seconds_per_image', nan):.2f} | "
+                     f"{r.get('images_per_gpu_hour', nan):.0f} | "
+                     f"{r.get('unet_tflops', nan):.0f} ({r.get('fraction_of_peak', nan):.0%}) | "
+                     f"{r.get('peak_gib_denoise', nan):.1f} / {r.get('peak_gib_decode', nan):.1f} | "
+                     f"{r.get('seconds_decode', nan):.2f} / {r.get('seconds_write', nan):.2f} | {r.get('note', '')} "
+                     f"{('%d tile-steps' % r['tiles_per_image']) if 'tiles_per_image' in r else ''} "
+                     f"{('PSNR %.1f dB vs one at a time' % r['psnr_vs_one_at_a_time_db']) if 'psnr_vs_one_at_a_time_db' in r else ''} |")
+    (out / f"bench-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(json.dumps(env))
 
 
 if __name__ == "__main__":
