@@ -55,8 +55,8 @@ def denoise_canvases(predict: Predict, xs: Sequence[torch.Tensor], schedulers: S
         step_tiles = [lay[i] for lay in layouts]
         cache = {id(tiles): cache.get(id(tiles)) or _weights(tiles, method, canvas, xs[0].device)
                  for tiles in step_tiles}
-        cuts = [(k, tile, crop(_model_input(s, x, t)[0], tile))
-                for k, (x, s, tiles) in enumerate(zip(xs, schedulers, step_tiles)) for tile in tiles]
+        inputs = [_model_input(s, x, t)[0] for x, s in zip(xs, schedulers)]
+        cuts = [(k, tile, crop(inputs[k], tile)) for k, tiles in enumerate(step_tiles) for tile in tiles]
         preds = predict([TileBatch(torch.stack([c for _, _, c in g]), tuple(tile for _, tile, _ in g), canvas)
                          for g in batches_of(cuts, batch)], t)
         eps = torch.cat([p.to(xs[0].device) for p in preds]).split([len(tiles) for tiles in step_tiles])
