@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from .images import EXTENSIONS
-from .spec import ModelConfig, TesseraConfig, effective_prompt, prompts_of, validate
+from .spec import ModelConfig, TesseraConfig, effective_prompt, prompts_of, scheduler_of, validate
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int) -> str:
         "model_path": _real(m.path) if pretrained and m.name != "demo" else None,
         "prompt": effective_prompt(j, prompt), "negative_prompt": j.negative_prompt, "seed": int(seed),
         "width": int(j.width), "height": int(j.height), "steps": int(j.steps),
-        "guidance": float(j.guidance), "scheduler": j.scheduler,
+        "guidance": float(j.guidance), "scheduler": scheduler_of(cfg),
         "tiling": [t.method, int(t.tile), int(t.overlap), int(t.batch)] + ([t.wrap] if t.wrap != "none" else []),
         "vae": [int(t.vae_tile), int(t.vae_overlap)] + ([int(t.vae_passes)] if t.vae_passes != 3 else []),
     }
@@ -102,7 +102,7 @@ def plan(cfg: TesseraConfig) -> list[ImageRequest]:
             requests.append(ImageRequest(
                 image_id=iid, job=j.name, prompt=effective_prompt(j, prompt), negative_prompt=j.negative_prompt,
                 seed=int(seed), model=model_label(cfg.model), width=int(j.width), height=int(j.height),
-                steps=int(j.steps), guidance=float(j.guidance), scheduler=j.scheduler,
+                steps=int(j.steps), guidance=float(j.guidance), scheduler=scheduler_of(cfg),
                 tiling_method=t.method, tile=int(t.tile), overlap=int(t.overlap), format=fmt,
                 path=f"images/{j.name}/{iid}.{EXTENSIONS[fmt]}", wrap=t.wrap))
     return requests

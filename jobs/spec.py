@@ -95,7 +95,7 @@ class JobConfig:
     height: int = 2160
     steps: int = 20
     guidance: float = 7.0
-    scheduler: str = "euler"  # one of the model family's schedulers (FAMILY_SCHEDULERS)
+    scheduler: str = "auto"  # auto: the family's first (euler; flow_euler for DiTs), or one that fits it
     prompt_template: Optional[str] = None  # e.g. "archer style {prompt}"; None: prompts as they are
 
 
@@ -167,9 +167,9 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     _int_in("job.steps", j.steps, 1, MAX_STEPS)
     _check(isinstance(j.guidance, (int, float)) and not isinstance(j.guidance, bool) and 0.0 <= j.guidance <= MAX_GUIDANCE,
            "job.guidance", j.guidance, f"must be a number from 0 to {MAX_GUIDANCE:g}")
-    _one_of("job.scheduler", j.scheduler, SCHEDULERS)
+    _one_of("job.scheduler", j.scheduler, ("auto",) + SCHEDULERS)
     fits = FAMILY_SCHEDULERS[MODEL_FAMILIES[m.name]]
-    _check(j.scheduler in fits, "job.scheduler", j.scheduler,
+    _check(j.scheduler == "auto" or j.scheduler in fits, "job.scheduler", j.scheduler,
            f"does not fit model={m.name} ({MODEL_FAMILIES[m.name]} family); use one of {', '.join(fits)}")
     if j.prompt_template is not None:
         _check(isinstance(j.prompt_template, str) and "{prompt}" in j.prompt_template, "job.prompt_template",
@@ -308,6 +308,12 @@ def _pickle_only_components(path: str) -> List[str]:
         if any(n.endswith(PICKLE_SUFFIXES) for n in names) and not any(n.endswith(".safetensors") for n in names):
             found.append(sub)
     return found
+
+
+def scheduler_of(cfg: TesseraConfig) -> str:
+    """`job.scheduler`, with `auto` resolved to the model family's first (what ids and the manifest record)."""
+    j = cfg.job
+    return FAMILY_SCHEDULERS[MODEL_FAMILIES[cfg.model.name]][0] if j.scheduler == "auto" else j.scheduler
 
 
 def effective_prompt(job: JobConfig, prompt: str) -> str:

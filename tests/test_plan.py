@@ -240,3 +240,13 @@ def test_plan_takes_hydra_dictconfig():
     cfg.job.seeds = [0, 1]
     cfg.job.guidance = 7  # typed float: stored as 7.0
     assert plan(cfg) == plan(make_cfg(job=dict(width=3840, height=2160, seeds=[0, 1])))
+
+
+def test_scheduler_auto_is_the_familys_first_and_keeps_ids():
+    cfg = TesseraConfig()
+    assert cfg.job.scheduler == "auto" and plan(cfg)[0].scheduler == "euler"
+    explicit = dataclasses.replace(cfg, job=dataclasses.replace(cfg.job, scheduler="euler"))
+    assert plan(explicit)[0].image_id == plan(cfg)[0].image_id
+    dit = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="z_image", weights="random"),
+                              tiling=dataclasses.replace(cfg.tiling, tile=128, overlap=32))
+    assert plan(dit)[0].scheduler == "flow_euler"
