@@ -1,6 +1,7 @@
 """Seam scores of the tiling methods on the demo model, CPU, next to a naive baseline.
 
-    python3 bench/seams_cpu.py --width 3840 --height 2160 --steps 20 --out bench/results/seams-cpu-4k.json
+    python3 bench/seams_cpu.py --width 3840 --height 2160 --steps 20 --images /tmp/seams4k-img \
+        --out bench/results/seams-cpu-4k.json        # ~15 min on 2 idle cores; BENCHMARKS.md "Seams"
 
 Every image is denoised through `cluster.renderer.denoise_request` (the renderer's own loop, tiles 64/16
 latent unless told) and decoded in one or more ways; each row is one (denoise, decode) pair:
@@ -72,7 +73,7 @@ def line_spread(pixels, period: int) -> dict:
 
 
 def wrapped_scores(pixels, req, tiling, factor: int) -> dict:
-    """Seam scores of a wrap=both image at the borders its wrapped grids have inside it, and across its edges."""
+    """Seam scores of a wrap=both image at the borders its wrapped grids have inside it."""
     h, w = latent_size(req, factor)
     H, W = pixels.shape[:2]
     out = {}

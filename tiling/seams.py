@@ -14,10 +14,16 @@ import numpy as np
 from .grid import Tile
 
 
-def border_lines(tiles: Iterable[Tile], height: int, width: int) -> Tuple[np.ndarray, np.ndarray]:
-    """The rows and columns, sorted and unique, where a tile edge lies strictly inside the image."""
+def border_lines(tiles: Iterable[Tile], height: int, width: int, wrap_y: bool = False,
+                 wrap_x: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """The rows and columns, sorted and unique, where a tile edge lies strictly inside the image.
+
+    On a wrapped axis (`wrap_y`, `wrap_x`) a tile that runs past the far edge ends inside the image, at its
+    edge modulo the side; the wrapped edge itself (0) is no interior border: `wrap_seam_score` scores it.
+    """
     tiles = list(tiles)
-    ys, xs = {e for t in tiles for e in (t.y, t.y + t.h)}, {e for t in tiles for e in (t.x, t.x + t.w)}
+    ys = {e % height if wrap_y else e for t in tiles for e in (t.y, t.y + t.h)}
+    xs = {e % width if wrap_x else e for t in tiles for e in (t.x, t.x + t.w)}
     return (np.array(sorted(p for p in ys if 0 < p < height), dtype=np.int64),
             np.array(sorted(p for p in xs if 0 < p < width), dtype=np.int64))
 
