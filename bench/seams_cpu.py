@@ -45,11 +45,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cluster.renderer import Renderer, denoise_request, latent_size, now, seam_scores  # noqa: E402
+from cluster.renderer import Renderer, denoise_request, now, seam_scores  # noqa: E402
 from jobs import plan  # noqa: E402
 from jobs.spec import TesseraConfig  # noqa: E402
-from tiling import layout, scale_tiles, seam_score, to_uint8, wrap_seam_score  # noqa: E402
-from tiling.seams import border_lines, gradients  # noqa: E402
+from tiling import to_uint8, wrap_seam_score  # noqa: E402
+from tiling.seams import gradients  # noqa: E402
 from tiling.vae import decode_each  # noqa: E402
 
 # label, method, overlap, wrap, decodes of that latent: (row label, decode)
@@ -69,18 +69,6 @@ def line_spread(pixels, period: int) -> dict:
     for key, m in (("line_sd_cols", g_x.mean(axis=0)), ("line_sd_rows", g_y.mean(axis=1))):
         at = m[period - 1::period]  # across the boundaries at multiples of period
         out[key] = float((at / at.mean()).std())
-    return out
-
-
-def wrapped_scores(pixels, req, tiling, factor: int) -> dict:
-    """Seam scores of a wrap=both image at the borders its wrapped grids have inside it."""
-    h, w = latent_size(req, factor)
-    H, W = pixels.shape[:2]
-    out = {}
-    for key, (tile, overlap) in (("seam_score", (tiling.tile, tiling.overlap)),
-                                 ("seam_score_vae", (tiling.vae_tile, tiling.vae_overlap))):
-        rows, cols = border_lines(scale_tiles(layout(h, w, tile, overlap, True, True), factor), H, W, True, True)
-        out[key] = seam_score(pixels, rows=rows, cols=cols, period=factor)
     return out
 
 
@@ -130,7 +118,7 @@ def main() -> None:
                 Image.fromarray(pixels).save(out_dir / f"{req.image_id}-{decode}.png")
                 manifest = {}
             seconds_decode = time.perf_counter() - t0
-            scores = wrapped_scores(pixels, req, tiling, f) if wrap == "both" else seam_scores(pixels, req, tiling, f)
+            scores = seam_scores(pixels, req, tiling, f)
             scores.update(wrap_x=wrap_seam_score(pixels, "x", f), wrap_y=wrap_seam_score(pixels, "y", f),
                           **line_spread(pixels, f))
             r = {"case": row_label, "method": method, "overlap": tiling.overlap, "wrap": wrap, "decode": decode,

@@ -18,8 +18,9 @@ from jobs.spec import ModelConfig, OutputConfig, TilingConfig
 from models import load_model, make_scheduler
 from models.schedulers import tile_seq_len, timestep_kwargs
 from models.loading import compile_denoiser
-from tiling import (TileBatch, decode_tiled, denoise_canvases, padded_size, scale_tiles, seam_score, step_layouts,
-                    tile_grid, to_uint8)
+from tiling import (TileBatch, border_lines, decode_tiled, denoise_canvases, layout, padded_size, scale_tiles,
+                    seam_score, step_layouts, to_uint8)
+from tiling.seams import gradients
 
 
 def now() -> datetime:
@@ -97,14 +98,20 @@ def tile_steps(req: ImageRequest, tiling: TilingConfig, factor: int) -> int:
 def seam_scores(pixels, req: ImageRequest, tiling: TilingConfig, factor: int) -> dict:
     """Seam scores of a finished image across its denoise tiles' and its VAE tiles' borders (1.0: invisible).
 
-    `shifted` has no fixed grid: it is scored against the unshifted grid a plain tiler would have used.
-    """
+    `shifted` has no fixed grid: it is scored against the unshifted grid a plain tiler would have used. On a
+    wrapped axis the borders are the wrapped grid's inside the image (`tiling.wrap_seam_score` scores the
+    wrapped edge itself, the image laid beside itself)."""
     h, w = latent_size(req, factor)
-    fixed = "uniform" if tiling.method == "shifted" else tiling.method
-    denoise = step_layouts(h, w, tiling.tile, 0 if tiling.method == "shifted" else tiling.overlap, fixed, 1, 0)[0]
-    vae = tile_grid(h, w, tiling.vae_tile, tiling.vae_overlap)
-    return {"seam_score": seam_score(pixels, scale_tiles(denoise, factor), period=factor),
-            "seam_score_vae": seam_score(pixels, scale_tiles(vae, factor), period=factor)}
+    wrap_y, wrap_x = tiling.wrap in ("y", "both"), tiling.wrap in ("x", "both")
+    grads = gradients(pixels)
+    scores = {}
+    for key, tile, overlap in (("seam_score", tiling.tile, 0 if tiling.method == "shifted" else tiling.overlap),
+                               ("seam_score_vae", tiling.vae_tile, tiling.vae_overlap)):
+        tiles = scale_tiles(layout(h, w, tile, overlap, wrap_y, wrap_x), factor)
+        rows, cols = border_lines(tiles, h * factor, w * factor, wrap_y, wrap_x)
+        rows, cols = rows[rows < pixels.shape[0]], cols[cols < pixels.shape[1]]  # inside the cropped image
+        scores[key] = seam_score(None, rows=rows, cols=cols, period=factor, grads=grads)
+    return scores
 
 
 def failed_row(req: ImageRequest, started_at: datetime, error: BaseException | str, worker: str = "") -> dict:

@@ -29,8 +29,9 @@ def border_lines(tiles: Iterable[Tile], height: int, width: int, wrap_y: bool = 
 
 
 def gradients(image) -> Tuple[np.ndarray, np.ndarray]:
-    """|I[:, c] - I[:, c-1]| (H x W-1) and |I[r] - I[r-1]| (H-1 x W), channel means, in float64."""
-    img = np.asarray(image, dtype=np.float64)
+    """|I[:, c] - I[:, c-1]| (H x W-1) and |I[r] - I[r-1]| (H-1 x W), channel means, in float32 (exact for
+    uint8 differences; means taken in float64 later)."""
+    img = np.asarray(image, dtype=np.float32)
     img = img[..., None] if img.ndim == 2 else img
     if img.ndim != 3:
         raise ValueError(f"image of shape {img.shape}: must be H x W or H x W x C")
@@ -47,11 +48,12 @@ def _ratio(g: np.ndarray, lines: np.ndarray, axis: int, period: int = 1) -> Tupl
     border, rest = np.compress(on, g, axis=axis), np.compress(~on & same_phase, g, axis=axis)
     if border.size == 0 or rest.size == 0:
         return np.nan, 0
-    b, r = border.mean(), rest.mean()
+    b, r = border.mean(dtype=np.float64), rest.mean(dtype=np.float64)
     return (b / r if r > 0 else (1.0 if b == 0 else np.inf)), border.size
 
 
-def seam_score(image, tiles: Optional[Iterable[Tile]] = None, rows=None, cols=None, period: int = 1) -> float:
+def seam_score(image, tiles: Optional[Iterable[Tile]] = None, rows=None, cols=None, period: int = 1,
+               grads: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> float:
     """Mean absolute colour gradient across tile borders over the mean elsewhere (1.0: no visible seams).
 
     Give `tiles` (image pixels) or explicit border `rows`/`cols`. Each direction's ratio (horizontal
@@ -64,8 +66,9 @@ def seam_score(image, tiles: Optional[Iterable[Tile]] = None, rows=None, cols=No
     `period`: compare with gradients at the borders' positions modulo `period` only. A VAE that
     upsamples 8x leaves an 8-pixel pattern in gradient strength and tile borders sit on multiples of
     8, so Tessera scores with period=8; period=1 compares with every other position.
+    `grads`: `gradients(image)` computed once for several scores of one image (`image` is then unused).
     """
-    g_x, g_y = gradients(image)
+    g_x, g_y = grads if grads is not None else gradients(image)
     h, w = g_x.shape[0], g_y.shape[1]
     if tiles is not None and (rows is not None or cols is not None):
         raise ValueError("seam_score: give tiles or rows/cols, not both")
