@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from datetime import datetime, timezone
-import threading
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -16,8 +16,8 @@ import torch
 from jobs import ImageRequest, write_image
 from jobs.spec import ModelConfig, OutputConfig, TilingConfig
 from models import load_model, make_scheduler
-from models.schedulers import tile_seq_len, timestep_kwargs
 from models.loading import compile_denoiser
+from models.schedulers import tile_seq_len, timestep_kwargs
 from tiling import (TileBatch, border_lines, decode_tiled, denoise_canvases, layout, padded_size, scale_tiles,
                     seam_score, step_layouts, to_uint8)
 from tiling.seams import gradients

@@ -126,7 +126,7 @@ def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraCon
     and writes the image while the next one denoises."""
     info = ray.get(workers[0].info.remote())
     batch = ray.get(workers[0].batch_size.remote(cfg.tiling))
-    writing = None  # (ref, req, started) of the image being decoded and written
+    writing = None  # (ref, [req], started) of the image a worker is decoding and writing
     for i, req in enumerate(requests):
         started = now()
 
@@ -143,11 +143,11 @@ def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraCon
             on_row(failed_row(req, started, f"worker lost: {type(e).__name__}: {e}"))
             continue
         if writing is not None:
-            on_row(_rows(writing[0], [writing[1]], writing[2])[0])
-        ref = workers[i % len(workers)].finish.remote(req, cfg.tiling, z, started, time.perf_counter() - t0)
-        writing = (ref, req, started)
+            on_row(_rows(*writing)[0])
+        writing = (workers[i % len(workers)].finish.remote(req, cfg.tiling, z, started, time.perf_counter() - t0),
+                   [req], started)
     if writing is not None:
-        on_row(_rows(writing[0], [writing[1]], writing[2])[0])
+        on_row(_rows(*writing)[0])
 
 
 def run_job(cfg: TesseraConfig, requests: Sequence[ImageRequest], on_row: Callable[[dict], None],
