@@ -33,8 +33,8 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def build_tiny_sdxl():
-    """A tiny random SDXL pipeline: two CLIP encoders (32 + 32 features), a UNet with text_time embedding,
+def build_tiny_sdxl(width_2: int = 32):
+    """A tiny random SDXL pipeline: two CLIP encoders (32 + `width_2` features), a UNet with text_time embedding,
     an 8x VAE with SDXL's scaling factor and force_upcast."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -49,7 +49,8 @@ def build_tiny_sdxl():
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=8)
+            projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=32 + width_2,
+            norm_num_groups=8)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 32), layers_per_block=1,
@@ -58,7 +59,8 @@ def build_tiny_sdxl():
                             num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                             pad_token_id=tok.pad_token_id)
-        text_encoder, text_encoder_2 = CLIPTextModel(te), CLIPTextModelWithProjection(te)
+        te_2 = te if width_2 == 32 else CLIPTextConfig(**dict(te.to_dict(), hidden_size=width_2))
+        text_encoder, text_encoder_2 = CLIPTextModel(te), CLIPTextModelWithProjection(te_2)
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tok, tokenizer_2=tok,
         unet=unet, scheduler=EulerDiscreteScheduler(**SD_SCHEDULER), add_watermarker=False)
@@ -379,6 +381,77 @@ def test_a_single_safetensors_file_loads_with_a_local_config_folder(tmp_path):
         for k in want:
             torch.testing.assert_close(got[k].reshape(want[k].shape), want[k], msg=f"{name}.{k}")
     assert m.tokenizer("the cat").input_ids == ref.tokenizer("the cat").input_ids
+
+
+def _ldm_sdxl_unet(sd: dict, cfg) -> dict:
+    """An SDXL UNet in the original (SGM) layout: the SD layout plus `label_emb`, the added time/text embedding
+    (transformer_layers_per_block needs nothing: each block's transformer_blocks.N keep their names)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    added = DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]
+    out = _ldm_unet({k: v for k, v in sd.items() if k not in added}, cfg)
+    out.update({added[k]: v for k, v in sd.items() if k in added})
+    return out
+
+
+def _open_clip(sd: dict) -> dict:
+    """A CLIPTextModelWithProjection in OpenCLIP's layout (SDXL's second encoder, `conditioner.embedders.1.model.`):
+    fused q/k/v `in_proj`, ln_1/ln_2, mlp.c_fc/c_proj, a bare positional_embedding, text_projection transposed."""
+    sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    out = {"token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias"),
+           "text_projection": sd.pop("text_projection.weight").T}
+    sd.pop("embeddings.position_ids", None)
+    names = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."),
+             ("self_attn.out_proj.", "attn.out_proj.")]
+    for k in [k for k in sd if ".self_attn.q_proj." in k]:
+        layer, kind = k.split(".self_attn.q_proj.")  # "encoder.layers.N", "weight" | "bias"
+        qkv = [sd.pop(f"{layer}.self_attn.{x}_proj.{kind}") for x in "qkv"]
+        out[f"transformer.resblocks.{layer.split('.')[-1]}.attn.in_proj_{kind}"] = torch.cat(qkv)
+    for k, v in sd.items():
+        assert k.startswith("encoder.layers."), k
+        rest = k.removeprefix("encoder.layers.")
+        for a, b in names:
+            rest = rest.replace(a, b)
+        out["transformer.resblocks." + rest] = v
+    return out
+
+
+def test_a_single_sdxl_safetensors_file_loads_with_a_local_config_folder(tmp_path):
+    """A tiny SDXL written as one original-layout .safetensors file (as Civitai fine-tunes ship), its configs in a
+    weightless folder.  The second encoder is wider than the first: diffusers tells SDXL's two CLIPs apart by
+    width alone (CLIP-L 768, OpenCLIP bigG 1280), so equal widths would load the first into both."""
+    from safetensors.torch import save_file
+
+    ref = build_tiny_sdxl(width_2=48)
+    ckpt = {"model.diffusion_model." + k: v for k, v in _ldm_sdxl_unet(ref.unet.state_dict(), ref.unet.config).items()}
+    ckpt.update({"first_stage_model." + k: v for k, v in _ldm_vae(ref.vae.state_dict(), ref.vae.config).items()})
+    ckpt.update({"conditioner.embedders.0.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v
+                 for k, v in ref.text_encoder.state_dict().items()})
+    ckpt.update({"conditioner.embedders.1.model." + k: v for k, v in _open_clip(ref.text_encoder_2.state_dict()).items()})
+    path = tmp_path / "tiny-sdxl.safetensors"
+    save_file({k: v.contiguous() for k, v in ckpt.items()}, str(path))
+    configs = tmp_path / "configs"
+    ref.save_pretrained(configs, safe_serialization=True)
+    for f in configs.rglob("*.safetensors"):  # configs and tokenizers, no weights
+        f.unlink()
+    for sub in ("tokenizer", "tokenizer_2"):
+        _write_vocab_files(str(configs / sub))
+
+    cfg = compose("model=sdxl", f"model.path={path}", f"model.config={configs}")
+    validate(cfg)
+    m = load_model(cfg.model)
+    public = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
+    assert type(m).__name__ == "SDXLModel" and public(m.scheduler_config) == public(ref.scheduler.config)
+    assert m.vae.config.scaling_factor == pytest.approx(0.13025) and m.unet.config.cross_attention_dim == 80
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        got, want = getattr(m, name).state_dict(), getattr(ref, name).state_dict()
+        assert got.keys() == want.keys(), name
+        for k in want:
+            torch.testing.assert_close(got[k].reshape(want[k].shape), want[k], rtol=0, atol=0, msg=f"{name}.{k}")
+    cond = m.encode("a red fox", "fog")
+    assert cond.embeds.shape == (2, 77, 80) and cond.pooled.shape == (2, 32)
 
 
 # ------------------------------------------------------------------------------------------ random weights
