@@ -29,13 +29,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from cluster.renderer import Renderer, denoise_group, groups_of  # noqa: E402
+from cluster.renderer import Renderer, denoise_group, groups_of, layouts_of  # noqa: E402
 from jobs import plan  # noqa: E402
 from jobs.spec import TesseraConfig  # noqa: E402
 
 PEAK_BF16 = 790e12  # H100/H200 dense bf16 as measured by a large matmul here (DESIGN.md); fp16 the same
 W, H, STEPS, GUIDANCE = 3840, 2160, 30, 7.0
 SMOKE = False
+METHODS, LEAN = ("uniform", "gaussian", "shifted"), False  # --methods, --lean
 ROWS = None  # --out/rows-<family>.jsonl
 
 
@@ -71,13 +72,21 @@ def cfg_for(model: str, method: str, tile: int, overlap: int, batch: int, out: s
     return cfg
 
 
-def unet_flops(model, batch: int, tile: int) -> float:
-    """FLOPs of one UNet call on `batch` tiles (both halves of guidance), counted by torch."""
-    req_x = torch.randn(batch, model.latent_channels, tile, tile)
-    cond = model.encode("a", "b")
-    with FlopCounterMode(display=False) as fc:
-        model.predict(req_x, torch.tensor(500), cond, GUIDANCE)
-    return float(fc.get_total_flops())
+_FLOPS = {}
+
+
+def tile_flops(renderer: Renderer, cfg: TesseraConfig) -> float:
+    """FLOPs of one tile-step (both halves of guidance) at the tile shape of this config's first step, counted
+    by torch on the eager model (once per shape)."""
+    model = renderer.model
+    tile = layouts_of(plan(cfg)[0], cfg.tiling, model.vae_scale_factor)[0][0]
+    key = (id(model), tile.h, tile.w)
+    if key not in _FLOPS:
+        cond = model.encode("a", "b")
+        with FlopCounterMode(display=False) as fc:
+            model.predict(torch.randn(2, model.latent_channels, tile.h, tile.w), torch.tensor(500), cond, GUIDANCE)
+        _FLOPS[key] = fc.get_total_flops() / 2
+    return _FLOPS[key]
 
 
 class _Ticks:
@@ -91,7 +100,7 @@ class _Ticks:
         self.n += n
 
 
-def tessera(renderer: Renderer, cfg: TesseraConfig, label: str, flops_per_tile: float) -> dict:
+def tessera(renderer: Renderer, cfg: TesseraConfig, label: str) -> dict:
     """One whole image through the worker's own steps (denoise on the device, tiled VAE decode, PNG write),
     each timed and its peak memory taken."""
     req = plan(cfg)[0]
@@ -119,7 +128,7 @@ def tessera(renderer: Renderer, cfg: TesseraConfig, label: str, flops_per_tile: 
     keep = Path(cfg.output.dir) / f"reference-{time.monotonic_ns()}.png"  # later runs write the same image id
     shutil.copyfile(Path(cfg.output.dir) / row["path"], keep)
     total = t_denoise + decoded[1] + t_write
-    tflops = flops_per_tile * ticks.n / t_denoise
+    tflops = tile_flops(renderer, cfg) * ticks.n / t_denoise
     return {"contender": label, "seconds_per_image": total, "images_per_gpu_hour": 3600 / total,
             "seconds_denoise": t_denoise, "seconds_decode": decoded[1], "seconds_write": t_write,
             "seconds_decode_and_write": decoded[1] + t_write, "batch": batch,
@@ -128,8 +137,7 @@ def tessera(renderer: Renderer, cfg: TesseraConfig, label: str, flops_per_tile: 
             "seam_score": row["seam_score"], "seam_score_vae": row["seam_score_vae"], "kept": str(keep)}
 
 
-def bulk(renderer: Renderer, cfg: TesseraConfig, label: str, images: int, group: int, flops_per_tile: float,
-         reference: dict = None) -> dict:
+def bulk(renderer: Renderer, cfg: TesseraConfig, label: str, images: int, group: int, reference: dict = None) -> dict:
     """`images` seeds of one prompt as a bulk worker renders them: groups of `group` stepped together, two
     groups in flight (the Ray actor's two threads), so one group's PNGs are written while the next denoises.
     `reference`: a one-at-a-time row of seed 1 to compare pixels with (bf16 tolerance)."""
@@ -152,7 +160,7 @@ def bulk(renderer: Renderer, cfg: TesseraConfig, label: str, images: int, group:
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     out = {"contender": label, "seconds_per_image": wall / images, "images_per_gpu_hour": 3600 * images / wall,
            "images": images, "group": group, "tiles_per_image": ticks.n / images,
-           "unet_tflops": flops_per_tile * ticks.n / sum(r["seconds_denoise"] for r in rows) / 1e12,
+           "unet_tflops": tile_flops(renderer, cfg) * ticks.n / sum(r["seconds_denoise"] for r in rows) / 1e12,
            "peak_gib_denoise": peak_gib(), "note": f"{images} images, groups of {group}, 2 in flight"}
     out["fraction_of_peak"] = out["unet_tflops"] * 1e12 / PEAK_BF16
     if reference is not None:
@@ -263,25 +271,23 @@ def run_sd15(steps: int, tmp: str, panoramas, env, compile_too: bool) -> list:
     name = "demo" if SMOKE else "sd15"
     cfg = cfg_for(name, "gaussian", 64, 16, 16, tmp, steps)
     r = Renderer(cfg.model, cfg.output)
-    flops = unet_flops(r.model, 16, 64) / 16
-    env[f"{name}_flops_per_tile_step"] = flops
     results = []
-    for method, ov in [("gaussian", 16), ("shifted", 0)]:
-        tessera(r, cfg_for(name, method, 64, ov, 16, tmp, 2), "warm-up", flops)
+    for method, ov in [(m, 0 if m == "shifted" else 16) for m in METHODS if m != "uniform"]:
+        tessera(r, cfg_for(name, method, 64, ov, 16, tmp, 2), "warm-up")
         emit(results, tessera(r, cfg_for(name, method, 64, ov, 16, tmp, steps), f"Tessera {name} {method} 64/{ov}, "
-                              "16 tiles/call", flops))
+                              "16 tiles/call"))
     for stride, vb, k in panoramas:  # before compiling: the panorama pipeline shares this UNet
         emit(results, panorama(r.model, f"diffusers panorama {name} window 64 stride {stride}, view_batch_size {vb}",
                                stride, vb, k))
     if compile_too:
-        compiled(r, results, env, name, flops, [("shifted", 0, 16)], tmp, steps, 64)
+        compiled(r, results, env, name, [("shifted", 0, 16)], tmp, steps, 64)
         for stride, vb, k in panoramas[:1]:  # and its best tuning on the same compiled UNet
             emit(results, panorama(r.model, f"diffusers panorama {name} window 64 stride {stride}, view_batch_size "
                                    f"{vb}, compiled UNet", stride, vb, k))
     return results
 
 
-def compiled(r: Renderer, results: list, env: dict, name: str, flops: float, runs, tmp: str, steps: int,
+def compiled(r: Renderer, results: list, env: dict, name: str, runs, tmp: str, steps: int,
              tile: int, bulk_images: int = 0, reference: dict = None) -> None:
     """The same renderer with model.compile: the compile time (first call of the fixed batch shape) apart,
     then whole images."""
@@ -292,14 +298,15 @@ def compiled(r: Renderer, results: list, env: dict, name: str, flops: float, run
     for method, ov, batch in runs:
         sync()
         t0 = time.perf_counter()
-        tessera(r, cfg_for(name, method, tile, ov, batch, tmp, 1), "compile", flops)
+        tessera(r, cfg_for(name, method, tile, ov, batch, tmp, 1), "compile")
         env[f"{name}_compile_seconds_batch{batch}"] = time.perf_counter() - t0
         print(f"compile {name} batch {batch}: {env[f'{name}_compile_seconds_batch{batch}']:.1f} s", flush=True)
         row = emit(results, tessera(r, cfg_for(name, method, tile, ov, batch, tmp, steps),
-                                    f"Tessera {name} {method} {tile}/{ov}, {batch} tiles/call, compiled", flops))
-        if bulk_images:
+                                    f"Tessera {name} {method} {tile}/{ov}, {batch} tiles/call, compiled"))
+        if bulk_images:  # a group's batches have their own shape: compiled once before the timed run
+            bulk(r, cfg_for(name, method, tile, ov, batch, tmp, 1), "compile", 2, 2)
             emit(results, bulk(r, cfg_for(name, method, tile, ov, batch, tmp, steps),
-                               f"Tessera {name} {method} {tile}/{ov}, compiled, bulk", bulk_images, 2, flops,
+                               f"Tessera {name} {method} {tile}/{ov}, compiled, bulk", bulk_images, 2,
                                reference or row))
 
 
@@ -309,22 +316,25 @@ def run_sdxl(steps: int, tmp: str, env, compile_too: bool, quick: bool) -> list:
     name, T, O = ("demo", 32, 8) if SMOKE else ("sdxl", 128, 32)  # --smoke: the demo model, several tiles
     cfg = cfg_for(name, "gaussian", T, O, 8, tmp, steps)
     r = Renderer(cfg.model, cfg.output)
-    flops = unet_flops(r.model, 8, T) / 8
-    env[f"{name}_flops_per_tile_step"] = flops
     results = []
     one = {}
-    for method, ov in [("uniform", O), ("gaussian", O), ("shifted", 0)]:
-        tessera(r, cfg_for(name, method, T, ov, 8, tmp, 2), "warm-up", flops)
+    for method, ov in [(m, 0 if m == "shifted" else O) for m in METHODS]:
+        tessera(r, cfg_for(name, method, T, ov, 8, tmp, 2), "warm-up")
         one[method] = emit(results, tessera(r, cfg_for(name, method, T, ov, 8, tmp, steps),
-                                            f"Tessera {name} {method} {T}/{ov}, 8 tiles/call", flops))
+                                            f"Tessera {name} {method} {T}/{ov}, 8 tiles/call"))
     emit(results, bulk(r, cfg_for(name, "shifted", T, 0, 8, tmp, steps), f"Tessera {name} shifted {T}, bulk",
-                       2 if quick else 4, 2, flops, one["shifted"]))
+                       2 if quick else 4, 2, one["shifted"]))
     auto = cfg_for(name, "shifted", T, 0, 0, tmp, steps)
     env[f"{name}_auto_batch"] = r.batch_size(auto.tiling)
+    if LEAN:
+        if compile_too:
+            compiled(r, results, env, name, [("shifted", 0, 8)], tmp, steps, T, 2 if quick else 4,
+                     one["shifted"])
+        return results
     global W, H
     w, h = W, H
     W, H = 2 * w, 2 * h
-    row = tessera(r, cfg_for(name, "shifted", T, 0, 8, tmp, 2), f"Tessera {name} shifted {T} at {W}x{H} (2 steps: memory)", flops)
+    row = tessera(r, cfg_for(name, "shifted", T, 0, 8, tmp, 2), f"Tessera {name} shifted {T} at {W}x{H} (2 steps: memory)")
     W, H = w, h
     emit(results, dict(row, seconds_per_image=float("nan"), images_per_gpu_hour=float("nan")))
     results += decode_variants(r, cfg_for(name, "shifted", T, 0, 8, tmp, steps),
@@ -332,7 +342,7 @@ def run_sdxl(steps: int, tmp: str, env, compile_too: bool, quick: bool) -> list:
     if not quick and not SMOKE:
         emit(results, plain_sdxl(r.model, "diffusers SDXL pipeline, whole frame, VAE tiling"))
     if compile_too:
-        compiled(r, results, env, name, flops, [("shifted", 0, 8)], tmp, steps, T, 2 if quick else 4,
+        compiled(r, results, env, name, [("shifted", 0, 8)], tmp, steps, T, 2 if quick else 4,
                  one["shifted"])
     return results
 
@@ -345,7 +355,12 @@ def main() -> None:
     ap.add_argument("--only", choices=["sd15", "sdxl"], help="one family (each fits in one device call)")
     ap.add_argument("--compile", action="store_true", help="also the compiled denoiser (adds its compile time)")
     ap.add_argument("--skip-panorama-defaults", action="store_true")
+    ap.add_argument("--methods", nargs="*", default=["uniform", "gaussian", "shifted"], help="Tessera's methods")
+    ap.add_argument("--lean", action="store_true", help="skip the 8K memory row, the decode variants, the plain "
+                    "SDXL pipeline and the panorama stride-48 view_batch_size 1 row")
     args = ap.parse_args()
+    global METHODS, LEAN
+    METHODS, LEAN = args.methods, args.lean
     global W, H, SMOKE, ROWS
     SMOKE = args.smoke
     if args.smoke:
@@ -365,9 +380,11 @@ def main() -> None:
     tag = args.only or "all"
     ROWS = out / f"rows-{tag}.jsonl"
     if args.only != "sdxl":
-        results += run_sd15(steps, tmp, [(48, 16, 3), (48, 1, 2)] if quick else
-                            [(48, 16, 5), (48, 1, 3)] + ([] if args.skip_panorama_defaults else [(8, 16, 2), (8, 1, 1)]),
-                            env, args.compile)
+        pans = [(48, 16, 3), (48, 1, 2)] if quick else [(48, 16, 5), (48, 1, 3)] + (
+            [] if args.skip_panorama_defaults else [(8, 16, 2), (8, 1, 1)])
+        if args.lean:
+            pans = [p for p in pans if p[:2] not in ((48, 1), (8, 16))]
+        results += run_sd15(steps, tmp, pans, env, args.compile)
     if args.only != "sd15":
         results += run_sdxl(steps, tmp, env, args.compile, quick)
     (out / f"bench-{tag}.json").write_text(json.dumps({"env": env, "results": results}, indent=1))

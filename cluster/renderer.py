@@ -154,8 +154,8 @@ class Renderer:
         return self._batches[tiling.tile]
 
     def _predict(self, batch: TileBatch, t, cond, guidance: float, pad_to: int = 0) -> torch.Tensor:
-        """The model on one batch, on the model's device. A compiled model sees one batch shape only: a short
-        batch is padded with copies of its last tile (their predictions dropped)."""
+        """The model on one batch, on the model's device. A compiled model sees one batch shape a step: a
+        short batch is padded to the step's first (largest) with copies of its last tile (predictions dropped)."""
         x, tiles, n = batch.x, batch.tiles, batch.x.shape[0]
         if self.compiled and n < pad_to:
             x = torch.cat([x, x[-1:].expand(pad_to - n, -1, -1, -1)])
@@ -181,8 +181,8 @@ class Renderer:
             with self._device:
                 t0 = time.perf_counter()
                 cond = self.model.encode(reqs[0].prompt, reqs[0].negative_prompt)
-                zs = denoise_group(lambda bs, t: [self._predict(b, t, cond, reqs[0].guidance, batch) for b in bs],
-                                   self.info(), reqs, tiling, batch, self.model.device, tick)
+                zs = denoise_group(lambda bs, t: [self._predict(b, t, cond, reqs[0].guidance, len(bs[0].tiles))
+                                                  for b in bs], self.info(), reqs, tiling, batch, self.model.device, tick)
                 seconds = (time.perf_counter() - t0) / len(reqs)
                 decoded = [self._decode(req, tiling, z) for req, z in zip(reqs, zs)]
         except Exception as e:  # noqa: BLE001 - recorded in the manifest, the job goes on

@@ -132,7 +132,7 @@ def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraCon
 
         def predict(batches, t):
             refs = [workers[k % len(workers)].predict.remote(b, t, req.prompt, req.negative_prompt, req.guidance,
-                                                             batch)
+                                                             len(batches[0].tiles))
                     for k, b in enumerate(batches)]
             return ray.get(refs)
 

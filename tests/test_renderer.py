@@ -88,21 +88,23 @@ def test_groups_hold_consecutive_seeds_of_one_prompt():
 
 
 def test_a_compiled_model_sees_one_batch_shape(tmp_path):
-    """With model.compile a short batch is padded to the full batch and the padding's predictions dropped."""
-    cfg = compose(*SMALL, f"output.dir={tmp_path}", "tiling.batch=3")  # 4 tiles: batches of 3 and 1
-    req = plan(cfg)[0]
+    """With model.compile a short batch is padded to the step's first and the padding's predictions dropped."""
+    cfg = compose(*SMALL, f"output.dir={tmp_path}", "tiling.batch=3", "job.seeds=[1,2]")
+    reqs = plan(cfg)  # two seeds stepped together: 8 tiles a step, batches of 3, 3 and 2
     r = _renderer(cfg, threads=1)
-    plain = r.render(req, cfg.tiling)
-    os.rename(tmp_path / plain["path"], tmp_path / "plain.png")
-    plain["path"] = "plain.png"
+    plain = r.render_group(reqs, cfg.tiling)
+    for row in plain:
+        os.rename(tmp_path / row["path"], tmp_path / f"plain-{row['seed']}.png")
+        row["path"] = f"plain-{row['seed']}.png"
     shapes = []
     predict = r.model.predict
     r.model.predict = lambda x, *a: shapes.append(x.shape[0]) or predict(x, *a)
     r.compiled = True
-    padded = r.render(req, cfg.tiling)
-    assert set(shapes) == {3} and padded["status"] == "ok"
-    a, b = (np.asarray(Image.open(tmp_path / row["path"])).astype(int) for row in (plain, padded))
-    assert np.abs(a - b).max() <= 1  # a batch of 3 and a batch of 1 round differently, nothing more
+    padded = r.render_group(reqs, cfg.tiling)
+    assert set(shapes) == {3} and [row["status"] for row in padded] == ["ok", "ok"]
+    for p, q in zip(plain, padded):
+        a, b = (np.asarray(Image.open(tmp_path / row["path"])).astype(int) for row in (p, q))
+        assert np.abs(a - b).max() <= 1  # a batch of 3 and one of 2 round differently, nothing more
 
 
 def test_automatic_batch_on_a_cpu_is_four(tmp_path):

@@ -89,9 +89,11 @@ def test_fusing_a_pixelwise_denoiser_equals_applying_it_to_the_whole_canvas(h, w
 
 
 def test_batches_follow_the_tile_index():
-    tiles = tile_grid(100, 100, 32, 8)
+    tiles = tile_grid(100, 100, 32, 8)  # 16 tiles
     groups = batches_of(tiles, 3)
-    assert [t for g in groups for t in g] == tiles and all(len(g) == 3 for g in groups[:-1])
+    assert [t for g in groups for t in g] == tiles and [len(g) for g in groups] == [3] * 4 + [2] * 2
+    assert [len(g) for g in batches_of(list(range(12)), 8)] == [6, 6]  # as few calls, as equal as can be
+    assert [len(g) for g in batches_of(list(range(15)), 8)] == [8, 7] and batches_of([], 4) == []
 
 
 class _Sched:
@@ -163,7 +165,10 @@ def test_shifted_tiles_cover_every_step_move_and_repeat_with_the_seed(h, w, tile
     for tiles in steps:
         cover = _coverage(tiles, h, w)
         assert cover.min() >= 1
-        assert len(tiles) <= (-(-h // min(tile, h)) + 1) * (-(-w // min(tile, w)) + 1)  # overlap only at edges
+        assert len(tiles) == (-(-h // tile)) * (-(-w // tile))  # the fewest tiles of at most `tile`
+        assert all(t.h <= tile and t.w <= tile for t in tiles)
+        ny, nx = -(-h // tile), -(-w // tile)
+        assert tiles[0].h * ny - h < 9 * ny and tiles[0].w * nx - w < 9 * nx  # overlap only from rounding
     assert steps == step_layouts(h, w, tile, 0, "shifted", 12, seed, *wrap)
     if min(tile, h, w) > 1 and tile < min(h, w):
         assert len({tuple(t) for t in steps}) > 1  # the grid moves

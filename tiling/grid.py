@@ -59,40 +59,51 @@ def wrap_starts(length: int, tile: int, overlap: int) -> List[int]:
     return sorted({round(k * length / n) for k in range(n)})
 
 
-def shifted_starts(length: int, tile: int, offset: int, wrap: bool = False) -> List[int]:
-    """Non-overlapping window starts moved by `offset` (SpotDiffusion); edge windows are clamped inside."""
-    if wrap:
-        return sorted({(offset + k * tile) % length for k in range(math.ceil(length / tile))})
-    if length <= tile:
+def fitted_side(length: int, tile: int) -> Tuple[int, int]:
+    """(side, n): the fewest windows of at most `tile` that cover `length`, made as equal as the tile's own
+    alignment allows (a multiple of the largest of 8, 4, 2 that divides `tile`, so a UNet's or a patch
+    transformer's tile stays valid): n * side >= length, with the least overlap."""
+    n = math.ceil(length / tile)
+    align = next(a for a in (8, 4, 2, 1) if tile % a == 0)
+    return min(length, -(-math.ceil(length / n) // align) * align), n
+
+
+def shifted_starts(length: int, side: int, n: int, offset: int) -> List[int]:
+    """SpotDiffusion's rolled windows: `n` windows of `side` from `offset`, around the axis (the last one
+    continues at the near edge); an axis one window covers is not moved."""
+    if n == 1:
         return [0]
-    return sorted({min(max(offset + k * tile, 0), length - tile) for k in range(-1, math.ceil(length / tile) + 1)})
+    return sorted({(offset + k * side) % length for k in range(n)})
 
 
-def layout(height: int, width: int, tile: int, overlap: int, wrap_y: bool = False, wrap_x: bool = False,
-           offset: Tuple[int, int] | None = None) -> List[Tile]:
-    """The tiles of one step: an overlapping grid, or with `offset` a shifted non-overlapping one.
-
-    On a wrapped axis a tile may run past the far edge and continue at the near one.
-    """
+def layout(height: int, width: int, tile: int, overlap: int, wrap_y: bool = False, wrap_x: bool = False) -> List[Tile]:
+    """The tiles of an overlapping grid; on a wrapped axis a tile may run past the far edge and continue at
+    the near one."""
     th, tw = min(tile, height), min(tile, width)
-    if offset is not None:
-        ys = shifted_starts(height, th, offset[0], wrap_y)
-        xs = shifted_starts(width, tw, offset[1], wrap_x)
-    else:
-        ys = wrap_starts(height, th, min(overlap, th - 1)) if wrap_y else axis_starts(height, th, min(overlap, th - 1))
-        xs = wrap_starts(width, tw, min(overlap, tw - 1)) if wrap_x else axis_starts(width, tw, min(overlap, tw - 1))
+    ys = wrap_starts(height, th, min(overlap, th - 1)) if wrap_y else axis_starts(height, th, min(overlap, th - 1))
+    xs = wrap_starts(width, tw, min(overlap, tw - 1)) if wrap_x else axis_starts(width, tw, min(overlap, tw - 1))
     return [Tile(y, x, th, tw) for y in ys for x in xs]
+
+
+def shifted_layout(height: int, width: int, tile: int, offset: Tuple[int, int]) -> List[Tile]:
+    """One step of `shifted` (SpotDiffusion, Frolov et al. 2024): the fewest near-equal windows of at most
+    `tile` that cover the canvas, rolled by `offset`, so no work goes to overlap (at most 7 latent pixels an
+    axis, from rounding the side) and the borders move every step. Windows that cross an edge continue at
+    the opposite one, as the paper's torch.roll does, wrap or not."""
+    (sh, ny), (sw, nx) = fitted_side(height, tile), fitted_side(width, tile)
+    return [Tile(y, x, sh, sw) for y in shifted_starts(height, sh, ny, offset[0] % sh)
+            for x in shifted_starts(width, sw, nx, offset[1] % sw)]
 
 
 def step_layouts(height: int, width: int, tile: int, overlap: int, method: str, steps: int, seed: int,
                  wrap_y: bool = False, wrap_x: bool = False) -> List[List[Tile]]:
-    """The tiles of every step; `shifted` moves its grid by offsets drawn from the image's seed."""
+    """The tiles of every step; `shifted` moves its grid by offsets drawn from the image's seed (it wraps
+    around every axis, so `wrap_y`/`wrap_x` change nothing for it)."""
     if method != "shifted":
         return [layout(height, width, tile, overlap, wrap_y, wrap_x)] * steps
     rng = random.Random(seed)
     th, tw = min(tile, height), min(tile, width)
-    return [layout(height, width, tile, 0, wrap_y, wrap_x, (rng.randrange(th), rng.randrange(tw)))
-            for _ in range(steps)]
+    return [shifted_layout(height, width, tile, (rng.randrange(th), rng.randrange(tw))) for _ in range(steps)]
 
 
 def padded_size(width: int, height: int, multiple: int = 8) -> Tuple[int, int]:

@@ -24,8 +24,14 @@ Predict = Callable[[List[TileBatch], torch.Tensor], List[torch.Tensor]]
 
 
 def batches_of(tiles: Sequence, size: int) -> List[list]:
-    """Consecutive groups of `size` tiles: the grouping depends on the tile index only."""
-    return [list(tiles[i:i + size]) for i in range(0, len(tiles), size)]
+    """Consecutive groups of at most `size` tiles, as few as can be and as equal as can be (larger first):
+    the grouping depends on the tile index only, and a compiled model sees one batch shape a step."""
+    calls = -(-len(tiles) // size)
+    base, extra = divmod(len(tiles), calls) if calls else (0, 0)
+    bounds = [0]
+    for c in range(calls):
+        bounds.append(bounds[-1] + base + (c < extra))
+    return [list(tiles[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
 def _model_input(scheduler, x: torch.Tensor, t) -> torch.Tensor:
