@@ -189,3 +189,12 @@ def test_a_wrapped_tile_takes_its_pixels_from_the_other_side():
     assert t.y + t.h > 5 and t.x + t.w > 7
     ref = torch.roll(x, shifts=(-t.y, -t.x), dims=(1, 2))[:, :4, :4]
     assert torch.equal(crop(x, t), ref)
+
+
+@given(n=st.integers(0, 200), size=st.integers(1, 40))
+def test_batches_are_as_few_and_as_equal_as_can_be(n, size):
+    groups = batches_of(list(range(n)), size)
+    assert [t for g in groups for t in g] == list(range(n))
+    assert len(groups) == -(-n // size) and all(0 < len(g) <= size for g in groups)
+    assert not groups or max(map(len, groups)) - min(map(len, groups)) <= 1
+    assert [len(g) for g in groups] == sorted((len(g) for g in groups), reverse=True)  # the largest first
