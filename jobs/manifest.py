@@ -10,7 +10,6 @@ Old parts that lack a column added to :data:`SCHEMA` later read with that column
 """
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from pathlib import Path

@@ -52,6 +52,63 @@ class PromptCache:
         return key in self._items
 
 
+class Adapter:
+    """What every family's adapter shares: the pipeline's modules, the scheduler config, the prompt cache,
+    text encoders released after encoding under CPU offload, and the VAE decode.
+
+    Subclasses name their `denoiser` ("unet" or "transformer", kept under that attribute) and implement
+    `_encode_pair(prompt, negative)` and `predict(x, t, cond, guidance, tiles, canvas)`.  The loader
+    (`models.load_model`) has already placed the modules (on the device, or under diffusers' CPU offload
+    hooks) and chosen the VAE's dtype; inputs go to `device`, the execution device."""
+
+    denoiser = "unet"
+
+    def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
+                 weights: str = "pretrained"):
+        self.name, self.device, self.dtype, self.offload, self.weights_kind = name, device, dtype, offload, weights
+        net = getattr(pipe, self.denoiser)
+        setattr(self, self.denoiser, net)
+        self.vae = pipe.vae
+        self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
+        self.scheduler_config = dict(pipe.scheduler.config)
+        self.latent_channels = net.config.in_channels
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        for m in (net, self.vae, *self.text_modules()):
+            m.eval()
+        self._cache = PromptCache(self._encode_pair)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    def text_modules(self):
+        return [self.text_encoder]
+
+    def encode(self, prompt: str, negative: str):
+        """The text conditioning of (prompt, negative): encoded once while the pair is in use, then kept."""
+        return self._cache(prompt, negative)
+
+    def _encode_pair(self, prompt: str, negative: str):
+        raise NotImplementedError
+
+    def _release_text_encoders(self) -> None:
+        """Under CPU offload, hand the text encoders' GPU memory back at once (the cache keeps the embeddings);
+        a later new prompt brings them back through the offload hooks."""
+        if self.offload == "model" and self.device.type == "cuda":
+            for m in self.text_modules():
+                m.to("cpu")
+            torch.cuda.empty_cache()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents [1, C, h, w] to an image [1, 3, f*h, f*w] in [-1, 1] in one piece."""
+        return decode_latents(self.vae, z, self.device)
+
+    def unscale(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents in the VAE's own space (scale and shift undone), on its device and dtype: what
+        `tiling.decode_tiled` takes."""
+        return unscale_latents(self.vae, z, self.device)
+
+
 @torch.no_grad()
 def unscale_latents(vae, z: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Diffusion latents to the VAE's own latent space, on `device` in the VAE's dtype, as diffusers'
@@ -75,12 +132,17 @@ def decode_latents(vae, z: torch.Tensor, device: torch.device) -> torch.Tensor:
     return vae.decode(unscale_latents(vae, z, device)).sample.float().cpu()
 
 
-def seeded_build(build: Callable[[], Any], device: torch.device, seed: int = 0):
-    """`build()` with the global RNG seeded (and restored after), its tensors allocated on `device`.
+def seeded_build(build: Callable[[], Any], device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The pipeline `build()` makes with the global RNG seeded (and restored after), its tensors allocated on
+    `device`, then every module cast to `dtype`.
 
     Random full-size weights are the same on every worker with the same device kind, so a benchmark's
     pictures are reproducible; building on the GPU directly skips gigabytes of CPU init and copy."""
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed)
-        return build()
+        pipe = build()
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.to(dtype=dtype)
+    return pipe

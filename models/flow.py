@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .base import PromptCache, decode_latents, unscale_latents
+from .base import Adapter
 
 FLUX_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, sample_size=1024,
@@ -60,7 +60,7 @@ def byte_tokenizer(bos: bool, model_max_length: int = 512, chat_template: Option
                                    padding_side="right")
 
 
-class FlowModel:
+class FlowModel(Adapter):
     """One loaded flow-matching DiT pipeline behind Tessera's model interface (see `models`).
 
     Subclasses set `family` and implement `_encode_pair(prompt, negative)` and `_guided(x, s, cond, guidance)`:
@@ -68,40 +68,12 @@ class FlowModel:
     computes it."""
 
     family = "flow"
+    denoiser = "transformer"
 
     def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
                  weights: str = "pretrained"):
-        self.name, self.device, self.dtype, self.offload, self.weights_kind = name, device, dtype, offload, weights
-        self.transformer, self.vae = pipe.transformer, pipe.vae
-        self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
-        self.scheduler_config = dict(pipe.scheduler.config)
+        super().__init__(pipe, name, device, dtype, offload, weights)
         self.num_train_timesteps = self.scheduler_config.get("num_train_timesteps", 1000)
-        self.latent_channels = self.transformer.config.in_channels
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        for m in (self.transformer, self.vae, *self.text_modules()):
-            m.eval()
-        self._cache = PromptCache(self._encode_pair)
-
-    @property
-    def vae_dtype(self) -> torch.dtype:
-        return self.vae.dtype
-
-    def text_modules(self):
-        return [self.text_encoder]
-
-    def encode(self, prompt: str, negative: str):
-        """The text conditioning of (prompt, negative): encoded once while the pair is in use, then kept."""
-        return self._cache(prompt, negative)
-
-    def _encode_pair(self, prompt: str, negative: str):
-        raise NotImplementedError
-
-    def _release_text_encoders(self) -> None:
-        """Under CPU offload, hand the text encoder's GPU memory back at once (the cache keeps the embeddings)."""
-        if self.offload == "model" and self.device.type == "cuda":
-            for m in self.text_modules():
-                m.to("cpu")
-            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, t, cond, guidance: float, tiles=None, canvas=None) -> torch.Tensor:
@@ -118,11 +90,3 @@ class FlowModel:
 
     def _guided(self, x: torch.Tensor, s: torch.Tensor, cond, guidance: float) -> torch.Tensor:
         raise NotImplementedError
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents [1, 16, h, w] to an image [1, 3, 8h, 8w] in [-1, 1] (scale and shift from the VAE's config)."""
-        return decode_latents(self.vae, z, self.device)
-
-    def unscale(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents in the VAE's own space (z / scaling_factor + shift_factor): what `tiling.decode_tiled` takes."""
-        return unscale_latents(self.vae, z, self.device)

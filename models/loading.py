@@ -104,8 +104,7 @@ def compile_denoiser(adapter) -> None:
     """`model.compile`: torch.compile the adapter's denoiser (its `unet`, or `transformer` for DiTs) with
     static shapes; the renderer feeds it one batch shape (short batches padded), so it compiles once per tile
     size, on the first call, and the worker reuses it for the whole job."""
-    name = "unet" if hasattr(adapter, "unet") else "transformer"
-    setattr(adapter, name, torch.compile(getattr(adapter, name), dynamic=False))
+    setattr(adapter, adapter.denoiser, torch.compile(getattr(adapter, adapter.denoiser), dynamic=False))
 
 
 def load_model(model_cfg: ModelConfig):

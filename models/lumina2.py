@@ -64,10 +64,7 @@ def random_pipeline(device: torch.device, dtype: torch.dtype):
             scheduler=FlowMatchEulerDiscreteScheduler(**LUMINA2_SCHEDULER), vae=AutoencoderKL(**FLUX_VAE),
             text_encoder=Gemma2Model(Gemma2Config(**GEMMA2_2B)), tokenizer=tokenizer)
 
-    pipe = seeded_build(build, device)
-    for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
-        m.to(dtype=dtype)
-    return pipe
+    return seeded_build(build, device, dtype)
 
 
 class Lumina2Model(FlowModel):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family, PromptCache, decode_latents, seeded_build, unscale_latents
+from .base import Adapter, Family, seeded_build
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -62,42 +62,13 @@ def random_pipeline(device: torch.device, dtype: torch.dtype):
             scheduler=scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
 
-    pipe = seeded_build(build, device)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.to(dtype=dtype)
-    return pipe
+    return seeded_build(build, device, dtype)
 
 
-class SDModel:
-    """One loaded SD 1.x pipeline behind Tessera's model interface.
-
-    The loader (`models.load_model`) has already placed the modules (on the device, or under diffusers'
-    CPU offload hooks) and chosen the VAE's dtype; inputs go to `device`, the execution device."""
+class SDModel(Adapter):
+    """One loaded SD 1.x pipeline behind Tessera's model interface (`models.base.Adapter`)."""
 
     family = "sd"
-
-    def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
-                 weights: str = "pretrained"):
-        self.name, self.device, self.dtype, self.offload, self.weights_kind = name, device, dtype, offload, weights
-        self.unet, self.vae = pipe.unet, pipe.vae
-        self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
-        self.scheduler_config = dict(pipe.scheduler.config)
-        self.latent_channels = self.unet.config.in_channels
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        for m in (self.unet, self.vae, *self.text_modules()):
-            m.eval()
-        self._cache = PromptCache(self._encode_pair)
-
-    @property
-    def vae_dtype(self) -> torch.dtype:
-        return self.vae.dtype
-
-    def text_modules(self):
-        return [self.text_encoder]
-
-    def encode(self, prompt: str, negative: str):
-        """The text conditioning of (prompt, negative): encoded once while the pair is in use, then kept."""
-        return self._cache(prompt, negative)
 
     @torch.no_grad()
     def _embed(self, text: str) -> torch.Tensor:
@@ -111,14 +82,6 @@ class SDModel:
         cond = torch.cat([self._embed(negative), self._embed(prompt)])
         self._release_text_encoders()
         return cond
-
-    def _release_text_encoders(self) -> None:
-        """Under CPU offload, hand the text encoders' GPU memory back at once (the cache keeps the embeddings);
-        a later new prompt brings them back through the offload hooks."""
-        if self.offload == "model" and self.device.type == "cuda":
-            for m in self.text_modules():
-                m.to("cpu")
-            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, t, cond: torch.Tensor, guidance: float, tiles=None, canvas=None) -> torch.Tensor:
@@ -135,14 +98,6 @@ class SDModel:
         else:
             eps = self.unet(x, t, encoder_hidden_states=cond[1:].expand(n, -1, -1)).sample.float()
         return eps
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents [1, C, h, w] to an image [1, 3, 8h, 8w] in [-1, 1]."""
-        return decode_latents(self.vae, z, self.device)
-
-    def unscale(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents in the VAE's own space, on its device and dtype: what `tiling.decode_tiled` takes."""
-        return unscale_latents(self.vae, z, self.device)
 
 
 FAMILY = Family(name="sd", pipeline="StableDiffusionPipeline", adapter=SDModel, random_pipeline=random_pipeline,

@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .base import Family, decode_latents, seeded_build
+from .base import Family, seeded_build
 from .sd import CLIP_L_TEXT, SD_SCHEDULER, SD_VAE, SDModel, clip_text_config, offline_tokenizer
 
 SDXL_UNET = dict(
@@ -68,10 +68,7 @@ def random_pipeline(device: torch.device, dtype: torch.dtype):
             scheduler=scheduler, force_zeros_for_empty_prompt=True,
             add_watermarker=False)
 
-    pipe = seeded_build(build, device)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        m.to(dtype=dtype)
-    return pipe
+    return seeded_build(build, device, dtype)
 
 
 class SDXLModel(SDModel):
@@ -150,10 +147,6 @@ class SDXLModel(SDModel):
             eps = self.unet(x, t, encoder_hidden_states=cond.embeds[1:].expand(n, -1, -1),
                             added_cond_kwargs=added).sample.float()
         return eps
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents [1, 4, h, w] to an image [1, 3, 8h, 8w] in [-1, 1]; scaling_factor 0.13025 from the VAE's config."""
-        return decode_latents(self.vae, z, self.device)
 
 
 FAMILY = Family(name="sdxl", pipeline="StableDiffusionXLPipeline", adapter=SDXLModel, random_pipeline=random_pipeline,

@@ -62,10 +62,7 @@ def random_pipeline(device: torch.device, dtype: torch.dtype):
             text_encoder=Qwen3Model(Qwen3Config(**QWEN3_4B)), tokenizer=tokenizer,
             transformer=ZImageTransformer2DModel(**ZIMAGE_TRANSFORMER))
 
-    pipe = seeded_build(build, device)
-    for m in (pipe.transformer, pipe.vae, pipe.text_encoder):
-        m.to(dtype=dtype)
-    return pipe
+    return seeded_build(build, device, dtype)
 
 
 class ZImageModel(FlowModel):

@@ -20,6 +20,18 @@ def demo_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """One BLAS thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models spend
+    no time waiting on a second thread, timings hold on a busy machine, and sums are bitwise stable."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
 def ray_local():
     """A small embedded Ray instance shared by a module's tests."""
     import ray

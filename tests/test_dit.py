@@ -21,12 +21,7 @@ from models.flow import CHAT_TEMPLATE, byte_tokenizer
 from tiling import decode_tiled
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_flux_vae():

@@ -5,7 +5,6 @@ written offline as models.demo does), saved with save_pretrained and loaded back
 key check: for a canvas that fits in one tile, Tessera's tiled loop gives the latents of the plain
 diffusers pipeline for the same noise and settings, for SDXL and for SD 1.x (the demo model).
 """
-import os
 import shutil
 
 import numpy as np
@@ -24,13 +23,7 @@ from tiling.grid import Tile
 # --------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One BLAS thread: steady timings on a shared 2-core machine (and bitwise-stable sums)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_tiny_sdxl(width_2: int = 32):

@@ -29,13 +29,7 @@ def psnr(a, b):
     return (10 * torch.log10(4 / ((a.clamp(-1, 1) - b.clamp(-1, 1)) ** 2).mean())).item()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These VAEs are tiny: one thread spends no time waiting on the other (and none on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
