@@ -27,21 +27,24 @@ MAX_STEPS = 1000
 MAX_GUIDANCE = 50.0
 
 # model.name -> family; models/ holds one adapter per family (models.FAMILIES).
-MODEL_FAMILIES = {"demo": "sd", "sd15": "sd", "sdxl": "sdxl", "z_image": "z_image", "lumina2": "lumina2"}
+MODEL_FAMILIES = {"demo": "sd", "sd15": "sd", "sdxl": "sdxl", "z_image": "z_image", "lumina2": "lumina2",
+                  "newbie": "newbie"}
 MODEL_NAMES = tuple(MODEL_FAMILIES)
-# The diffusers pipeline class a family's diffusers folder holds (model_index.json's _class_name).
+# The pipeline class a family's diffusers folder holds (model_index.json's _class_name); NewbiePipeline is not in
+# diffusers, models/newbie.py holds it.
 FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                    "z_image": "ZImagePipeline", "lumina2": "Lumina2Pipeline"}
+                    "z_image": "ZImagePipeline", "lumina2": "Lumina2Pipeline", "newbie": "NewbiePipeline"}
 # Older names of the same class that folders in the wild still carry (diffusers renamed the class).
 PIPELINE_ALIASES = {"lumina2": ("Lumina2Text2ImgPipeline",)}
 # Families that load from one original-layout .safetensors file (from_single_file); the others need a folder.
 SINGLE_FILE_FAMILIES = ("sd", "sdxl")
 # Transformer families: latent pixels per patch side.  A tile (and a canvas side smaller than a tile, which is
 # then the tile) must be whole patches.
-FAMILY_PATCH = {"z_image": 2, "lumina2": 2}
+FAMILY_PATCH = {"z_image": 2, "lumina2": 2, "newbie": 2}
 VAE_FACTOR = 8  # image pixels per latent pixel, for every family here
-# Families whose weights come with their own Python code (none yet): they load only with trust_remote_code.
-REMOTE_CODE_FAMILIES: tuple = ()
+# Families whose weights come with their own Python code (NewBie: its Jina CLIP v2 text encoder): their folders load
+# only with model.trust_remote_code (random weights are built in code and need none).
+REMOTE_CODE_FAMILIES: tuple = ("newbie",)
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 WEIGHTS = ("pretrained", "random")
 ATTENTIONS = ("sdpa", "xformers")
@@ -51,7 +54,7 @@ NOISE_SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m_karras", "unipc")  # e
 FLOW_SCHEDULERS = ("flow_euler",)  # flow-matching families (DiTs): FlowMatchEulerDiscreteScheduler
 SCHEDULERS = NOISE_SCHEDULERS + FLOW_SCHEDULERS
 FAMILY_SCHEDULERS = {"sd": NOISE_SCHEDULERS, "sdxl": NOISE_SCHEDULERS, "z_image": FLOW_SCHEDULERS,
-                     "lumina2": FLOW_SCHEDULERS}
+                     "lumina2": FLOW_SCHEDULERS, "newbie": FLOW_SCHEDULERS}
 TILING_METHODS = ("uniform", "gaussian", "shifted")
 WRAPS = ("none", "x", "y", "both")
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
@@ -72,7 +75,7 @@ class ConfigError(TesseraError, ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "demo"  # demo | sd15 | sdxl | z_image | lumina2: picks the family (MODEL_FAMILIES)
+    name: str = "demo"  # demo | sd15 | sdxl | z_image | lumina2 | newbie: picks the family (MODEL_FAMILIES)
     path: Optional[str] = None  # a local diffusers folder or one .safetensors file; demo: its cache folder
     config: Optional[str] = None  # for a single-file path: a local diffusers folder with the pipeline's configs
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -80,7 +83,7 @@ class ModelConfig:
     attention: str = "sdpa"  # sdpa (torch) | xformers (must be installed)
     offload: str = "none"  # none | model | sequential: diffusers' CPU offload (GPU workers only)
     allow_pickle: bool = False  # load .ckpt/.bin/.pt/.pth weights (torch pickles)
-    trust_remote_code: bool = False  # for families that ship code with their weights (none yet)
+    trust_remote_code: bool = False  # for families whose weights ship Python code (REMOTE_CODE_FAMILIES: newbie)
     compile: bool = False  # torch.compile the denoiser for the fixed tile shape (GPU; compile time paid once)
 
 
@@ -220,9 +223,6 @@ def validate_model(m: ModelConfig) -> None:
     _one_of("model.attention", m.attention, ATTENTIONS)
     _one_of("model.offload", m.offload, OFFLOADS)
     family = MODEL_FAMILIES[m.name]
-    if family in REMOTE_CODE_FAMILIES:
-        _check(m.trust_remote_code, "model.trust_remote_code", m.trust_remote_code,
-               f"model={m.name} runs code shipped with its weights; set it to true only for weights you trust")
     if m.weights == "random":
         _check(m.name != "demo", "model.weights", m.weights,
                "the demo model is random already; random builds a full-size family (model="
@@ -231,6 +231,9 @@ def validate_model(m: ModelConfig) -> None:
             _check(not value, name, value, "not used with model.weights=random (the architecture is built in code); "
                    "unset it")
         return
+    if family in REMOTE_CODE_FAMILIES:  # random weights (above) are built in code: nothing shipped runs
+        _check(m.trust_remote_code, "model.trust_remote_code", m.trust_remote_code,
+               f"model={m.name} runs code shipped with its weights; set it to true only for weights you trust")
     if m.name == "demo":
         _check(not m.config, "model.config", m.config, "only for a single-file model.path; not for the demo model")
         return

@@ -10,7 +10,8 @@ The registry: ``jobs.spec.MODEL_FAMILIES`` maps ``model.name`` to a family, :dat
 to the module whose ``FAMILY`` (:class:`models.base.Family`) says how to load it and which adapter serves
 it; :func:`load_model` is the one entry point.  A new family is a module with an adapter and a ``FAMILY``,
 one row here, and one row in each table of ``jobs.spec`` (names, pipeline class, schedulers; patch size for a
-transformer).  The flow-matching DiTs (Z-Image, Lumina 2) share ``models.flow``.  Nothing here reaches a hub.
+transformer).  The flow-matching DiTs (Z-Image, Lumina 2, NewBie) share ``models.flow``; NewBie extends Lumina 2's
+adapter.  Nothing here reaches a hub.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from .loading import DTYPES, load_model, pick_device_dtype, quiet, resolve_path 
 from .schedulers import SCHEDULERS, make_scheduler  # noqa: E402
 
 FAMILIES = {"sd": "models.sd", "sdxl": "models.sdxl", "z_image": "models.zimage",
-            "lumina2": "models.lumina2"}  # family -> module defining FAMILY
+            "lumina2": "models.lumina2", "newbie": "models.newbie"}  # family -> module defining FAMILY
 
 
 def family(name: str):

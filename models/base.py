@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
@@ -15,7 +15,8 @@ class Family:
     `adapter(pipe, name, device, dtype, offload=..., weights=...)` wraps a loaded diffusers pipeline;
     `random_pipeline(device, dtype)` builds the family's full-size architecture with random weights
     (benchmarks only; configs written out in code, nothing downloaded); `pipeline_kwargs` go to
-    `from_pretrained` / `from_single_file`.  The pipeline class is `jobs.spec.FAMILY_PIPELINES[name]`.
+    `from_pretrained` / `from_single_file`.  The pipeline class is diffusers' `pipeline` (the name in
+    `jobs.spec.FAMILY_PIPELINES`), or `pipeline_class` for a family whose pipeline diffusers does not ship.
     """
 
     name: str
@@ -23,6 +24,7 @@ class Family:
     adapter: Callable[..., Any]
     random_pipeline: Callable[[torch.device, torch.dtype], Any]
     pipeline_kwargs: Dict[str, Any] = field(default_factory=dict)
+    pipeline_class: Optional[type] = None
 
 
 class PromptCache:

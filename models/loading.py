@@ -2,7 +2,8 @@
 
 Every path is local (``local_files_only=True``); the options are checked before any weights are read:
 
-* a diffusers folder: ``from_pretrained``, safetensors only unless ``model.allow_pickle``;
+* a diffusers folder: ``from_pretrained``, safetensors only unless ``model.allow_pickle``; a family whose
+  weights ship Python code (``jobs.spec.REMOTE_CODE_FAMILIES``) only with ``model.trust_remote_code``;
 * one ``.safetensors`` (or, with ``model.allow_pickle``, ``.ckpt``) file in the original (LDM / A1111)
   layout: ``from_single_file(..., config=model.config)``, where ``model.config`` is a local diffusers
   folder of the same architecture that supplies the component configs, the scheduler and the tokenizers
@@ -18,7 +19,7 @@ import os
 
 import torch
 
-from jobs.spec import ConfigError, ModelConfig, validate_model
+from jobs.spec import REMOTE_CODE_FAMILIES, ConfigError, ModelConfig, validate_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -74,11 +75,12 @@ def load_pipeline(family, m: ModelConfig, device: torch.device, dtype: torch.dty
 
     if m.weights == "random":
         return family.random_pipeline(device if m.offload == "none" else torch.device("cpu"), dtype)
-    cls = getattr(diffusers, family.pipeline)
+    cls = family.pipeline_class or getattr(diffusers, family.pipeline)
     path = resolve_path(m)
     if os.path.isdir(path):
+        trust = {"trust_remote_code": m.trust_remote_code} if family.name in REMOTE_CODE_FAMILIES else {}
         return cls.from_pretrained(path, local_files_only=True, dtype=dtype, use_safetensors=not m.allow_pickle,
-                                   **family.pipeline_kwargs)
+                                   **family.pipeline_kwargs, **trust)
     return cls.from_single_file(path, config=os.path.expanduser(m.config), local_files_only=True, dtype=dtype,
                                 **family.pipeline_kwargs)
 

@@ -44,11 +44,17 @@ MAX_SEQUENCE_LENGTH = 256  # Lumina2Pipeline's default
 
 
 class Lumina2Cond(NamedTuple):
-    """Text conditioning of one (prompt, negative) pair: [2, 256, D] hidden states and their [2, 256] attention
-    mask; row 0 the negative, row 1 the prompt."""
+    """Text conditioning of one (prompt, negative) pair: [2, L, D] hidden states and their [2, L] attention mask
+    (L = the adapter's `max_sequence_length`, 256 here); row 0 the negative, row 1 the prompt."""
 
     embeds: torch.Tensor
     mask: torch.Tensor
+
+    def inputs(self, rows: slice, n: int) -> dict:
+        """The transformer's text arguments for `rows` (slice(1, None): the prompt; slice(None): negative then
+        prompt), each row repeated for `n` tiles."""
+        return {"encoder_hidden_states": self.embeds[rows].repeat_interleave(n, dim=0),
+                "encoder_attention_mask": self.mask[rows].repeat_interleave(n, dim=0)}
 
 
 def random_pipeline(device: torch.device, dtype: torch.dtype):
@@ -71,7 +77,9 @@ class Lumina2Model(FlowModel):
     """One loaded `Lumina2Pipeline` behind Tessera's model interface."""
 
     family = "lumina2"
+    max_sequence_length = MAX_SEQUENCE_LENGTH
     cfg_normalization = True  # Lumina2Pipeline's default
+    cfg_trunc = 1.0  # guidance while the normalised time 1 - t/1000 is below this; 1.0: every step, as the pipeline
 
     def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
                  weights: str = "pretrained"):
@@ -82,30 +90,39 @@ class Lumina2Model(FlowModel):
 
     @torch.no_grad()
     def _embed(self, text: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer(text, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+        tok = self.tokenizer(text, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                              return_tensors="pt")
         mask = tok.attention_mask.to(self.device)
         hidden = self.text_encoder(tok.input_ids.to(self.device), attention_mask=mask, output_hidden_states=True)
         return hidden.hidden_states[-2].to(self.text_encoder.dtype), mask
 
+    def _behind_system_prompt(self, text: str) -> str:
+        return f"{self.system_prompt} <Prompt Start> {text}"
+
+    def _texts(self, prompt: str, negative: str) -> Tuple[str, str]:
+        """What the text encoder reads: the prompt behind the system prompt, the negative as it is."""
+        return self._behind_system_prompt(prompt), negative
+
     def _encode_pair(self, prompt: str, negative: str) -> Lumina2Cond:
-        emb, mask = self._embed(f"{self.system_prompt} <Prompt Start> {prompt}")
-        neg, neg_mask = self._embed(negative)
+        text, neg_text = self._texts(prompt, negative)
+        emb, mask = self._embed(text)
+        neg, neg_mask = self._embed(neg_text)
         self._release_text_encoders()
         return Lumina2Cond(torch.cat([neg, emb]), torch.cat([neg_mask, mask]))
 
     def _guided(self, x: torch.Tensor, s: torch.Tensor, cond: Lumina2Cond, guidance: float) -> torch.Tensor:
         n = x.shape[0]
-        if guidance > 1.0:  # n negatives, then n prompts, in one call (the pipeline makes two)
-            out = self.transformer(torch.cat([x, x]), torch.cat([s, s]), cond.embeds.repeat_interleave(n, dim=0),
-                                   cond.mask.repeat_interleave(n, dim=0), return_dict=False)[0]
+        # cfg_trunc < 1 reads s once a call (all tiles share it): a device sync on a GPU, small next to the call.
+        if guidance > 1.0 and (self.cfg_trunc >= 1.0 or s[0].item() < self.cfg_trunc):
+            # n negatives, then n prompts, in one call (the pipeline makes two)
+            out = self.transformer(torch.cat([x, x]), torch.cat([s, s]), **cond.inputs(slice(None), n),
+                                   return_dict=False)[0]
             uncond, text = out.float().chunk(2)
             v = uncond + guidance * (text - uncond)
             if self.cfg_normalization:
                 v = v * (text.norm(dim=-1, keepdim=True) / v.norm(dim=-1, keepdim=True))
             return v
-        return self.transformer(x, s, cond.embeds[1:].expand(n, -1, -1), cond.mask[1:].expand(n, -1),
-                                return_dict=False)[0].float()
+        return self.transformer(x, s, **cond.inputs(slice(1, None), n), return_dict=False)[0].float()
 
 
 FAMILY = Family(name="lumina2", pipeline="Lumina2Pipeline", adapter=Lumina2Model, random_pipeline=random_pipeline)
