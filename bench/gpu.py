@@ -38,6 +38,9 @@ W, H, STEPS, GUIDANCE = 3840, 2160, 30, 7.0
 SMOKE = False
 METHODS, LEAN = ("uniform", "gaussian", "shifted"), False  # --methods, --lean
 ROWS = None  # --out/rows-<family>.jsonl
+DECODE_ONLY = False  # --decode-only
+DECODES = [(64, 8, 3, "fp32"), (64, 8, 3, "bf16"), (64, 8, 2, "bf16"), (64, 8, 3, "bf16-cl"), (128, 8, 3, "bf16"),
+           (128, 8, 2, "bf16"), (128, 0, 1, "bf16")]  # (vae_tile, vae_overlap, vae_passes, form)
 
 
 class Stop(Exception):
@@ -173,13 +176,44 @@ def bulk(renderer: Renderer, cfg: TesseraConfig, label: str, images: int, group:
 
 
 def decode_variants(renderer: Renderer, cfg: TesseraConfig, variants) -> list:
-    """The tiled VAE decode alone on one 3840x2160 latent: time and peak memory per (vae_tile, overlap, passes)."""
+    """The tiled VAE decode alone on one 3840x2160 latent: time, peak memory and PSNR against the whole-frame
+    fp32 decode, per (vae_tile, overlap, passes, form); form is "fp32" (the VAE upcast, as before session 3),
+    "bf16" (its own dtype) or "bf16-cl" (bf16, channels-last weights)."""
+    import numpy as np
+
+    vae = renderer.model.vae
     req = plan(cfg)[0]
     factor = renderer.model.vae_scale_factor
     g = torch.Generator("cpu").manual_seed(0)
     z = torch.randn((1, renderer.model.latent_channels, H // factor, W // factor), generator=g)
-    out = []
-    for tile, overlap, passes in variants:
+    zu = renderer.model.unscale(z)
+    out, ref = [], None
+    dtypes = {"fp32": torch.float32, "bf16": renderer.model.dtype, "bf16-cl": renderer.model.dtype}
+    for form in ("fp32", "bf16"):  # the whole frame, no tiling
+        vae.to(dtypes[form])
+        try:
+            reset_peak()
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                img = vae.decode(zu.to(vae.dtype)).sample[0].float().clamp(-1, 1)
+            sync()
+            row = {"contender": f"VAE decode alone, whole frame in one piece, {form}",
+                   "seconds_decode": time.perf_counter() - t0, "peak_gib_decode": peak_gib()}
+            img = ((img + 1) * 127.5).round().cpu().numpy()
+            if ref is not None:
+                mse = float(((img - ref) ** 2).mean())
+                row["psnr_vs_whole_frame_fp32_db"] = float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+            emit(out, row)
+            ref = img if ref is None else ref
+            del img
+        except torch.OutOfMemoryError as e:
+            emit(out, {"contender": f"VAE decode alone, whole frame, {form}", "note": f"out of memory: {e}"})
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    for tile, overlap, passes, form in variants:
+        vae.to(dtypes[form])
+        if form.endswith("-cl"):
+            vae.to(memory_format=torch.channels_last)
         cfg.tiling.vae_tile, cfg.tiling.vae_overlap, cfg.tiling.vae_passes = tile, overlap, passes
         renderer._decode(req, cfg.tiling, z[..., :64, :64])  # warm-up
         reset_peak()
@@ -188,8 +222,14 @@ def decode_variants(renderer: Renderer, cfg: TesseraConfig, variants) -> list:
         decoded = renderer._decode(req, cfg.tiling, z)
         sync()
         assert not isinstance(decoded, BaseException), decoded
-        emit(out, {"contender": f"VAE decode only, tile {tile} overlap {overlap}, {passes} sweeps",
-                   "seconds_decode": time.perf_counter() - t0, "peak_gib_decode": peak_gib()})
+        row = {"contender": f"VAE decode alone, tile {tile} overlap {overlap}, {passes} sweeps, {form}",
+               "seconds_decode": time.perf_counter() - t0, "peak_gib_decode": peak_gib()}
+        if ref is not None:
+            mse = ((decoded[0].astype(np.float64).transpose(2, 0, 1) - ref) ** 2).mean()
+            row["psnr_vs_whole_frame_fp32_db"] = float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+        emit(out, row)
+        vae.to(memory_format=torch.contiguous_format)
+    vae.to(renderer.model.dtype)
     return out
 
 
@@ -316,6 +356,8 @@ def run_sdxl(steps: int, tmp: str, env, compile_too: bool, quick: bool) -> list:
     name, T, O = ("demo", 32, 8) if SMOKE else ("sdxl", 128, 32)  # --smoke: the demo model, several tiles
     cfg = cfg_for(name, "gaussian", T, O, 8, tmp, steps)
     r = Renderer(cfg.model, cfg.output)
+    if DECODE_ONLY:
+        return decode_variants(r, cfg_for(name, "shifted", T, 0, 8, tmp, steps), DECODES)
     results = []
     one = {}
     for method, ov in [(m, 0 if m == "shifted" else O) for m in METHODS]:
@@ -337,8 +379,7 @@ def run_sdxl(steps: int, tmp: str, env, compile_too: bool, quick: bool) -> list:
     row = tessera(r, cfg_for(name, "shifted", T, 0, 8, tmp, 2), f"Tessera {name} shifted {T} at {W}x{H} (2 steps: memory)")
     W, H = w, h
     emit(results, dict(row, seconds_per_image=float("nan"), images_per_gpu_hour=float("nan")))
-    results += decode_variants(r, cfg_for(name, "shifted", T, 0, 8, tmp, steps),
-                               [(64, 8, 3), (128, 0, 3), (128, 0, 1)])
+    results += decode_variants(r, cfg_for(name, "shifted", T, 0, 8, tmp, steps), DECODES)
     if not quick and not SMOKE:
         emit(results, plain_sdxl(r.model, "diffusers SDXL pipeline, whole frame, VAE tiling"))
     if compile_too:
@@ -358,9 +399,10 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=["uniform", "gaussian", "shifted"], help="Tessera's methods")
     ap.add_argument("--lean", action="store_true", help="skip the 8K memory row, the decode variants, the plain "
                     "SDXL pipeline and the panorama stride-48 view_batch_size 1 row")
+    ap.add_argument("--decode-only", action="store_true", help="SDXL's VAE decode variants alone")
     args = ap.parse_args()
-    global METHODS, LEAN
-    METHODS, LEAN = args.methods, args.lean
+    global METHODS, LEAN, DECODE_ONLY
+    METHODS, LEAN, DECODE_ONLY = args.methods, args.lean, args.decode_only
     global W, H, SMOKE, ROWS
     SMOKE = args.smoke
     if args.smoke:
@@ -401,7 +443,8 @@ def main() -> None:
                      f"{r.get('peak_gib_denoise', nan):.1f} / {r.get('peak_gib_decode', nan):.1f} | "
                      f"{r.get('seconds_decode', nan):.2f} / {r.get('seconds_write', nan):.2f} | {r.get('note', '')} "
                      f"{('%d tile-steps' % r['tiles_per_image']) if 'tiles_per_image' in r else ''} "
-                     f"{('PSNR %.1f dB vs one at a time' % r['psnr_vs_one_at_a_time_db']) if 'psnr_vs_one_at_a_time_db' in r else ''} |")
+                     f"{('PSNR %.1f dB vs one at a time' % r['psnr_vs_one_at_a_time_db']) if 'psnr_vs_one_at_a_time_db' in r else ''}"
+                     f"{('PSNR %.1f dB vs whole frame fp32' % r['psnr_vs_whole_frame_fp32_db']) if 'psnr_vs_whole_frame_fp32_db' in r else ''} |")
     (out / f"bench-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps(env))

@@ -238,7 +238,7 @@ def auto_batch(model, tile: int, budget: float = 0.8, cap_px: int = 8 * 128 * 12
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        model.predict(torch.zeros(n, model.latent_channels, tile, tile), torch.tensor(500), cond, 2.0)
+        model.predict(torch.zeros(n, model.latent_channels, tile, tile), torch.tensor(999), cond, 2.0)
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - base)
     per_tile = max(peaks[1] - peaks[0], 1)

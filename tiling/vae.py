@@ -304,8 +304,10 @@ def _periodic(wrap_y: bool, wrap_x: bool):
 # --------------------------------------------------------------------------------- precision and sweeps
 
 def _work_dtype(vae) -> torch.dtype:
+    """fp32 for an fp16 VAE that asks for `force_upcast` (SDXL's overflows fp16's range), else its own dtype.
+    As diffusers' pipelines do, bf16 is not upcast: it has fp32's range, and decodes at about twice the speed."""
     dtype = next(vae.parameters()).dtype
-    return torch.float32 if dtype != torch.float32 and getattr(vae.config, "force_upcast", False) else dtype
+    return torch.float32 if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else dtype
 
 
 def _or_identity(vae, name: str) -> nn.Module:
