@@ -125,7 +125,7 @@ def tessera(renderer: Renderer, cfg: TesseraConfig, label: str) -> dict:
     sync()
     peak_decode = peak_gib()
     t1 = time.perf_counter()
-    row = renderer._write(req, cfg.tiling, decoded, None, t_denoise)
+    row = renderer.write(req, cfg.tiling, decoded, None, t_denoise)
     t_write = time.perf_counter() - t1
     assert row["status"] == "ok", row["error"]
     keep = Path(cfg.output.dir) / f"reference-{time.monotonic_ns()}.png"  # later runs write the same image id

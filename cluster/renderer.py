@@ -18,8 +18,8 @@ from jobs.spec import ModelConfig, OutputConfig, TilingConfig
 from models import load_model, make_scheduler
 from models.loading import compile_denoiser
 from models.schedulers import tile_seq_len, timestep_kwargs
-from tiling import (TileBatch, border_lines, decode_tiled, denoise_canvases, layout, padded_size, scale_tiles,
-                    seam_score, step_layouts, to_uint8)
+from tiling import (TileBatch, border_lines, decode_tiled, decoder_sweeps, denoise_canvases, layout, padded_size,
+                    scale_tiles, seam_score, step_layouts, to_uint8)
 from tiling.seams import gradients
 
 
@@ -137,6 +137,7 @@ class Renderer:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._device = threading.Lock()
         self._batches = {}  # tile size -> automatic batch size
+        self._sweeps = {}  # image id -> its tiled decode's Sweeps, while a tile-parallel decode runs
 
     def info(self) -> dict:
         m = self.model
@@ -187,14 +188,7 @@ class Renderer:
                 decoded = [self._decode(req, tiling, z) for req, z in zip(reqs, zs)]
         except Exception as e:  # noqa: BLE001 - recorded in the manifest, the job goes on
             return [failed_row(req, started, e, self.worker) for req in reqs]
-        return [self._write(req, tiling, d, started, seconds) for req, d in zip(reqs, decoded)]
-
-    def finish(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor, started_at: datetime,
-               seconds_denoise: float) -> dict:
-        """Decode a finished canvas in tiles, write the image file, return its manifest row."""
-        with self._device:
-            decoded = self._decode(req, tiling, z)
-        return self._write(req, tiling, decoded, started_at, seconds_denoise)
+        return [self.write(req, tiling, d, started, seconds) for req, d in zip(reqs, decoded)]
 
     def _decode(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor):
         """(uint8 pixels, seconds) of a finished canvas, or the exception that stopped the decode."""
@@ -207,7 +201,34 @@ class Renderer:
         except Exception as e:  # noqa: BLE001
             return e
 
-    def _write(self, req: ImageRequest, tiling: TilingConfig, decoded, started_at: datetime,
+    def decode_begin(self, key: str, tiling: TilingConfig, z: torch.Tensor) -> list:
+        """Tile-parallel decode, on every worker: canvas `z`'s latent-resolution stage run here and its tiles
+        made ready to sweep (`decode_sweep`); returns the tiles' spans (for `tiling.vae.assemble`)."""
+        with self._device:
+            self._sweeps[key] = decoder_sweeps(
+                self.model.vae, self.model.unscale(z), tiling.vae_tile, tiling.vae_overlap,
+                wrap_x=tiling.wrap in ("x", "both"), wrap_y=tiling.wrap in ("y", "both"))
+            return self._sweeps[key].spans
+
+    def decode_sweep(self, key: str, indices: Sequence[int], applied, last: bool, number: int) -> dict:
+        """Sweep `number` over this worker's share of the tiles: tile index -> its owned moments (gathering,
+        `applied` the statistics merged from the sweep before) or, in the `last` sweep, its float32 output; on
+        the CPU. The last sweep, or a failure, ends the decode here."""
+        with self._device:
+            try:
+                out = {i: v.float().cpu() if last else {k: (n, m.cpu(), q.cpu()) for k, (n, m, q) in v.items()}
+                       for i, v in self._sweeps[key].sweep(indices, applied, last, number)}
+            except BaseException:
+                self.decode_end(key)
+                raise
+            if last:
+                self.decode_end(key)
+            return out
+
+    def decode_end(self, key: str) -> None:
+        self._sweeps.pop(key, None)
+
+    def write(self, req: ImageRequest, tiling: TilingConfig, decoded, started_at: datetime,
                seconds_denoise: float) -> dict:
         """Encode and write the image file, score its seams, return its manifest row (CPU only)."""
         if isinstance(decoded, BaseException):

@@ -4,7 +4,8 @@ Two modes over one denoise loop (`cluster.renderer.denoise_request`):
   bulk           each worker owns whole images (groups of one prompt's seeds, stepped together); every
                  worker is kept busy with two groups in flight.
   tile_parallel  the driver runs the loop for one image at a time and fans each step's tile batches
-                 out to all workers; a worker decodes and writes the finished canvas.
+                 out to all workers; the decode's tiles are spread over all workers too (`decode_across`),
+                 and a worker writes the image while the next one denoises.
 Dead workers are handled in one place, `_rows`: the image becomes a `failed` row and the job goes on
 (each actor restarts once, reloading its model, before Ray gives up on it).
 """
@@ -17,7 +18,8 @@ from typing import Callable, List, Sequence
 import ray
 
 from jobs import ImageRequest
-from jobs.spec import TesseraConfig, TesseraError
+from jobs.spec import TesseraConfig, TesseraError, TilingConfig
+from tiling import assemble, merged, to_uint8
 
 from .progress import Progress
 from .renderer import Renderer, denoise_request, failed_row, groups_of, now, tile_steps
@@ -120,13 +122,38 @@ def run_bulk(workers, requests: Sequence[ImageRequest], cfg: TesseraConfig, on_r
             submit(w)
 
 
+def decode_across(workers, req: ImageRequest, tiling: TilingConfig, z, factor: int):
+    """One canvas's tiled VAE decode spread over `workers`: each runs the latent-resolution stage and sweeps
+    every len(workers)-th tile; between sweeps the tiles' GroupNorm moments are merged here in tile order, so
+    the picture is the one a single worker decodes. (uint8 pixels, seconds), or the exception that stopped it."""
+    t0 = time.perf_counter()
+    try:
+        spans = ray.get([w.decode_begin.remote(req.image_id, tiling, z) for w in workers])[0]
+        shares = [range(k, len(spans), len(workers)) for k in range(len(workers))]
+        applied = None
+        for number in range(1, tiling.vae_passes + 1):
+            last = number == tiling.vae_passes
+            parts = {}
+            for out in ray.get([w.decode_sweep.remote(req.image_id, list(share), applied, last, number)
+                                for w, share in zip(workers, shares)]):
+                parts.update(out)
+            if not last:
+                applied = merged([parts[i] for i in range(len(spans))])
+        img = assemble(spans, parts, tuple(z.shape[-2:]), factor, tiling.vae_overlap)
+        return to_uint8(img, req.width, req.height), time.perf_counter() - t0
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
+        for w in workers:
+            w.decode_end.remote(req.image_id)
+        return e
+
+
 def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraConfig,
                       on_row: Callable[[dict], None], progress: Progress) -> None:
-    """One image at a time, each step's tile batches spread round-robin over every worker; a worker decodes
-    and writes the image while the next one denoises."""
+    """One image at a time, each step's tile batches and then its decode's tiles spread over every worker; a
+    worker writes the image while the next one denoises."""
     info = ray.get(workers[0].info.remote())
     batch = ray.get(workers[0].batch_size.remote(cfg.tiling))
-    writing = None  # (ref, [req], started) of the image a worker is decoding and writing
+    writing = None  # (ref, [req], started) of the image a worker is writing
     for i, req in enumerate(requests):
         started = now()
 
@@ -142,10 +169,11 @@ def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraCon
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             on_row(failed_row(req, started, f"worker lost: {type(e).__name__}: {e}"))
             continue
+        seconds = time.perf_counter() - t0
+        decoded = decode_across(workers, req, cfg.tiling, z, info["vae_scale_factor"])
         if writing is not None:
             on_row(_rows(*writing)[0])
-        writing = (workers[i % len(workers)].finish.remote(req, cfg.tiling, z, started, time.perf_counter() - t0),
-                   [req], started)
+        writing = (workers[i % len(workers)].write.remote(req, cfg.tiling, decoded, started, seconds), [req], started)
     if writing is not None:
         on_row(_rows(*writing)[0])
 

@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiling import DecodeError, decode_tiled
+from tiling import DecodeError, assemble, decode_tiled, decoder_sweeps, merged
 from tiling.vae import (SharedGroupNorm, axis_spans, decode_each, decode_tiled_shared, decoder_needs, encode_tiled,
                         encoder_needs, window)
 
@@ -149,6 +149,23 @@ def test_wrapping_both_axes(vae):
     img = decode_tiled_shared(vae, b, tile=8, overlap=2, wrap_x=True, wrap_y=True)
     rolled = decode_tiled_shared(vae, b.roll((3, 7), (-2, -1)), tile=8, overlap=2, wrap_x=True, wrap_y=True)
     assert psnr(rolled, img.roll((24, 56), (-2, -1))) >= 45
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_a_decode_swept_on_several_devices_equals_the_one_device_decode(wrap):
+    """Tile-parallel decode: each "device" holds its own Sweeps of the canvas and sweeps every third tile; the
+    moments are merged in tile order between sweeps and the outputs assembled: the very same picture."""
+    vae, z = small_vae(), latent(13, 22)
+    one = decode_tiled_shared(vae, z, tile=6, overlap=2, wrap_x=wrap)
+    devices = [decoder_sweeps(vae, z, tile=6, overlap=2, wrap_x=wrap) for _ in range(3)]
+    n = len(devices[0].spans)
+    shares = [range(k, n, 3) for k in range(3)]
+    applied = None
+    for number in (1, 2, 3):
+        parts = {i: v for d, share in zip(devices, shares) for i, v in d.sweep(share, applied, number == 3, number)}
+        if number < 3:
+            applied = merged([parts[i] for i in range(n)])
+    assert n > 6 and torch.equal(assemble(devices[0].spans, parts, (13, 22), 8, 2), one)
 
 
 # ------------------------------------------------------------------------------- precision and errors

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +139,7 @@ def decode_each(decode: Decode, z: torch.Tensor, factor: int, tile: int, overlap
 # ---------------------------------------------------------------------------------- shared GroupNorms
 
 Moments = Tuple[float, torch.Tensor, torch.Tensor]  # count, mean per group, sum of squared deviations
+Stats = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # GroupNorm name -> mean, var per group
 
 
 def _merge(a: Optional[Moments], b: Moments) -> Moments:
@@ -185,9 +186,8 @@ class GroupStats:
     """
 
     def __init__(self):
-        self.applied: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None  # name -> mean, var
+        self.applied: Optional[Stats] = None
         self.ref: Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]] = {}  # (tile, name) -> window's
-        self.total: Dict[str, Moments] = {}
         self.key, self.own, self.gather, self.win = 0, (0, 0, 0, 0), False, None
         self.owned: Dict[str, Moments] = {}  # this tile's, kept once it ran finitely
         self.windows: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -220,17 +220,22 @@ class GroupStats:
     def tile_finite(self) -> bool:
         return all(bool(torch.isfinite(q).all()) for _, _, q in self.owned.values())
 
-    def commit(self):
-        for name, m in self.owned.items():
-            self.total[name] = _merge(self.total.get(name), m)
+    def commit(self) -> Dict[str, Moments]:
+        """The tile ran finitely: keep its windows' statistics, hand over the moments of the part it owns."""
         for name, mv in self.windows.items():
             self.ref[self.key, name] = mv
-        self.owned, self.windows = {}, {}
+        owned, self.owned, self.windows = self.owned, {}, {}
+        return owned
 
-    def settle(self):
-        """After a gathering sweep: apply what it merged from now on."""
-        self.applied = {k: (m, q / n) for k, (n, m, q) in self.total.items()}
-        self.total = {}
+
+def merged(parts: Sequence[Dict[str, Moments]]) -> Stats:
+    """The statistics of the whole canvas, per GroupNorm, from the moments of the parts its tiles own, merged
+    in the order given (tile order: the same sums wherever the tiles ran)."""
+    total: Dict[str, Moments] = {}
+    for owned in parts:
+        for name, m in owned.items():
+            total[name] = _merge(total.get(name), m)
+    return {name: (m, q / n) for name, (n, m, q) in total.items()}
 
 
 class SharedGroupNorm(nn.Module):
@@ -344,25 +349,60 @@ class _Precisions:
         raise DecodeError(f"VAE gave non-finite values in {where}, also in fp32")
 
 
-def _sweeps(run: Callable, src: torch.Tensor, s_in: int, size: Tuple[int, int], tile: int, overlap: int,
-            context: int, wrap: Tuple[bool, bool], stats: GroupStats, passes: int, canvas: _Canvas):
-    """`passes` sweeps of `run(x, win, where)` over the tiles of `src` (s_in pixels per latent pixel):
-    all but the last gather GroupNorm statistics, the last writes each tile onto `canvas`."""
-    if passes < 1:
-        raise ValueError(f"passes={passes}: must be at least 1")
-    H, W = size
-    for p in range(passes):
-        last = p == passes - 1
-        for i, (sy, sx) in enumerate(_grid(H, W, tile, overlap, *wrap)):
-            (rows, oy), (cols, ox) = window(sy, context, H, wrap[0]), window(sx, context, W, wrap[1])
+class Sweeps:
+    """The tiles of one tiled pass over `src` (s_in pixels per latent pixel) and their GroupNorm statistics.
+
+    `sweep` runs the tiles it is given: gathering (every sweep but the last) yields each tile's owned moments,
+    the last yields each tile's output. Between sweeps the moments of all tiles are `merged` in tile order into
+    the statistics the next sweep applies, so the tiles of one pass may be swept on several devices, each
+    holding a `Sweeps` of the same pass (as tile-parallel rendering does), or all on one (`run_sweeps`)."""
+
+    def __init__(self, run: Callable, src: torch.Tensor, s_in: int, size: Tuple[int, int], tile: int,
+                 overlap: int, context: int, wrap: Tuple[bool, bool], stats: GroupStats):
+        self.run, self.src, self.s_in, self.size, self.context, self.wrap, self.stats = (
+            run, src, s_in, size, context, wrap, stats)
+        self.spans = _grid(*size, tile, overlap, *wrap)
+
+    @torch.no_grad()
+    def sweep(self, indices: Iterable[int], applied: Optional[Stats], last: bool,
+              number: int) -> Iterator[Tuple[int, object]]:
+        """Sweep `number` (1-based) over tiles `indices`, normalising with `applied` (None: each tile its own
+        statistics): yields (index, owned moments) while gathering, (index, [C, h, w] output) when `last`."""
+        (H, W), stats = self.size, self.stats
+        stats.applied = None if applied is None else {
+            k: (m.to(self.src.device), v.to(self.src.device)) for k, (m, v) in applied.items()}
+        for i in indices:
+            sy, sx = self.spans[i]
+            (rows, oy), (cols, ox) = (window(sy, self.context, H, self.wrap[0]),
+                                      window(sx, self.context, W, self.wrap[1]))
             stats.begin(i, (sy.lo, sy.hi, sx.lo, sx.hi), gather=not last)
             win = Win(oy, ox, sy.length, sx.length, len(rows), len(cols))
-            y = run(_crop(src, rows, cols, s_in), win, f"the tile at latent ({sy.start}, {sx.start}), sweep {p + 1}")
-            stats.commit()
-            if last:
-                canvas.add(y[0], sy, sx)
-        if not last:
-            stats.settle()
+            y = self.run(_crop(self.src, rows, cols, self.s_in), win,
+                         f"the tile at latent ({sy.start}, {sx.start}), sweep {number}")
+            owned = stats.commit()
+            yield i, (y[0] if last else owned)
+
+
+def run_sweeps(sweeps: Sweeps, passes: int, canvas: "_Canvas") -> torch.Tensor:
+    """`passes` sweeps over all the tiles on this device: all but the last gather statistics, the last writes
+    each tile onto `canvas`."""
+    if passes < 1:
+        raise ValueError(f"passes={passes}: must be at least 1")
+    applied, every = None, range(len(sweeps.spans))
+    for p in range(passes - 1):
+        applied = merged([owned for _, owned in sweeps.sweep(every, applied, False, p + 1)])
+    for i, y in sweeps.sweep(every, applied, True, passes):
+        canvas.add(y, *sweeps.spans[i])
+    return canvas.result()
+
+
+def assemble(spans: Sequence[Tuple[Span, Span]], tiles: Dict[int, torch.Tensor], size: Tuple[int, int], s: int,
+             overlap: int) -> torch.Tensor:
+    """The feathered canvas of a last sweep's outputs gathered from several devices (tile index -> [C, h, w]),
+    added in tile order as `run_sweeps` adds them; float32, CPU."""
+    canvas = _Canvas(tiles[0].shape[0], *size, s, overlap)
+    for i in range(len(spans)):
+        canvas.add(tiles[i], *spans[i])
     return canvas.result()
 
 
@@ -426,7 +466,6 @@ def encoder_needs(vae, context: Optional[int] = None) -> List[int]:
 
 # ----------------------------------------------------------------------------------- decode and encode
 
-@torch.no_grad()
 def decode_tiled_shared(vae, z: torch.Tensor, tile: int, overlap: int, context: Optional[int] = None,
                         wrap_x: bool = False, wrap_y: bool = False, passes: int = 3) -> torch.Tensor:
     """Decode unscaled latents [1, C, H, W] with an AutoencoderKL into a [3, H*f, W*f] float32 CPU image
@@ -438,9 +477,18 @@ def decode_tiled_shared(vae, z: torch.Tensor, tile: int, overlap: int, context: 
     (one sweep, tiles differ in tone); 3 (the default) and more gather, refine and apply shared statistics as
     the module says; 2 applies the first sweep's, biased by the per-tile normalisation before each layer.
     """
+    return run_sweeps(decoder_sweeps(vae, z, tile, overlap, context, wrap_x, wrap_y), passes,
+                      _Canvas(3, *z.shape[-2:], vae_factor(vae), overlap))
+
+
+@torch.no_grad()
+def decoder_sweeps(vae, z: torch.Tensor, tile: int, overlap: int, context: Optional[int] = None,
+                   wrap_x: bool = False, wrap_y: bool = False) -> Sweeps:
+    """The tiled decode of `decode_tiled_shared` up to its sweeps: the latent-resolution stage run on the whole
+    canvas, the up blocks' tiles ready to sweep (output: [3, h*f, w*f] each)."""
     if z.dim() != 4 or z.shape[0] != 1:
         raise ValueError(f"z must be [1, C, H, W], got {tuple(z.shape)}")
-    dec, f = vae.decoder, vae_factor(vae)
+    dec = vae.decoder
     if not isinstance(dec.conv_norm_out, nn.GroupNorm):
         raise ValueError(f"decode_tiled_shared needs a GroupNorm decoder, got {type(dec.conv_norm_out).__name__}")
     _no_attention(dec.up_blocks, "the decoder's up blocks")
@@ -466,8 +514,8 @@ def decode_tiled_shared(vae, z: torch.Tensor, tile: int, overlap: int, context: 
 
     tails = _Precisions(dec, dtype, lambda d: rebuilt(d, _norms(stats)))
     H, W = z.shape[-2:]
-    return _sweeps(lambda x, win, where: tails.run(lambda d, x: tail(d, x, win), x, where, stats), h, 1, (H, W),
-                   tile, overlap, needs[0], (wrap_y, wrap_x), stats, passes, _Canvas(3, H, W, f, overlap))
+    return Sweeps(lambda x, win, where: tails.run(lambda d, x: tail(d, x, win), x, where, stats), h, 1, (H, W),
+                  tile, overlap, needs[0], (wrap_y, wrap_x), stats)
 
 
 @torch.no_grad()
@@ -500,9 +548,9 @@ def encode_tiled(vae, image: torch.Tensor, tile: int, overlap: int, context: Opt
         return shrink(x, win, 0)[0]
 
     fronts = _Precisions(enc, dtype, lambda d: rebuilt(d, _norms(stats)))
-    feats = _sweeps(lambda x, win, where: fronts.run(lambda d, x: front(d, x, win), x, where, stats),
-                    image.to(device), f, (H, W), tile, overlap, needs[0], (wrap_y, wrap_x), stats, passes,
-                    _Canvas(enc.conv_norm_out.num_channels, H, W, 1, overlap, device))
+    feats = run_sweeps(Sweeps(lambda x, win, where: fronts.run(lambda d, x: front(d, x, win), x, where, stats),
+                              image.to(device), f, (H, W), tile, overlap, needs[0], (wrap_y, wrap_x), stats),
+                       passes, _Canvas(enc.conv_norm_out.num_channels, H, W, 1, overlap, device))
     parts = nn.ModuleDict({"enc": enc, "quant": _or_identity(vae, "quant_conv")})
 
     def back(m, x):  # the latent-resolution part, on the whole canvas
