@@ -35,14 +35,20 @@ def main() -> None:
     ap.add_argument("--out", default="dit-out")
     ap.add_argument("--size", type=int, nargs=2, default=[3840, 2160])
     ap.add_argument("--models", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--steps", type=int, help="instead of each model's own")
+    ap.add_argument("--offload", default="none", choices=["none", "model", "sequential"], help="model.offload")
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="model.attention")
+    ap.add_argument("--compile", action="store_true", help="model.compile (compile time counted in the denoise)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.models:
         steps, guidance = RUNS[name]
+        steps = args.steps or steps
         cfg = TesseraConfig()
         cfg.model.name, cfg.model.weights, cfg.model.dtype = name, "random", "bf16"
+        cfg.model.offload, cfg.model.attention, cfg.model.compile = args.offload, args.attention, args.compile
         cfg.job.width, cfg.job.height = args.size
         cfg.job.steps, cfg.job.guidance = steps, guidance
         cfg.tiling.tile, cfg.tiling.overlap, cfg.tiling.batch = 128, 32, 4
@@ -52,15 +58,18 @@ def main() -> None:
         load = time.perf_counter() - t0
         m = r.model
         cond = m.encode("a vast mountain lake at dawn, wallpaper", "")
-        with FlopCounterMode(display=False) as fc:
-            m.predict(torch.zeros(4, m.latent_channels, 128, 128), torch.tensor(999.0), cond, guidance)
-        flops = fc.get_total_flops() / 4
+        flops = float("nan")
+        if not args.compile:  # counted on the eager model (a compiled one would compile in here)
+            with FlopCounterMode(display=False) as fc:
+                m.predict(torch.zeros(4, m.latent_channels, 128, 128), torch.tensor(999.0), cond, guidance)
+            flops = fc.get_total_flops() / 4
         req = plan(cfg)[0]
         torch.cuda.reset_peak_memory_stats()
         row = r.render(req, cfg.tiling)
         assert row["status"] == "ok", row["error"]
         n = tile_steps(req, cfg.tiling, m.vae_scale_factor)
-        results.append({"model": name, "steps": steps, "guidance": guidance, "seconds_load": load,
+        results.append({"model": name, "offload": args.offload, "attention": args.attention,
+                        "compile": args.compile, "steps": steps, "guidance": guidance, "seconds_load": load,
                         "seconds_denoise": row["seconds_denoise"], "seconds_decode_and_write": row["seconds_decode"],
                         "tile_steps": n, "ms_per_tile_step": 1e3 * row["seconds_denoise"] / n,
                         "tflops": flops * n / row["seconds_denoise"] / 1e12 if getattr(m, "cfg_trunc", 1.0) >= 1 else None,

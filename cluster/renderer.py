@@ -190,8 +190,16 @@ class Renderer:
             return [failed_row(req, started, e, self.worker) for req in reqs]
         return [self.write(req, tiling, d, started, seconds) for req, d in zip(reqs, decoded)]
 
+    def finish(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor, started_at: datetime,
+               seconds_denoise: float) -> dict:
+        """Decode a finished canvas in tiles on this worker, write the image file, return its manifest row."""
+        with self._device:
+            decoded = self._decode(req, tiling, z)
+        return self.write(req, tiling, decoded, started_at, seconds_denoise)
+
     def _decode(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor):
         """(uint8 pixels, seconds) of a finished canvas, or the exception that stopped the decode."""
+        self.model.vae_on_device(True)
         try:
             t0 = time.perf_counter()
             img = decode_tiled(self.model.vae, self.model.unscale(z), self.model.vae_scale_factor, tiling.vae_tile,
@@ -200,14 +208,21 @@ class Renderer:
             return to_uint8(img, req.width, req.height), time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001
             return e
+        finally:
+            self.model.vae_on_device(False)
 
     def decode_begin(self, key: str, tiling: TilingConfig, z: torch.Tensor) -> list:
         """Tile-parallel decode, on every worker: canvas `z`'s latent-resolution stage run here and its tiles
         made ready to sweep (`decode_sweep`); returns the tiles' spans (for `tiling.vae.assemble`)."""
         with self._device:
-            self._sweeps[key] = decoder_sweeps(
-                self.model.vae, self.model.unscale(z), tiling.vae_tile, tiling.vae_overlap,
-                wrap_x=tiling.wrap in ("x", "both"), wrap_y=tiling.wrap in ("y", "both"))
+            self.model.vae_on_device(True)
+            try:
+                self._sweeps[key] = decoder_sweeps(
+                    self.model.vae, self.model.unscale(z), tiling.vae_tile, tiling.vae_overlap,
+                    wrap_x=tiling.wrap in ("x", "both"), wrap_y=tiling.wrap in ("y", "both"))
+            except BaseException:
+                self.model.vae_on_device(False)
+                raise
             return self._sweeps[key].spans
 
     def decode_sweep(self, key: str, indices: Sequence[int], applied, last: bool, number: int) -> dict:
@@ -226,7 +241,8 @@ class Renderer:
             return out
 
     def decode_end(self, key: str) -> None:
-        self._sweeps.pop(key, None)
+        if self._sweeps.pop(key, None) is not None:
+            self.model.vae_on_device(False)
 
     def write(self, req: ImageRequest, tiling: TilingConfig, decoded, started_at: datetime,
                seconds_denoise: float) -> dict:

@@ -128,7 +128,8 @@ def decode_across(workers, req: ImageRequest, tiling: TilingConfig, z, factor: i
     the picture is the one a single worker decodes. (uint8 pixels, seconds), or the exception that stopped it."""
     t0 = time.perf_counter()
     try:
-        spans = ray.get([w.decode_begin.remote(req.image_id, tiling, z) for w in workers])[0]
+        canvas = ray.put(z)  # stored once, read by every worker
+        spans = ray.get([w.decode_begin.remote(req.image_id, tiling, canvas) for w in workers])[0]
         shares = [range(k, len(spans), len(workers)) for k in range(len(workers))]
         applied = None
         for number in range(1, tiling.vae_passes + 1):

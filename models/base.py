@@ -101,6 +101,19 @@ class Adapter:
                 m.to("cpu")
             torch.cuda.empty_cache()
 
+    def vae_on_device(self, on: bool) -> None:
+        """Under `model.offload=model`, bring the VAE to the GPU for a tiled decode (`on`) and send it back after.
+        The tiled decode calls the VAE's blocks, never the `forward` that diffusers' offload hook wraps, so the
+        hook would leave it on the CPU; the denoiser makes room (its hook brings it back on its next call)."""
+        if self.offload != "model" or self.device.type != "cuda":
+            return
+        if on:
+            getattr(self, self.denoiser).to("cpu")
+            self.vae.to(self.device)
+        else:
+            self.vae.to("cpu")
+            torch.cuda.empty_cache()
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [1, C, h, w] to an image [1, 3, f*h, f*w] in [-1, 1] in one piece."""
         return decode_latents(self.vae, z, self.device)

@@ -310,7 +310,7 @@ def _periodic(wrap_y: bool, wrap_x: bool):
 
 def _work_dtype(vae) -> torch.dtype:
     """fp32 for an fp16 VAE that asks for `force_upcast` (SDXL's overflows fp16's range), else its own dtype.
-    As diffusers' pipelines do, bf16 is not upcast: it has fp32's range, and decodes at about twice the speed."""
+    As diffusers' pipelines do, bf16 is not upcast: it has fp32's range (SDXL at 4K on an H100: 1.4x faster)."""
     dtype = next(vae.parameters()).dtype
     return torch.float32 if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else dtype
 
@@ -383,7 +383,7 @@ class Sweeps:
             yield i, (y[0] if last else owned)
 
 
-def run_sweeps(sweeps: Sweeps, passes: int, canvas: "_Canvas") -> torch.Tensor:
+def run_sweeps(sweeps: Sweeps, passes: int, canvas: _Canvas) -> torch.Tensor:
     """`passes` sweeps over all the tiles on this device: all but the last gather statistics, the last writes
     each tile onto `canvas`."""
     if passes < 1:
