@@ -27,7 +27,8 @@ from cluster.renderer import Renderer, tile_steps  # noqa: E402
 from jobs import plan  # noqa: E402
 from jobs.spec import TesseraConfig  # noqa: E402
 
-RUNS = {"z_image": (9, 0.0), "lumina2": (8, 4.0), "newbie": (8, 5.0)}
+RUNS = {"z_image": (9, 0.0), "lumina2": (8, 4.0), "newbie": (8, 5.0),
+        "sdxl": (8, 7.0)}  # sdxl: not a DiT; here to check its memory under --offload model
 
 
 def main() -> None:
