@@ -56,6 +56,14 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def psnr(a, b) -> float:
+    """PSNR in dB of two 8-bit pictures (arrays of the same shape, any float or int dtype)."""
+    import numpy as np
+
+    mse = float(((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
+
+
 def reset_peak() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -169,8 +177,7 @@ def bulk(renderer: Renderer, cfg: TesseraConfig, label: str, images: int, group:
     if reference is not None:
         a, b = (np.asarray(Image.open(path)).astype(np.float64)
                 for path in (reference["kept"], Path(cfg.output.dir) / rows[0]["path"]))
-        mse = ((a - b) ** 2).mean()
-        out["psnr_vs_one_at_a_time_db"] = float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+        out["psnr_vs_one_at_a_time_db"] = psnr(a, b)
         out["max_abs_diff_vs_one_at_a_time"] = float(np.abs(a - b).max())
     return out
 
@@ -179,8 +186,6 @@ def decode_variants(renderer: Renderer, cfg: TesseraConfig, variants) -> list:
     """The tiled VAE decode alone on one 3840x2160 latent: time, peak memory and PSNR against the whole-frame
     fp32 decode, per (vae_tile, overlap, passes, form); form is "fp32" (the VAE upcast, as before session 3),
     "bf16" (its own dtype) or "bf16-cl" (bf16, channels-last weights)."""
-    import numpy as np
-
     vae = renderer.model.vae
     req = plan(cfg)[0]
     factor = renderer.model.vae_scale_factor
@@ -202,8 +207,7 @@ def decode_variants(renderer: Renderer, cfg: TesseraConfig, variants) -> list:
                    "seconds_decode": time.perf_counter() - t0, "peak_gib_decode": peak_gib()}
             img = ((img + 1) * 127.5).round().cpu().numpy()
             if ref is not None:
-                mse = float(((img - ref) ** 2).mean())
-                row["psnr_vs_whole_frame_fp32_db"] = float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+                row["psnr_vs_whole_frame_fp32_db"] = psnr(img, ref)
             emit(out, row)
             ref = img if ref is None else ref
             del img
@@ -225,8 +229,7 @@ def decode_variants(renderer: Renderer, cfg: TesseraConfig, variants) -> list:
         row = {"contender": f"VAE decode alone, tile {tile} overlap {overlap}, {passes} sweeps, {form}",
                "seconds_decode": time.perf_counter() - t0, "peak_gib_decode": peak_gib()}
         if ref is not None:
-            mse = ((decoded[0].astype(np.float64).transpose(2, 0, 1) - ref) ** 2).mean()
-            row["psnr_vs_whole_frame_fp32_db"] = float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+            row["psnr_vs_whole_frame_fp32_db"] = psnr(decoded[0].transpose(2, 0, 1), ref)
         emit(out, row)
         vae.to(memory_format=torch.contiguous_format)
     vae.to(renderer.model.dtype)
