@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Callable, List, Optional, Sequence
 
@@ -246,18 +247,22 @@ class Renderer:
 
     def write(self, req: ImageRequest, tiling: TilingConfig, decoded, started_at: datetime,
                seconds_denoise: float) -> dict:
-        """Encode and write the image file, score its seams, return its manifest row (CPU only)."""
+        """Encode and write the image file, score its seams, return its manifest row (CPU only). The seams are
+        scored while the file is encoded (both release the GIL)."""
         if isinstance(decoded, BaseException):
             return failed_row(req, started_at, decoded, self.worker)
         try:
             pixels, seconds_decode = decoded
             t0 = time.perf_counter()
-            sha, size = write_image(pixels, self.output.dir, req.path, self.output.format, self.output.quality,
-                                    req.parameters_text())
+            with ThreadPoolExecutor(1) as pool:
+                scores = pool.submit(seam_scores, pixels, req, tiling, self.model.vae_scale_factor)
+                sha, size = write_image(pixels, self.output.dir, req.path, self.output.format, self.output.quality,
+                                        req.parameters_text())
+                seconds_write = time.perf_counter() - t0
+                scores = scores.result()
             return req.manifest_row(status="ok", error=None, sha256=sha, bytes=size, started_at=started_at,
                                     finished_at=now(), seconds_denoise=seconds_denoise,
-                                    seconds_decode=seconds_decode + time.perf_counter() - t0, worker=self.worker,
-                                    **seam_scores(pixels, req, tiling, self.model.vae_scale_factor))
+                                    seconds_decode=seconds_decode + seconds_write, worker=self.worker, **scores)
         except Exception as e:  # noqa: BLE001
             return failed_row(req, started_at, e, self.worker)
 

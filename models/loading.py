@@ -97,6 +97,9 @@ def place(pipe, m: ModelConfig, device: torch.device, dtype: torch.dtype) -> Non
     if m.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif m.offload == "sequential":
+        # The VAE (~0.2 GB) stays on the GPU: its weights would sit on the meta device, streamed in by hooks
+        # on each submodule's forward, and the tiled decode runs a copy of its blocks that those hooks do not fit.
+        pipe._exclude_from_cpu_offload = [*pipe._exclude_from_cpu_offload, "vae"]
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         pipe.to(device)
