@@ -36,8 +36,16 @@ FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLP
                     "z_image": "ZImagePipeline", "lumina2": "Lumina2Pipeline", "newbie": "NewbiePipeline"}
 # Older names of the same class that folders in the wild still carry (diffusers renamed the class).
 PIPELINE_ALIASES = {"lumina2": ("Lumina2Text2ImgPipeline",)}
-# Families that load from one original-layout .safetensors file (from_single_file); the others need a folder.
-SINGLE_FILE_FAMILIES = ("sd", "sdxl")
+# Families whose single files hold the transformer alone, in its original layout (e.g. ComfyUI's
+# `model.diffusion_model.` files): models/ reads it with the family's `single_file_transformer`, and model.config is a
+# diffusers folder that supplies the rest, text encoder, VAE and scheduler weights included.
+TRANSFORMER_FILE_FAMILIES = ("z_image", "lumina2")
+# Families that load from one original-layout .safetensors file (from_single_file): SD and SDXL files hold the whole
+# pipeline (model.config then supplies configs and tokenizers), the TRANSFORMER_FILE_FAMILIES' the transformer.
+SINGLE_FILE_FAMILIES = ("sd", "sdxl") + TRANSFORMER_FILE_FAMILIES
+# Why the other families need a diffusers folder (the refusal says it).
+FOLDER_ONLY_WHY = {"newbie": "its transformer is Tessera's own NewbieTransformer2DModel, whose original layout "
+                             "diffusers' single-file converters do not know"}
 # Transformer families: latent pixels per patch side.  A tile (and a canvas side smaller than a tile, which is
 # then the tile) must be whole patches.
 FAMILY_PATCH = {"z_image": 2, "lumina2": 2, "newbie": 2}
@@ -78,6 +86,7 @@ class ModelConfig:
     name: str = "demo"  # demo | sd15 | sdxl | z_image | lumina2 | newbie: picks the family (MODEL_FAMILIES)
     path: Optional[str] = None  # a local diffusers folder or one .safetensors file; demo: its cache folder
     config: Optional[str] = None  # for a single-file path: a local diffusers folder with the pipeline's configs
+    #                               (for a DiT's transformer-only file, its other components' weights too)
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     weights: str = "pretrained"  # random: the family's full-size architecture, random weights (benchmarks)
     attention: str = "sdpa"  # sdpa (torch) | xformers (must be installed)
@@ -246,14 +255,11 @@ def validate_model(m: ModelConfig) -> None:
                "only for a single-file model.path; a diffusers folder carries its own configs")
         _check_pipeline_folder("model.path", m.path, family)
         if not m.allow_pickle:
-            pickles = _pickle_only_components(path)
-            _check(not pickles, "model.path", m.path,
-                   f"{', '.join(pickles)} hold only pickle weights (.bin/.ckpt/.pt/.pth), which can run code when "
-                   "loaded; convert them to .safetensors or set model.allow_pickle=true for weights you trust")
+            _check_no_pickles("model.path", m.path)
         return
-    _check(family in SINGLE_FILE_FAMILIES, "model.path", m.path,
-           f"model={m.name} loads only from a diffusers folder (model_index.json and its component folders); "
-           "a transformer's own .safetensors belongs in the folder's transformer/")
+    if family not in SINGLE_FILE_FAMILIES:
+        raise ConfigError("model.path", m.path, f"model={m.name} loads only from a diffusers folder (model_index.json "
+                          f"and its component folders), not a single file: {FOLDER_ONLY_WHY[family]}")
     suffix = os.path.splitext(path)[1].lower()
     if suffix in PICKLE_SUFFIXES:
         _check(m.allow_pickle, "model.path", m.path,
@@ -262,11 +268,21 @@ def validate_model(m: ModelConfig) -> None:
     else:
         _check(suffix == ".safetensors", "model.path", m.path,
                "must be a diffusers folder (with model_index.json) or a .safetensors file")
+    transformer_only = family in TRANSFORMER_FILE_FAMILIES
     _check(bool(m.config), "model.config", m.config,
-           f"a single-file model.path needs a local diffusers folder of the same architecture for its configs "
+           f"a single file of model={m.name} holds the transformer only: set model.config to a local diffusers "
+           "folder of the same model, for the transformer's config and the text encoder, tokenizer, VAE and "
+           f"scheduler (no hub is reached), e.g. model.config=/weights/{m.name}-diffusers" if transformer_only else
+           "a single-file model.path needs a local diffusers folder of the same architecture for its configs "
            f"and tokenizers (no hub is reached), e.g. model.config=/weights/{m.name}-base")
-    _check(os.path.isdir(os.path.expanduser(m.config)), "model.config", m.config, "no such folder")
+    config = os.path.expanduser(m.config)
+    _check(os.path.isdir(config), "model.config", m.config, "no such folder")
     _check_pipeline_folder("model.config", m.config, family)
+    if transformer_only:
+        _check(os.path.isfile(os.path.join(config, "transformer", "config.json")), "model.config", m.config,
+               "no transformer/config.json: the single file's transformer takes its config from it")
+        if not m.allow_pickle:  # its other components are loaded from it, weights and all
+            _check_no_pickles("model.config", m.config, skip="transformer")
 
 
 def _check_pipeline_folder(name: str, value: str, family: str) -> None:
@@ -298,6 +314,14 @@ def _check_patches(cfg: TesseraConfig) -> None:
         _check(side >= t or side % p == 0, field_name, px,
                f"a side smaller than a tile ({t * VAE_FACTOR} px) is one tile, and model={cfg.model.name} needs "
                f"it a multiple of {p * VAE_FACTOR} px (its {p}x{p} latent patches)")
+
+
+def _check_no_pickles(name: str, value: str, skip: str = "") -> None:
+    """No component of the diffusers folder `value` (but `skip`, which is not loaded from it) is pickles only."""
+    pickles = [c for c in _pickle_only_components(os.path.expanduser(value)) if c != skip]
+    _check(not pickles, name, value,
+           f"{', '.join(pickles)} hold only pickle weights (.bin/.ckpt/.pt/.pth), which can run code when "
+           "loaded; convert them to .safetensors or set model.allow_pickle=true for weights you trust")
 
 
 def _pickle_only_components(path: str) -> List[str]:

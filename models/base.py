@@ -17,6 +17,9 @@ class Family:
     (benchmarks only; configs written out in code, nothing downloaded); `pipeline_kwargs` go to
     `from_pretrained` / `from_single_file`.  The pipeline class is diffusers' `pipeline` (the name in
     `jobs.spec.FAMILY_PIPELINES`), or `pipeline_class` for a family whose pipeline diffusers does not ship.
+    `single_file_transformer` names the diffusers transformer class whose `from_single_file` reads the family's
+    single files, which hold the transformer alone (`jobs.spec.TRANSFORMER_FILE_FAMILIES`); None where a single
+    file is a whole pipeline (SD, SDXL) or is not taken.
     """
 
     name: str
@@ -25,6 +28,7 @@ class Family:
     random_pipeline: Callable[[torch.device, torch.dtype], Any]
     pipeline_kwargs: Dict[str, Any] = field(default_factory=dict)
     pipeline_class: Optional[type] = None
+    single_file_transformer: Optional[str] = None
 
 
 class PromptCache:

@@ -8,6 +8,10 @@ Every path is local (``local_files_only=True``); the options are checked before 
   layout: ``from_single_file(..., config=model.config)``, where ``model.config`` is a local diffusers
   folder of the same architecture that supplies the component configs, the scheduler and the tokenizers
   (a single file holds none of them, and no hub is asked);
+* for the DiTs whose single files hold the transformer alone (Z-Image, Lumina 2: e.g. ComfyUI's
+  ``model.diffusion_model.`` files): the family's ``single_file_transformer`` class reads the file
+  (``from_single_file``, its config from ``model.config``'s ``transformer/``), and the pipeline comes from the
+  ``model.config`` folder, its text encoder, tokenizer, VAE and scheduler included, around that transformer;
 * ``model.weights=random``: the family's full-size architecture, random weights, for benchmarks.
 
 Then the VAE's dtype (fp32 when fp16 is asked and the VAE has ``force_upcast``), the attention backend,
@@ -77,12 +81,37 @@ def load_pipeline(family, m: ModelConfig, device: torch.device, dtype: torch.dty
         return family.random_pipeline(device if m.offload == "none" else torch.device("cpu"), dtype)
     cls = family.pipeline_class or getattr(diffusers, family.pipeline)
     path = resolve_path(m)
+    # allow_pickle: safetensors where a component has them, pickles where not (False would refuse safetensors)
+    folder = dict(local_files_only=True, dtype=dtype, use_safetensors=None if m.allow_pickle else True,
+                  **family.pipeline_kwargs)
+    if family.name in REMOTE_CODE_FAMILIES:
+        folder["trust_remote_code"] = m.trust_remote_code
     if os.path.isdir(path):
-        trust = {"trust_remote_code": m.trust_remote_code} if family.name in REMOTE_CODE_FAMILIES else {}
-        return cls.from_pretrained(path, local_files_only=True, dtype=dtype, use_safetensors=not m.allow_pickle,
-                                   **family.pipeline_kwargs, **trust)
-    return cls.from_single_file(path, config=os.path.expanduser(m.config), local_files_only=True, dtype=dtype,
-                                **family.pipeline_kwargs)
+        return cls.from_pretrained(path, **folder)
+    config = os.path.expanduser(m.config)
+    if family.single_file_transformer:
+        return cls.from_pretrained(config, transformer=load_transformer_file(family, m, path, config, dtype), **folder)
+    return cls.from_single_file(path, config=config, local_files_only=True, dtype=dtype, **family.pipeline_kwargs)
+
+
+def load_transformer_file(family, m: ModelConfig, path: str, config: str, dtype: torch.dtype):
+    """The transformer of a transformer-only single file, its config from `config`'s transformer/.
+
+    diffusers only logs the file's tensors its converter cannot place, and a tensor the file lacks stays on the
+    meta device until the cast to `dtype` fails with "Cannot copy out of meta tensor": that is told here as the
+    file's fault."""
+    import diffusers
+
+    cls = family.single_file_transformer
+    try:
+        return getattr(diffusers, cls).from_single_file(path, config=config, subfolder="transformer",
+                                                        local_files_only=True, dtype=dtype)
+    except NotImplementedError as e:
+        if "meta tensor" not in str(e):
+            raise
+        raise ConfigError("model.path", m.path,
+                          f"lacks some of the {cls}'s tensors: not a model={m.name} transformer file, or not of the "
+                          "architecture in model.config's transformer/config.json") from e
 
 
 def place(pipe, m: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:

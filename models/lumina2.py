@@ -16,6 +16,11 @@ from the token count of one tile (see models/zimage.py for why the tile, not the
 `Lumina2Pipeline` passes `latents.shape[1]` (the channel count, 16) as its "image_seq_len", so with dynamic
 shifting its schedule does not depend on the size at all; Tessera uses the real token count of a tile.
 
+Weights: a diffusers folder, or a single file of the transformer alone in its original (Next-DiT) layout, which
+diffusers' `Lumina2Transformer2DModel.from_single_file` converts; the rest comes from the `model.config` folder.
+Its converter splits the fused `qkv` at Lumina-Image-2.0's widths (2304 / 768 / 768), so only transformers of that
+size load from a single file.
+
 `LUMINA2_*` / `GEMMA2_2B` are Alpha-VLLM/Lumina-Image-2.0's published component configs (the Gemma 2 2B text
 encoder as a Gemma2Model), written out so that `model.weights=random` builds the full-size architecture.
 """
@@ -125,4 +130,5 @@ class Lumina2Model(FlowModel):
         return self.transformer(x, s, **cond.inputs(slice(1, None), n), return_dict=False)[0].float()
 
 
-FAMILY = Family(name="lumina2", pipeline="Lumina2Pipeline", adapter=Lumina2Model, random_pipeline=random_pipeline)
+FAMILY = Family(name="lumina2", pipeline="Lumina2Pipeline", adapter=Lumina2Model, random_pipeline=random_pipeline,
+                single_file_transformer="Lumina2Transformer2DModel")

@@ -27,6 +27,9 @@ without the system prompt, keeps Lumina2Pipeline's system prompt, caps both enco
 every step with Lumina 2's per-row renormalisation.  The official demo samples with a midpoint ODE solver (time
 shift 6); Tessera steps `flow_euler` on the folder's own scheduler config.
 
+Weights: a diffusers folder only.  Unlike Z-Image and Lumina 2, a single transformer file is refused: the
+transformer is Tessera's own class, and diffusers' single-file loader has no converter for its original layout.
+
 `NEWBIE_TRANSFORMER` is models/model.py's `NextDiT_3B_GQA_patch2_Adaln_Refiner_WHIT_CLIP` (3.5 B), `GEMMA3_4B` the
 text part of Gemma3-4B-it.  Jina CLIP v2 cannot be built without its shipped code, so `model.weights=random` uses
 :class:`JinaTextStandIn` (XLM-RoBERTa-large's size, the same 1024-wide mean-pooled output): for benchmarks only.
@@ -161,7 +164,7 @@ class NewbiePipeline(DiffusionPipeline):
                               tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, use_safetensors: bool = True,
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, use_safetensors: bool | None = True,
                         local_files_only: bool = True, trust_remote_code: bool = False) -> "NewbiePipeline":
         """Each component from its sub-folder of the local diffusers folder `path`, by a class fixed here (the
         folder's model_index.json names classes diffusers 0.42 cannot load); `text_encoder_2`'s shipped code runs

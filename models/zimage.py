@@ -16,6 +16,10 @@ Dynamic shift: Z-Image-Turbo's published scheduler uses a static shift (3.0); a 
 pipeline would use for a picture of that size), not of the whole canvas: a 4K canvas has 32,400 tokens, 8x
 the schedule's max_image_seq_len, and its extrapolated mu would leave nearly every step at full noise.
 
+Weights: a diffusers folder, or a single file of the transformer alone in its original layout (fused `qkv`,
+`x_embedder`/`final_layer`; ComfyUI's carry a `model.diffusion_model.` prefix), which diffusers'
+`ZImageTransformer2DModel.from_single_file` converts; the rest comes from the `model.config` folder.
+
 `ZIMAGE_*` / `QWEN3_4B` are Tongyi-MAI/Z-Image-Turbo's published component configs, written out so that
 `model.weights=random` builds the full-size architecture (6.2 B transformer, 4.0 B text encoder) offline.
 """
@@ -109,4 +113,5 @@ class ZImageModel(FlowModel):
         return v.squeeze(2)
 
 
-FAMILY = Family(name="z_image", pipeline="ZImagePipeline", adapter=ZImageModel, random_pipeline=random_pipeline)
+FAMILY = Family(name="z_image", pipeline="ZImagePipeline", adapter=ZImageModel, random_pipeline=random_pipeline,
+                single_file_transformer="ZImageTransformer2DModel")

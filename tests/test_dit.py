@@ -2,7 +2,8 @@
 
 Tiny random pipelines are built in code (diffusers' own test configs for ZImagePipeline and Lumina2Pipeline,
 with 16 latent channels and an 8x VAE with scale and shift; a byte-level tokenizer built offline), saved with
-save_pretrained and loaded back through load_model.  The key check: for a canvas that fits in one tile,
+save_pretrained and loaded back through load_model; a Z-Image transformer is also written as a ComfyUI-style
+original-layout single file and loaded beside that folder.  The key check: for a canvas that fits in one tile,
 Tessera's tiled loop gives the plain pipeline's latents for the same noise and settings.
 """
 import json
@@ -118,6 +119,18 @@ def test_dit_families_are_registered_and_their_configs_compose():
         assert cfg.model.name == name and cfg.model.weights == "pretrained"
 
 
+def test_the_single_file_tables_agree():
+    """jobs.spec (no torch) and models/ name the same transformer-file families, and diffusers reads each class."""
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    fams = set(spec.MODEL_FAMILIES.values())
+    assert fams == set(spec.SINGLE_FILE_FAMILIES) | set(spec.FOLDER_ONLY_WHY) and "newbie" in spec.FOLDER_ONLY_WHY
+    for f in fams:
+        cls = family(f).single_file_transformer
+        assert bool(cls) == (f in spec.TRANSFORMER_FILE_FAMILIES), f
+        assert cls is None or cls in SINGLE_FILE_LOADABLE_CLASSES
+
+
 def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -151,16 +164,12 @@ def test_a_noise_scheduler_is_refused_for_a_flow_model(dit_dirs):
                                 "use one of flow_euler")
 
 
-def test_tiles_must_be_whole_patches(dit_dirs, tmp_path):
+def test_tiles_must_be_whole_patches(dit_dirs):
     with pytest.raises(ConfigError, match=r"^tiling.tile=17: model=z_image works on 2x2 latent patches"):
         validate(cfg_of("z_image", dit_dirs, "tiling.tile=17"))
     with pytest.raises(ConfigError, match=r"^job.width=200: a side smaller than a tile .* multiple of 16 px"):
         validate(cfg_of("lumina2", dit_dirs, "job.width=200", "tiling.tile=64"))  # 25 latent px: one odd tile
     validate(cfg_of("lumina2", dit_dirs, "job.width=200", "tiling.tile=16", "tiling.overlap=4"))  # tiles of 16
-    st = tmp_path / "z.safetensors"
-    st.write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"^model.path=.*loads only from a diffusers folder"):
-        validate(compose("model=z_image", f"model.path={st}", "job.scheduler=flow_euler"))
     with pytest.raises(ConfigError, match=r"holds a ZImagePipeline, not a Lumina2Pipeline"):
         validate(compose("model=lumina2", f"model.path={dit_dirs['z_image']}", "job.scheduler=flow_euler"))
 
@@ -200,12 +209,16 @@ ONE_TILE = ["job.width=128", "job.height=128", "job.steps=3", "tiling.tile=16", 
 def test_one_tile_equals_the_diffusers_pipeline(dit_dirs, tmp_path, name, guidance, negative):
     cfg = cfg_of(name, dit_dirs, *ONE_TILE, f"job.guidance={guidance}", f"job.negative_prompt='{negative}'",
                  f"output.dir={tmp_path}")
+    r = assert_one_tile_equals(cfg, pipeline_of(name, dit_dirs[name]), guidance, negative)
+    assert type(r.model).__name__ == {"z_image": "ZImageModel", "lumina2": "Lumina2Model"}[name]
+
+
+def assert_one_tile_equals(cfg, pipe, guidance: float, negative: str) -> Renderer:
+    """Tessera's render of `cfg` (one 128 px tile) gives `pipe`'s latents for the same noise, and its decode.
+    Returns the renderer."""
     req = plan(cfg)[0]
     r = Renderer(cfg.model, cfg.output)
-    assert type(r.model).__name__ == {"z_image": "ZImageModel", "lumina2": "Lumina2Model"}[name]
     ours = render_latents(r, req, cfg.tiling)
-
-    pipe = pipeline_of(name, dit_dirs[name])
     noise = torch.randn(1, 16, 16, 16, generator=torch.Generator("cpu").manual_seed(req.seed))
     theirs = pipe(req.prompt, negative_prompt=negative or None, height=128, width=128, num_inference_steps=3,
                   guidance_scale=guidance, latents=noise, output_type="latent").images
@@ -215,6 +228,7 @@ def test_one_tile_equals_the_diffusers_pipeline(dit_dirs, tmp_path, name, guidan
     vae = pipe.vae  # the decode honours the shift as well as the scale
     want = vae.decode(theirs / vae.config.scaling_factor + vae.config.shift_factor).sample
     torch.testing.assert_close(r.model.decode(ours), want, rtol=1e-4, atol=1e-4)
+    return r
 
 
 @pytest.mark.parametrize("name", ["z_image", "lumina2"])
@@ -283,3 +297,161 @@ def test_a_folder_with_the_old_lumina2_class_name_loads(dit_dirs, tmp_path):
     cfg = compose("model=lumina2", f"model.path={path}", "job.scheduler=flow_euler")
     validate(cfg)
     assert type(load_model(cfg.model)).__name__ == "Lumina2Model"
+
+
+# -------------------------------------------------------------------------------------------- single files
+
+# diffusers' Z-Image names -> the original layout's (the inverse of the renames in diffusers'
+# convert_z_image_transformer_checkpoint_to_diffusers); the q/k/v projections are fused into one `qkv` there.
+Z_IMAGE_ORIGINAL_NAMES = [("all_x_embedder.2-1.", "x_embedder."), ("all_final_layer.2-1.", "final_layer."),
+                          (".attention.to_out.0.", ".attention.out."), (".attention.norm_q.", ".attention.q_norm."),
+                          (".attention.norm_k.", ".attention.k_norm.")]
+
+
+def original_z_image(sd: dict) -> dict:
+    """A diffusers ZImageTransformer2DModel's tensors as a ComfyUI single file holds them: the original names, one
+    fused `qkv` a block, under `model.diffusion_model.`."""
+    out = {}
+    for k, v in sd.items():
+        if ".attention.to_k." in k or ".attention.to_v." in k:
+            continue
+        if ".attention.to_q." in k:
+            v = torch.cat([v, sd[k.replace(".to_q.", ".to_k.")], sd[k.replace(".to_q.", ".to_v.")]])
+            k = k.replace(".attention.to_q.", ".attention.qkv.")
+        for a, b in Z_IMAGE_ORIGINAL_NAMES:
+            k = k.replace(a, b)
+        out["model.diffusion_model." + k] = v.contiguous()
+    return out
+
+
+@pytest.fixture(scope="module")
+def z_image_file(dit_dirs, tmp_path_factory):
+    """(a tiny Z-Image transformer of the folder's config with other weights, its original-layout .safetensors)."""
+    from diffusers import ZImageTransformer2DModel
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)  # not the folder's weights: the loaded ones must come from the file
+        ref = ZImageTransformer2DModel.from_config(
+            ZImageTransformer2DModel.load_config(dit_dirs["z_image"], subfolder="transformer"))
+    path = tmp_path_factory.mktemp("single") / "z_image_transformer.safetensors"
+    save_file(original_z_image(ref.state_dict()), str(path))
+    return ref.eval(), str(path)
+
+
+def test_a_z_image_transformer_file_loads_with_a_config_folder(dit_dirs, z_image_file, tmp_path):
+    """The transformer from the original-layout file, exactly; the text encoder, VAE and scheduler from the folder;
+    and a one-tile render equals ZImagePipeline's around that transformer."""
+    from diffusers import ZImagePipeline
+    from safetensors import safe_open
+
+    ref, path = z_image_file
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith("model.diffusion_model.") for k in keys)
+    assert any(".attention.qkv." in k for k in keys) and not any(".to_q." in k or "all_" in k for k in keys)
+    cfg = compose("model=z_image", f"model.path={path}", f"model.config={dit_dirs['z_image']}",
+                  "job.scheduler=flow_euler", *ONE_TILE, "job.guidance=3.0", "job.negative_prompt=haze",
+                  f"output.dir={tmp_path}")
+    validate(cfg)
+    m = load_model(cfg.model)
+    got, want = m.transformer.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    folder = pipeline_of("z_image", dit_dirs["z_image"])
+    assert not torch.equal(got["layers.0.attention.to_q.weight"], folder.transformer.state_dict()[
+        "layers.0.attention.to_q.weight"])  # not the folder's transformer
+    for name in ("vae", "text_encoder"):
+        for k, v in getattr(folder, name).state_dict().items():
+            assert torch.equal(getattr(m, name).state_dict()[k], v), f"{name}.{k}"
+    assert m.scheduler_config == dict(folder.scheduler.config)
+
+    pipe = ZImagePipeline.from_pretrained(dit_dirs["z_image"], transformer=ref, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(assert_one_tile_equals(cfg, pipe, 3.0, "haze").model).__name__ == "ZImageModel"
+
+
+def test_a_pickled_transformer_file_loads_with_allow_pickle(dit_dirs, z_image_file, tmp_path):
+    """A .ckpt (refused without model.allow_pickle: test_single_file_errors_name_the_field) goes through
+    from_single_file too, and the folder's safetensors components still load beside it."""
+    from safetensors.torch import load_file
+
+    ref, path = z_image_file
+    ckpt = tmp_path / "z_image_transformer.ckpt"
+    torch.save({"state_dict": load_file(path)}, ckpt)  # as original checkpoints nest it
+    cfg = compose("model=z_image", f"model.path={ckpt}", f"model.config={dit_dirs['z_image']}",
+                  "model.allow_pickle=true", "job.scheduler=flow_euler")
+    validate(cfg)
+    got = load_model(cfg.model).transformer.state_dict()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(got[k], v), k
+
+
+def test_a_file_of_another_transformer_is_named(dit_dirs, z_image_file, tmp_path):
+    """A file without some of the transformer's tensors (here: its second block) is named as the cause."""
+    from safetensors.torch import load_file, save_file
+
+    part = tmp_path / "part.safetensors"
+    save_file({k: v for k, v in load_file(z_image_file[1]).items() if ".layers.1." not in k}, str(part))
+    cfg = compose("model=z_image", f"model.path={part}", f"model.config={dit_dirs['z_image']}",
+                  "job.scheduler=flow_euler")
+    with pytest.raises(ConfigError, match=r"^model.path=.*: lacks some of the ZImageTransformer2DModel's tensors: "
+                                          r"not a model=z_image transformer file"):
+        load_model(cfg.model)
+
+
+def test_a_lumina2_transformer_file_goes_to_from_single_file(dit_dirs, tmp_path, monkeypatch):
+    """Routing only: diffusers' convert_lumina2_to_diffusers splits `qkv` at Lumina-Image-2.0's full widths
+    (q 2304, k and v 768 each), so no tiny Lumina 2 file can be converted; the call is checked, and the pipeline
+    built around what it returns."""
+    from diffusers import Lumina2Transformer2DModel
+
+    calls = []
+    folder_net = Lumina2Transformer2DModel.from_pretrained(dit_dirs["lumina2"], subfolder="transformer")
+
+    def from_single_file(path, **kwargs):
+        calls.append((path, kwargs))
+        return folder_net
+
+    monkeypatch.setattr(Lumina2Transformer2DModel, "from_single_file", from_single_file)
+    path = tmp_path / "lumina2_transformer.safetensors"
+    path.write_bytes(b"")
+    cfg = compose("model=lumina2", f"model.path={path}", f"model.config={dit_dirs['lumina2']}",
+                  "job.scheduler=flow_euler")
+    validate(cfg)
+    m = load_model(cfg.model)
+    assert calls == [(str(path), dict(config=dit_dirs["lumina2"], subfolder="transformer", local_files_only=True,
+                                      dtype=torch.float32))]
+    assert m.transformer is folder_net and type(m).__name__ == "Lumina2Model"
+
+
+def test_single_file_errors_name_the_field(dit_dirs, tmp_path):
+    st = tmp_path / "transformer.safetensors"
+    st.write_bytes(b"")
+    for name in ("z_image", "lumina2"):
+        with pytest.raises(ConfigError) as e:
+            validate(compose(f"model={name}", f"model.path={st}", "job.scheduler=flow_euler"))
+        assert (e.value.field_name, e.value.value) == ("model.config", None)
+        assert str(e.value).startswith(f"model.config=None: a single file of model={name} holds the transformer "
+                                       "only: set model.config to a local diffusers folder of the same model")
+    with pytest.raises(ConfigError, match=r"^model.config=.*holds a ZImagePipeline, not a Lumina2Pipeline"):
+        validate(compose("model=lumina2", f"model.path={st}", f"model.config={dit_dirs['z_image']}"))
+    bare = tmp_path / "no-transformer"
+    bare.mkdir()
+    (bare / "model_index.json").write_text('{"_class_name": "ZImagePipeline"}')
+    with pytest.raises(ConfigError, match=r"^model.config=.*no transformer/config.json"):
+        validate(compose("model=z_image", f"model.path={st}", f"model.config={bare}"))
+    ckpt = tmp_path / "transformer.ckpt"
+    ckpt.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^model.path=.*a .ckpt file is a torch pickle"):
+        validate(compose("model=z_image", f"model.path={ckpt}", f"model.config={dit_dirs['z_image']}"))
+    validate(compose("model=z_image", f"model.path={ckpt}", f"model.config={dit_dirs['z_image']}",
+                     "model.allow_pickle=true", "job.scheduler=flow_euler"))
+    with pytest.raises(ConfigError) as e:
+        validate(compose("model=newbie", f"model.path={st}", f"model.config={dit_dirs['lumina2']}",
+                         "model.trust_remote_code=true"))
+    assert str(e.value) == (f"model.path='{st}': model=newbie loads only from a diffusers folder (model_index.json "
+                            "and its component folders), not a single file: its transformer is Tessera's own "
+                            "NewbieTransformer2DModel, whose original layout diffusers' single-file converters do "
+                            "not know")
