@@ -121,7 +121,7 @@ def tessera(renderer: Renderer, cfg: TesseraConfig, label: str) -> dict:
     sync()
     t0 = time.perf_counter()
     cond = renderer.model.encode(req.prompt, req.negative_prompt)
-    z = denoise_group(lambda bs, t: [renderer._predict(b, t, cond, req.guidance, batch) for b in bs],
+    z = denoise_group(lambda bs, t: [renderer._predict(b, t, cond, req.guidance, len(bs[0].tiles)) for b in bs],
                       renderer.info(), [req], cfg.tiling, batch, renderer.model.device,
                       lambda i, n: ticks.remote(n))[0]
     sync()
