@@ -55,3 +55,23 @@ def compose(*overrides):
 
 SMALL = ["job.width=196", "job.height=130", "job.steps=3", "tiling.tile=16", "tiling.overlap=4",
          "tiling.vae_tile=16", "tiling.vae_overlap=4", "tiling.batch=2"]
+
+
+def assert_renders_small(renderer, cfg, other_seed_cfg, out) -> dict:
+    """`cfg`'s first image (SMALL's 196x130, several tiles) through `renderer`: written at the right size, not
+    constant, the same bytes when rendered again, other bytes for `other_seed_cfg`'s seed; its row."""
+    import numpy as np
+    from PIL import Image
+
+    from jobs import plan
+
+    req = plan(cfg)[0]
+    row = renderer.render(req, cfg.tiling)
+    assert row["status"] == "ok", row["error"]
+    img = Image.open(out / row["path"])
+    assert img.size == (196, 130) and np.asarray(img).std() > 1.0
+    first = (out / row["path"]).read_bytes()
+    assert renderer.render(req, cfg.tiling)["sha256"] == row["sha256"] and (out / row["path"]).read_bytes() == first
+    other = renderer.render(plan(other_seed_cfg)[0], cfg.tiling)
+    assert other["status"] == "ok" and other["sha256"] != row["sha256"]
+    return row

@@ -11,10 +11,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cluster.renderer import Renderer, denoise_request, start_canvas
-from conftest import SMALL, compose
+from conftest import SMALL, assert_renders_small, compose
 from jobs import ConfigError, plan, validate
 from jobs import spec
 from models import family, load_model
@@ -253,19 +252,11 @@ def test_text_conditioning_follows_diffusers_encode_prompt(dit_dirs, name):
 
 @pytest.mark.parametrize("name", ["z_image", "lumina2"])
 def test_renders_a_multi_tile_image_through_the_renderer(dit_dirs, tmp_path, name):
-    cfg = cfg_of(name, dit_dirs, *SMALL, f"output.dir={tmp_path}", "job.guidance=3.0", "job.negative_prompt=haze")
-    req = plan(cfg)[0]
+    args = (*SMALL, f"output.dir={tmp_path}", "job.guidance=3.0", "job.negative_prompt=haze")
+    cfg = cfg_of(name, dit_dirs, *args)
     r = Renderer(cfg.model, cfg.output)
     assert r.info()["patch_size"] == 2 and r.model.latent_channels == 16
-    row = r.render(req, cfg.tiling)
-    assert row["status"] == "ok", row["error"]
-    img = Image.open(tmp_path / row["path"])
-    assert img.size == (196, 130) and np.asarray(img).std() > 1.0
-    first = (tmp_path / row["path"]).read_bytes()
-    assert r.render(req, cfg.tiling)["sha256"] == row["sha256"] and (tmp_path / row["path"]).read_bytes() == first
-    other = r.render(plan(cfg_of(name, dit_dirs, *SMALL, f"output.dir={tmp_path}", "job.guidance=3.0",
-                                 "job.negative_prompt=haze", "job.seeds=[1]"))[0], cfg.tiling)
-    assert other["status"] == "ok" and other["sha256"] != row["sha256"]
+    assert_renders_small(r, cfg, cfg_of(name, dit_dirs, *args, "job.seeds=[1]"), tmp_path)
 
 
 def test_tiled_decode_of_the_16_channel_vae_matches_the_full_decode(dit_dirs):

@@ -7,13 +7,11 @@ diffusers pipeline for the same noise and settings, for SDXL and for SD 1.x (the
 """
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cluster.renderer import Renderer, denoise_request
-from conftest import SMALL, compose
+from conftest import SMALL, assert_renders_small, compose
 from jobs import ConfigError, plan, validate
 from jobs import spec
 from models import family, load_model, resolve_path
@@ -115,18 +113,10 @@ def test_a_scheduler_of_another_family_is_refused_before_anything_runs(sdxl_dir)
 
 def test_sdxl_renders_a_multi_tile_image_through_the_renderer(sdxl_dir, tmp_path):
     cfg = sdxl_cfg(sdxl_dir, *SMALL, f"output.dir={tmp_path}", "job.negative_prompt=blurry")
-    req = plan(cfg)[0]
     r = Renderer(cfg.model, cfg.output)
     assert type(r.model).__name__ == "SDXLModel" and r.model.weights_kind == "pretrained"
     assert (r.model.vae_scale_factor, r.model.vae.config.scaling_factor) == (8, pytest.approx(0.13025))
-    row = r.render(req, cfg.tiling)
-    assert row["status"] == "ok", row["error"]
-    img = Image.open(tmp_path / row["path"])
-    assert img.size == (196, 130) and np.asarray(img).std() > 1.0
-    first = (tmp_path / row["path"]).read_bytes()
-    assert r.render(req, cfg.tiling)["sha256"] == row["sha256"] and (tmp_path / row["path"]).read_bytes() == first
-    other = r.render(plan(sdxl_cfg(sdxl_dir, *SMALL, f"output.dir={tmp_path}", "job.seeds=[1]"))[0], cfg.tiling)
-    assert other["sha256"] != row["sha256"]
+    assert_renders_small(r, cfg, sdxl_cfg(sdxl_dir, *SMALL, f"output.dir={tmp_path}", "job.seeds=[1]"), tmp_path)
 
 
 ONE_TILE = ["job.width=128", "job.height=128", "job.steps=3", "tiling.tile=16", "tiling.overlap=4", "tiling.method=uniform",

@@ -24,14 +24,12 @@ The equality checks, and what they prove:
 import json
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from cluster.renderer import Renderer, denoise_request
-from conftest import SMALL, compose
+from conftest import SMALL, assert_renders_small, compose
 from jobs import ConfigError, plan, validate
 from jobs import spec
 from models import family, load_model
@@ -391,16 +389,8 @@ def test_the_guidance_window_is_the_official_one(model):
 
 
 def test_renders_a_multi_tile_image_through_the_renderer(newbie_dir, tmp_path):
-    cfg = cfg_of(newbie_dir, *SMALL, f"output.dir={tmp_path}", "job.guidance=3.0", "job.negative_prompt=haze")
-    req = plan(cfg)[0]
+    args = (*SMALL, f"output.dir={tmp_path}", "job.guidance=3.0", "job.negative_prompt=haze")
+    cfg = cfg_of(newbie_dir, *args)
     r = Renderer(cfg.model, cfg.output)
     assert r.info()["patch_size"] == 2 and r.model.latent_channels == 16
-    row = r.render(req, cfg.tiling)
-    assert row["status"] == "ok", row["error"]
-    img = Image.open(tmp_path / row["path"])
-    assert img.size == (196, 130) and np.asarray(img).std() > 1.0
-    first = (tmp_path / row["path"]).read_bytes()
-    assert r.render(req, cfg.tiling)["sha256"] == row["sha256"] and (tmp_path / row["path"]).read_bytes() == first
-    other = r.render(plan(cfg_of(newbie_dir, *SMALL, f"output.dir={tmp_path}", "job.guidance=3.0",
-                                 "job.negative_prompt=haze", "job.seeds=[1]"))[0], cfg.tiling)
-    assert other["status"] == "ok" and other["sha256"] != row["sha256"]
+    assert_renders_small(r, cfg, cfg_of(newbie_dir, *args, "job.seeds=[1]"), tmp_path)
