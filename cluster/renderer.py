@@ -34,11 +34,16 @@ def latent_size(req: ImageRequest, factor: int):
     return height // factor, width // factor
 
 
+def wraps(tiling: TilingConfig) -> dict:
+    """`tiling.wrap` as the wrap_y / wrap_x flags the grids and the tiled decode take."""
+    return {"wrap_y": tiling.wrap in ("y", "both"), "wrap_x": tiling.wrap in ("x", "both")}
+
+
 def layouts_of(req: ImageRequest, tiling: TilingConfig, factor: int):
     """Every step's tiles of one image (the same grid each step, or `shifted`'s seeded moving grid)."""
     h, w = latent_size(req, factor)
     return step_layouts(h, w, tiling.tile, tiling.overlap, tiling.method, req.steps, req.seed,
-                        wrap_y=tiling.wrap in ("y", "both"), wrap_x=tiling.wrap in ("x", "both"))
+                        **wraps(tiling))
 
 
 def start_canvas(info: dict, req: ImageRequest):
@@ -103,13 +108,13 @@ def seam_scores(pixels, req: ImageRequest, tiling: TilingConfig, factor: int) ->
     wrapped axis the borders are the wrapped grid's inside the image (`tiling.wrap_seam_score` scores the
     wrapped edge itself, the image laid beside itself)."""
     h, w = latent_size(req, factor)
-    wrap_y, wrap_x = tiling.wrap in ("y", "both"), tiling.wrap in ("x", "both")
+    wrap = wraps(tiling)
     grads = gradients(pixels)
     scores = {}
     for key, tile, overlap in (("seam_score", tiling.tile, 0 if tiling.method == "shifted" else tiling.overlap),
                                ("seam_score_vae", tiling.vae_tile, tiling.vae_overlap)):
-        tiles = scale_tiles(layout(h, w, tile, overlap, wrap_y, wrap_x), factor)
-        rows, cols = border_lines(tiles, h * factor, w * factor, wrap_y, wrap_x)
+        tiles = scale_tiles(layout(h, w, tile, overlap, **wrap), factor)
+        rows, cols = border_lines(tiles, h * factor, w * factor, **wrap)
         rows, cols = rows[rows < pixels.shape[0]], cols[cols < pixels.shape[1]]  # inside the cropped image
         scores[key] = seam_score(None, rows=rows, cols=cols, period=factor, grads=grads)
     return scores
@@ -204,8 +209,7 @@ class Renderer:
         try:
             t0 = time.perf_counter()
             img = decode_tiled(self.model.vae, self.model.unscale(z), self.model.vae_scale_factor, tiling.vae_tile,
-                               tiling.vae_overlap, wrap_x=tiling.wrap in ("x", "both"),
-                               wrap_y=tiling.wrap in ("y", "both"), passes=tiling.vae_passes)
+                               tiling.vae_overlap, passes=tiling.vae_passes, **wraps(tiling))
             return to_uint8(img, req.width, req.height), time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001
             return e
@@ -220,7 +224,7 @@ class Renderer:
             try:
                 self._sweeps[key] = decoder_sweeps(
                     self.model.vae, self.model.unscale(z), tiling.vae_tile, tiling.vae_overlap,
-                    wrap_x=tiling.wrap in ("x", "both"), wrap_y=tiling.wrap in ("y", "both"))
+                    **wraps(tiling))
             except BaseException:
                 self.model.vae_on_device(False)
                 raise
