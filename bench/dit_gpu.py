@@ -7,7 +7,8 @@ NewBie-image Exp0.1: 3.5 B + Gemma3-4B + a stand-in of Jina CLIP v2's size), bf1
 call; Z-Image at guidance 0 and 9 steps (as Turbo runs), Lumina2 at guidance 4 and NewBie at guidance 5, 8 steps
 each (a timing sample). NewBie guides only while the normalised time is below 0.25 (6 of these 8 steps), so its
 TFLOP/s (counted on a guided call) is left out. A check that the adapters run on a GPU at full size, and what a
-tile-step costs; writes dit.json.
+tile-step costs; writes dit.json. `--strategies direct progressive` times both strategies on the same image
+(seconds per whole image, decode and write included, and the tile-steps each took).
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def main() -> None:
     ap.add_argument("--offload", default="none", choices=["none", "model", "sequential"], help="model.offload")
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="model.attention")
     ap.add_argument("--compile", action="store_true", help="model.compile (compile time counted in the denoise)")
+    ap.add_argument("--strategies", nargs="+", default=["direct"], choices=["direct", "progressive"],
+                    help="job.strategy: each renders the same image, after a warm-up render of the first")
+    ap.add_argument("--method", default="gaussian", choices=["uniform", "gaussian", "shifted"])
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,6 +57,7 @@ def main() -> None:
         cfg.job.width, cfg.job.height = args.size
         cfg.job.steps, cfg.job.guidance = steps, guidance
         cfg.tiling.tile, cfg.tiling.overlap, cfg.tiling.batch = 128, 32, 4
+        cfg.tiling.method = args.method
         cfg.output.dir = tempfile.mkdtemp()
         t0 = time.perf_counter()
         r = Renderer(cfg.model, cfg.output)
@@ -64,19 +69,28 @@ def main() -> None:
             with FlopCounterMode(display=False) as fc:
                 m.predict(torch.zeros(4, m.latent_channels, 128, 128), torch.tensor(999.0), cond, guidance)
             flops = fc.get_total_flops() / 4
-        req = plan(cfg)[0]
-        torch.cuda.reset_peak_memory_stats()
-        row = r.render(req, cfg.tiling)
-        assert row["status"] == "ok", row["error"]
-        n = tile_steps(req, cfg.tiling, m.vae_scale_factor)
-        results.append({"model": name, "offload": args.offload, "attention": args.attention,
-                        "compile": args.compile, "steps": steps, "guidance": guidance, "seconds_load": load,
-                        "seconds_denoise": row["seconds_denoise"], "seconds_decode_and_write": row["seconds_decode"],
-                        "tile_steps": n, "ms_per_tile_step": 1e3 * row["seconds_denoise"] / n,
-                        "tflops": flops * n / row["seconds_denoise"] / 1e12 if getattr(m, "cfg_trunc", 1.0) >= 1 else None,
-                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                        "seam_score": row["seam_score"], "seam_score_vae": row["seam_score_vae"]})
-        print(json.dumps(results[-1]), flush=True)
+        for k, strategy in enumerate(args.strategies):
+            cfg.job.strategy = strategy
+            req = plan(cfg)[0]
+            if k == 0 and len(args.strategies) > 1:  # warm-up: kernels chosen, allocator grown
+                r.render(req, cfg.tiling)
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            row = r.render(req, cfg.tiling)
+            wall = time.perf_counter() - t0
+            assert row["status"] == "ok", row["error"]
+            n = tile_steps(req, cfg.tiling, r.info())
+            results.append({"model": name, "strategy": strategy, "stages": row["stages"], "method": args.method,
+                            "offload": args.offload, "attention": args.attention,
+                            "compile": args.compile, "steps": steps, "guidance": guidance, "seconds_load": load,
+                            "seconds_image": wall, "seconds_denoise": row["seconds_denoise"],
+                            "seconds_decode_and_write": row["seconds_decode"],
+                            "tile_steps": n, "ms_per_tile_step": 1e3 * row["seconds_denoise"] / n,
+                            "tflops": flops * n / row["seconds_denoise"] / 1e12
+                            if getattr(m, "cfg_trunc", 1.0) >= 1 and strategy == "direct" else None,
+                            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                            "seam_score": row["seam_score"], "seam_score_vae": row["seam_score_vae"]})
+            print(json.dumps(results[-1]), flush=True)
         del r, m, cond
         torch.cuda.empty_cache()
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv)}

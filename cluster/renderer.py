@@ -10,7 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -19,8 +19,10 @@ from jobs.spec import ModelConfig, OutputConfig, TilingConfig
 from models import load_model, make_scheduler
 from models.loading import compile_denoiser
 from models.schedulers import tile_seq_len, timestep_kwargs
-from tiling import (TileBatch, border_lines, decode_tiled, decoder_sweeps, denoise_canvases, layout, padded_size,
-                    scale_tiles, seam_score, step_layouts, to_uint8)
+from tiling import (TileBatch, border_lines, decode_tiled, decoder_sweeps, denoise_canvases, encode_tiled, layout,
+                    padded_size, scale_tiles, seam_score, step_layouts, to_uint8)
+from tiling.progressive import (Dilation, dilation_stride, first_step, noised, resize, skip_residual,
+                                stage_sizes)
 from tiling.seams import gradients
 
 
@@ -28,10 +30,15 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def latent_size(req: ImageRequest, factor: int):
-    """The latent canvas (height, width) of an image: its size rounded up to the VAE factor, divided by it."""
-    width, height = padded_size(req.width, req.height, factor)
+def latent_hw(width: int, height: int, factor: int) -> Tuple[int, int]:
+    """The latent canvas (height, width) of a picture: its size rounded up to the VAE factor, divided by it."""
+    width, height = padded_size(width, height, factor)
     return height // factor, width // factor
+
+
+def latent_size(req: ImageRequest, factor: int) -> Tuple[int, int]:
+    """The latent canvas (height, width) of an image (its last stage)."""
+    return latent_hw(req.width, req.height, factor)
 
 
 def wraps(tiling: TilingConfig) -> dict:
@@ -39,49 +46,116 @@ def wraps(tiling: TilingConfig) -> dict:
     return {"wrap_y": tiling.wrap in ("y", "both"), "wrap_x": tiling.wrap in ("x", "both")}
 
 
-def layouts_of(req: ImageRequest, tiling: TilingConfig, factor: int):
-    """Every step's tiles of one image (the same grid each step, or `shifted`'s seeded moving grid)."""
-    h, w = latent_size(req, factor)
-    return step_layouts(h, w, tiling.tile, tiling.overlap, tiling.method, req.steps, req.seed,
-                        **wraps(tiling))
+class Stage(NamedTuple):
+    """One denoise loop of an image: its latent canvas (h, w) and the index of its first timestep (0 for a
+    base drawn from noise; an enlarged stage runs the last `job.strength` share of its schedule)."""
+
+    h: int
+    w: int
+    first: int
 
 
-def start_canvas(info: dict, req: ImageRequest):
-    """One image's fresh scheduler (timesteps set), its initial noise [1, C, h, w] drawn on the CPU from the
-    seed (so the picture does not depend on the device), and the generator the scheduler's steps draw from.
+def stages_of(req: ImageRequest, info: dict) -> List[Stage]:
+    """The image's denoise loops, smallest first, the last at its own size. `direct`: one loop at full size;
+    `progressive`: a base at the model's native area (`job.base_size`, else `info["native_size"]`), or the
+    init image, then stages of at most `job.stage_factor` each (`tiling.progressive.stage_sizes`)."""
+    f = info["vae_scale_factor"]
+    if req.strategy == "direct" and not req.init_image:
+        return [Stage(*latent_hw(req.width, req.height, f), 0)]
+    align = f * (info.get("patch_size") or 1)
+    sizes = stage_sizes(req.width, req.height, req.base_size or info["native_size"], req.stage_factor, align,
+                        start=req.init_size if req.init_image else None)
+    later = first_step(req.steps, req.strength)
+    if req.init_image:  # the picture is the first size, enlarged into the rest
+        return [Stage(*latent_hw(w, h, f), later) for w, h in sizes[1:]]
+    return [Stage(*latent_hw(w, h, f), later if k else 0) for k, (w, h) in enumerate(sizes)]
+
+
+def start_canvas(info: dict, req: ImageRequest, stage: Optional[Stage] = None, generator=None):
+    """One loop's fresh scheduler (timesteps set, begun at the stage's first), the noise [1, C, h, w] drawn on
+    the CPU from the image's generator (seeded with its seed: the picture does not depend on the device), and
+    that generator (the scheduler's steps draw from it too). A base's canvas is that noise scaled to the
+    scheduler's first sigma; an enlarged stage's is its reference noised to the first timestep (`noised`).
 
     A flow transformer's schedule (sigmas, dynamic shift) follows its pipeline for a picture the size of one
     tile, the input the model sees (`info["patch_size"]`; see models/flow.py)."""
+    stage = stage or Stage(*latent_hw(req.width, req.height, info["vae_scale_factor"]), 0)
     scheduler = make_scheduler(req.scheduler, info["scheduler_config"])
-    size = latent_size(req, info["vae_scale_factor"])
-    seq_len = tile_seq_len(*size, req.tile, info.get("patch_size"))
+    seq_len = tile_seq_len(stage.h, stage.w, req.tile, info.get("patch_size"))
     scheduler.set_timesteps(req.steps, **timestep_kwargs(scheduler.config, req.steps, seq_len))
-    g = torch.Generator("cpu").manual_seed(req.seed)
-    shape = (1, info["latent_channels"]) + size
-    x = torch.randn(shape, generator=g) * getattr(scheduler, "init_noise_sigma", 1.0)
-    return scheduler, x, g
+    if stage.first and hasattr(scheduler, "set_begin_index"):  # DDIM finds its place from t alone
+        scheduler.set_begin_index(stage.first)
+    g = generator or torch.Generator("cpu").manual_seed(req.seed)
+    noise = torch.randn((1, info["latent_channels"], stage.h, stage.w), generator=g)
+    return scheduler, noise * getattr(scheduler, "init_noise_sigma", 1.0) if not stage.first else noise, g
+
+
+def read_picture(path: str) -> torch.Tensor:
+    """An image file as a [3, H, W] float32 tensor in [-1, 1] (RGB; an alpha channel is dropped)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def stage_layouts(req: ImageRequest, tiling: TilingConfig, stage: Stage, number: int, steps: int):
+    """Every step's tiles of one loop (the same grid each step, or `shifted`'s seeded moving grid; each stage
+    draws its own offsets)."""
+    return step_layouts(stage.h, stage.w, tiling.tile, tiling.overlap, tiling.method, steps, req.seed + number,
+                        **wraps(tiling))
+
+
+# reference(k, zs, (h, w)) -> stage k's starting canvases at latent h x w, one an image: the canvases zs of stage k - 1
+# enlarged, or at the first stage of an img2img render (zs None) the init pictures (the model's VAE does either).
+Reference = Callable[[int, Optional[List[torch.Tensor]], Tuple[int, int]], List[torch.Tensor]]
 
 
 def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int,
-                  device="cpu", callback: Optional[Callable[[int, int], None]] = None) -> List[torch.Tensor]:
-    """The finished latent canvases of images that share a prompt, a size and a schedule, stepped together
-    on `device`; `predict` is the local model or a fan-out to workers."""
-    starts = [start_canvas(info, req) for req in reqs]
-    layouts = [layouts_of(req, tiling, info["vae_scale_factor"]) for req in reqs]
-    return denoise_canvases(predict, [x.to(device) for _, x, _ in starts], [s for s, _, _ in starts], layouts,
-                            tiling.method, batch, [g for _, _, g in starts], callback)
+                  device="cpu", callback: Optional[Callable[[int, int], None]] = None,
+                  reference: Optional[Reference] = None) -> List[torch.Tensor]:
+    """The finished latent canvases of images that share a `group_key`, stepped together on `device`, stage
+    by stage; `predict` is the local model or a fan-out to workers, `reference` gives each later stage (and an
+    img2img render's first) the canvases it starts from."""
+    gens = [torch.Generator("cpu").manual_seed(req.seed) for req in reqs]
+    zs = None
+    for number, stage in enumerate(stages_of(reqs[0], info)):
+        begun = [start_canvas(info, req, stage, g) for req, g in zip(reqs, gens)]
+        schedulers = [s for s, _, _ in begun]
+        guide = dilation = None
+        if stage.first:
+            if reference is None:
+                raise ValueError("a progressive or img2img render needs a reference (the model's VAE) for its stages")
+            refs = [z.to(device) for z in reference(number, zs, (stage.h, stage.w))]
+            t0 = schedulers[0].timesteps[stage.first]
+            xs = [noised(s, r, n.to(device), t0) for s, r, (_, n, _) in zip(schedulers, refs, begun)]
+            if reqs[0].skip_residual:
+                guide = skip_residual(schedulers, refs, [n for _, n, _ in begun], reqs[0].skip_residual)
+            stride = dilation_stride(stage.h, stage.w, (reqs[0].base_size or info["native_size"]) // info["vae_scale_factor"])
+            if reqs[0].dilation and stride > 1:
+                dilation = Dilation(stride, reqs[0].dilation, info.get("patch_size") or 1)
+        else:
+            xs = [x.to(device) for _, x, _ in begun]
+        steps = len(schedulers[0].timesteps) - stage.first
+        layouts = [stage_layouts(req, tiling, stage, number, steps) for req in reqs]
+        zs = denoise_canvases(predict, xs, schedulers, layouts, tiling.method, batch, gens, callback,
+                              stage.first, guide, dilation)
+    return zs
 
 
 def denoise_request(predict, info: dict, req: ImageRequest, tiling: TilingConfig,
                     callback: Optional[Callable[[int, int], None]] = None, batch: Optional[int] = None,
-                    device="cpu") -> torch.Tensor:
+                    device="cpu", reference: Optional[Reference] = None) -> torch.Tensor:
     """The finished latent canvas of one image (a group of one)."""
-    return denoise_group(predict, info, [req], tiling, batch or tiling.batch or 4, device, callback)[0]
+    return denoise_group(predict, info, [req], tiling, batch or tiling.batch or 4, device, callback, reference)[0]
 
 
 def group_key(req: ImageRequest) -> tuple:
-    """Images with equal keys can be stepped together: one prompt pair, guidance, size and schedule."""
-    return (req.prompt, req.negative_prompt, req.guidance, req.width, req.height, req.steps, req.scheduler)
+    """Images with equal keys can be stepped together: one prompt pair, guidance, size, schedule and stages."""
+    return (req.prompt, req.negative_prompt, req.guidance, req.width, req.height, req.steps, req.scheduler,
+            req.strategy, req.strength, req.stage_factor, req.base_size, req.upscale, req.skip_residual,
+            req.dilation, req.init_size)
 
 
 def groups_of(reqs: Sequence[ImageRequest], size: int) -> List[List[ImageRequest]]:
@@ -96,9 +170,15 @@ def groups_of(reqs: Sequence[ImageRequest], size: int) -> List[List[ImageRequest
     return groups
 
 
-def tile_steps(req: ImageRequest, tiling: TilingConfig, factor: int) -> int:
-    """Tile-steps of one image, for the progress bar."""
-    return sum(len(tiles) for tiles in layouts_of(req, tiling, factor))
+def layouts_of(req: ImageRequest, tiling: TilingConfig, factor: int):
+    """Every step's tiles of an image rendered directly at its size."""
+    return stage_layouts(req, tiling, Stage(*latent_size(req, factor), 0), 0, req.steps)
+
+
+def tile_steps(req: ImageRequest, tiling: TilingConfig, info: dict) -> int:
+    """Tile-steps of one image, every stage, for the progress bar."""
+    return sum(len(tiles) for number, stage in enumerate(stages_of(req, info))
+               for tiles in stage_layouts(req, tiling, stage, number, req.steps - stage.first))
 
 
 def seam_scores(pixels, req: ImageRequest, tiling: TilingConfig, factor: int) -> dict:
@@ -149,7 +229,7 @@ class Renderer:
         m = self.model
         return {"scheduler_config": m.scheduler_config, "latent_channels": m.latent_channels,
                 "vae_scale_factor": m.vae_scale_factor, "patch_size": getattr(m, "patch_size", None),
-                "worker": self.worker, "device": str(m.device)}
+                "native_size": m.native_size, "worker": self.worker, "device": str(m.device)}
 
     def batch_size(self, tiling: TilingConfig) -> int:
         """`tiling.batch`, or for 0 (auto) as many tiles as the free GPU memory holds (4 on a CPU)."""
@@ -189,12 +269,50 @@ class Renderer:
                 t0 = time.perf_counter()
                 cond = self.model.encode(reqs[0].prompt, reqs[0].negative_prompt)
                 zs = denoise_group(lambda bs, t: [self._predict(b, t, cond, reqs[0].guidance, len(bs[0].tiles))
-                                                  for b in bs], self.info(), reqs, tiling, batch, self.model.device, tick)
+                                                  for b in bs], self.info(), reqs, tiling, batch, self.model.device, tick,
+                                   lambda k, zs, size: self._reference(reqs, tiling, k, zs, size))
                 seconds = (time.perf_counter() - t0) / len(reqs)
                 decoded = [self._decode(req, tiling, z) for req, z in zip(reqs, zs)]
         except Exception as e:  # noqa: BLE001 - recorded in the manifest, the job goes on
             return [failed_row(req, started, e, self.worker) for req in reqs]
         return [self.write(req, tiling, d, started, seconds) for req, d in zip(reqs, decoded)]
+
+    def reference(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, number: int,
+                  zs: Optional[List[torch.Tensor]], size: Tuple[int, int]) -> List[torch.Tensor]:
+        """Tile-parallel mode: `_reference` for the driver's loop; the canvases go back on the CPU."""
+        with self._device:
+            return [z.cpu() for z in self._reference(reqs, tiling, number, zs, size)]
+
+    def _reference(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, number: int,
+                   zs: Optional[List[torch.Tensor]], size: Tuple[int, int]) -> List[torch.Tensor]:
+        """Stage `number`'s starting canvases at latent `size` (h, w): the finished canvases `zs` of the stage
+        before, or (zs None) the requests' init pictures, enlarged. `job.upscale=pixel` decodes a canvas (tiled,
+        shared statistics), resizes the picture (bicubic) and encodes it (tiled); `latent` resizes the latents.
+        Under `output.keep_stages` each decoded stage is written beside the image."""
+        m, f = self.model, self.model.vae_scale_factor
+        latent = zs is not None and reqs[0].upscale == "latent"
+        out = []
+        m.vae_on_device(True)
+        try:
+            for k, req in enumerate(reqs):
+                if zs is None:
+                    picture = read_picture(req.init_image)
+                elif not latent or self.output.keep_stages:
+                    picture = decode_tiled(m.vae, m.unscale(zs[k]), f, tiling.vae_tile, tiling.vae_overlap,
+                                           passes=tiling.vae_passes, **wraps(tiling))
+                    if self.output.keep_stages:
+                        h, w = zs[k].shape[-2:]
+                        write_image(to_uint8(picture, w * f, h * f), self.output.dir, req.stage_path(number - 1),
+                                    self.output.format, self.output.quality, req.parameters_text())
+                if latent:
+                    out.append(resize(zs[k], size))
+                    continue
+                picture = resize(picture[None], (size[0] * f, size[1] * f)).clamp(-1, 1)
+                out.append(m.scale(encode_tiled(m.vae, picture.to(m.device, m.vae_dtype), tiling.vae_tile,
+                                                tiling.vae_overlap, passes=tiling.vae_passes, **wraps(tiling))))
+        finally:
+            m.vae_on_device(False)
+        return out
 
     def finish(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor, started_at: datetime,
                seconds_denoise: float) -> dict:
@@ -257,6 +375,7 @@ class Renderer:
             return failed_row(req, started_at, decoded, self.worker)
         try:
             pixels, seconds_decode = decoded
+            f = self.model.vae_scale_factor
             t0 = time.perf_counter()
             with ThreadPoolExecutor(1) as pool:
                 scores = pool.submit(seam_scores, pixels, req, tiling, self.model.vae_scale_factor)
@@ -264,7 +383,8 @@ class Renderer:
                                         req.parameters_text())
                 seconds_write = time.perf_counter() - t0
                 scores = scores.result()
-            return req.manifest_row(status="ok", error=None, sha256=sha, bytes=size, started_at=started_at,
+            stages = ">".join(f"{s.w * f}x{s.h * f}" for s in stages_of(req, self.info()))
+            return req.manifest_row(status="ok", error=None, sha256=sha, bytes=size, started_at=started_at, stages=stages,
                                     finished_at=now(), seconds_denoise=seconds_denoise,
                                     seconds_decode=seconds_decode + seconds_write, worker=self.worker, **scores)
         except Exception as e:  # noqa: BLE001

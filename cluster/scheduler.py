@@ -166,7 +166,9 @@ def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraCon
 
         try:
             t0 = time.perf_counter()
-            z = denoise_request(predict, info, req, cfg.tiling, lambda step, n: progress.tiles(n), batch)
+            z = denoise_request(predict, info, req, cfg.tiling, lambda step, n: progress.tiles(n), batch,
+                                reference=lambda k, zs, size: ray.get(
+                                    workers[0].reference.remote([req], cfg.tiling, k, zs, size)))
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             on_row(failed_row(req, started, f"worker lost: {type(e).__name__}: {e}"))
             continue
@@ -188,7 +190,7 @@ def run_job(cfg: TesseraConfig, requests: Sequence[ImageRequest], on_row: Callab
     mode = cfg.cluster.mode
     if mode == "auto":
         mode = "bulk" if len(requests) >= len(workers) else "tile_parallel"
-    total_tiles = sum(tile_steps(r, cfg.tiling, info["vae_scale_factor"]) for r in requests)
+    total_tiles = sum(tile_steps(r, cfg.tiling, info) for r in requests)
     with Progress(len(requests), total_tiles, enabled=show_progress) as progress:
         def record(row):
             progress.image(row["status"] == "ok")

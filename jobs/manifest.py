@@ -48,6 +48,11 @@ SCHEMA = pa.schema([
     ("wrap", pa.string()),  # none, x, y or both: the image tiles seamlessly on those axes
     ("seam_score", pa.float64()),  # across the denoise tiles' borders; 1.0: invisible (tiling.seams)
     ("seam_score_vae", pa.float64()),  # across the VAE decode tiles' borders
+    ("strategy", pa.string()),  # progressive (a base, then enlarged stages) or direct
+    ("strength", pa.float64()),  # the share of each enlarged stage's schedule that runs
+    ("stages", pa.string()),  # the denoised sizes, smallest first, e.g. 344x192>688x384>1920x1080
+    ("init_image", pa.string()),  # the picture an img2img render starts from, as given
+    ("init_sha256", pa.string()),
 ])
 STATUSES = ("ok", "failed")
 _last_ns = 0

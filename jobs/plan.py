@@ -5,9 +5,11 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
-from .images import EXTENSIONS
-from .spec import ModelConfig, TesseraConfig, effective_prompt, prompts_of, scheduler_of, validate
+from .images import EXTENSIONS, sha256_file
+from .spec import (ModelConfig, TesseraConfig, check_init_image, effective_prompt, init_images, prompts_of,
+                   scheduler_of, validate)
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,21 @@ class ImageRequest:
     format: str
     path: str  # relative to output.dir: images/<job>/<image_id>.<ext>
     wrap: str = "none"  # tiling.wrap: none, x, y or both
+    strategy: str = "direct"  # job.strategy, and the knobs of its stages:
+    strength: float = 0.5
+    stage_factor: float = 2.0
+    base_size: int = 0  # 0: the model's native size
+    upscale: str = "pixel"
+    skip_residual: float = 0.0
+    dilation: float = 0.0
+    init_image: Optional[str] = None  # the picture an img2img render starts from
+    init_sha256: Optional[str] = None
+    init_size: Optional[Tuple[int, int]] = None  # its (width, height)
+
+    def stage_path(self, number: int) -> str:
+        """Where `output.keep_stages` writes stage `number`'s picture: beside the image."""
+        stem, ext = os.path.splitext(self.path)
+        return f"{stem}.stage{number}{ext}"
 
     def parameters_text(self) -> str:
         """AUTOMATIC1111-style generation parameters, as embedded in the image file."""
@@ -41,15 +58,25 @@ class ImageRequest:
             f"Steps: {self.steps}, Sampler: {self.scheduler}, CFG scale: {self.guidance}, "
             f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}, "
             f"Tiling: {self.tiling_method} {self.tile}/{self.overlap}, "
-            + (f"Wrap: {self.wrap}, " if self.wrap != "none" else "") +
-            f"Tessera image id: {self.image_id}")
+            + (f"Wrap: {self.wrap}, " if self.wrap != "none" else "")
+            + (f"Strategy: {self.strategy} x{self.stage_factor:g} from {self.base_size or 'native'}, "
+               f"Denoising strength: {self.strength:g}, Upscale: {self.upscale}, " if self.strategy == "progressive"
+               else "")
+            + (f"Skip residual: {self.skip_residual:g}, " if self.skip_residual and self.strategy == "progressive"
+               else "")
+            + (f"Init image: {os.path.basename(self.init_image)} sha256 {self.init_sha256}, Denoising strength: "
+               f"{self.strength:g}, " if self.init_image and self.strategy == "direct" else "")
+            + (f"Init image: {os.path.basename(self.init_image)} sha256 {self.init_sha256}, "
+               if self.init_image and self.strategy == "progressive" else "")
+            + f"Tessera image id: {self.image_id}")
         return "\n".join(lines)
 
     def manifest_row(self, **extra) -> dict:
         """The manifest columns this request knows, updated with ``extra`` (status, sha256, ...)."""
         row = {k: getattr(self, k) for k in (
             "image_id", "job", "prompt", "negative_prompt", "seed", "model", "width", "height",
-            "steps", "guidance", "scheduler", "tiling_method", "tile", "overlap", "path", "wrap")}
+            "steps", "guidance", "scheduler", "tiling_method", "tile", "overlap", "path", "wrap", "strategy",
+            "strength", "init_image", "init_sha256")}
         row.update(extra)
         return row
 
@@ -63,7 +90,7 @@ def _real(path) -> str:
     return os.path.realpath(os.path.expanduser(path))
 
 
-def image_id(cfg: TesseraConfig, prompt: str, seed: int) -> str:
+def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[str] = None) -> str:
     """First 16 hex chars of sha256 over everything that changes the pixels, and nothing else.
 
     `prompt` is the raw prompt; the effective one (job.prompt_template applied) is hashed, so a template
@@ -82,6 +109,11 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int) -> str:
     }
     if not pretrained:
         key["weights"] = m.weights
+    if j.strategy == "progressive":  # `direct`, the one strategy before, keeps the ids it had
+        key["strategy"] = [j.strategy, float(j.strength), float(j.stage_factor), int(j.base_size), j.upscale,
+                           float(j.skip_residual)] + ([float(j.dilation)] if j.dilation else [])
+    if init_sha256:
+        key["init"] = [init_sha256, float(j.strength)]
     if m.config:
         key["model_config"] = _real(m.config)
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -89,20 +121,26 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int) -> str:
 
 
 def plan(cfg: TesseraConfig) -> list[ImageRequest]:
-    """Validate ``cfg`` and expand it into prompts x seeds, prompt-major, duplicates dropped."""
+    """Validate ``cfg`` and expand it into prompts x init images x seeds, prompt-major, duplicates dropped."""
     validate(cfg)
     j, t, fmt = cfg.job, cfg.tiling, cfg.output.format
+    inits = [(p, sha256_file(p), check_init_image(p, j.width, j.height)) for p in init_images(j)] if j.init_image \
+        else [(None, None, None)]
     requests, seen = [], set()
     for prompt in prompts_of(j):
-        for seed in j.seeds:
-            iid = image_id(cfg, prompt, seed)
-            if iid in seen:
-                continue
-            seen.add(iid)
-            requests.append(ImageRequest(
-                image_id=iid, job=j.name, prompt=effective_prompt(j, prompt), negative_prompt=j.negative_prompt,
-                seed=int(seed), model=model_label(cfg.model), width=int(j.width), height=int(j.height),
-                steps=int(j.steps), guidance=float(j.guidance), scheduler=scheduler_of(cfg),
-                tiling_method=t.method, tile=int(t.tile), overlap=int(t.overlap), format=fmt,
-                path=f"images/{j.name}/{iid}.{EXTENSIONS[fmt]}", wrap=t.wrap))
+        for init, sha, size in inits:
+            for seed in j.seeds:
+                iid = image_id(cfg, prompt, seed, sha)
+                if iid in seen:
+                    continue
+                seen.add(iid)
+                requests.append(ImageRequest(
+                    image_id=iid, job=j.name, prompt=effective_prompt(j, prompt), negative_prompt=j.negative_prompt,
+                    seed=int(seed), model=model_label(cfg.model), width=int(j.width), height=int(j.height),
+                    steps=int(j.steps), guidance=float(j.guidance), scheduler=scheduler_of(cfg),
+                    tiling_method=t.method, tile=int(t.tile), overlap=int(t.overlap), format=fmt,
+                    path=f"images/{j.name}/{iid}.{EXTENSIONS[fmt]}", wrap=t.wrap, strategy=j.strategy,
+                    strength=float(j.strength), stage_factor=float(j.stage_factor), base_size=int(j.base_size),
+                    upscale=j.upscale, skip_residual=float(j.skip_residual), dilation=float(j.dilation), init_image=init, init_sha256=sha,
+                    init_size=size))
     return requests

@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 MAX_SIDE = 16384  # pixels; 16K is already 256 Mpx
 MAX_STEPS = 1000
@@ -67,6 +67,10 @@ TILING_METHODS = ("uniform", "gaussian", "shifted")
 WRAPS = ("none", "x", "y", "both")
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 CLUSTER_MODES = ("auto", "bulk", "tile_parallel")
+STRATEGIES = ("progressive", "direct")
+UPSCALES = ("pixel", "latent")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what a folder of init images is read for
+ASPECT_TOLERANCE = 0.01  # an init image's aspect may differ from the target's by this share
 
 
 class TesseraError(Exception):
@@ -109,6 +113,18 @@ class JobConfig:
     guidance: float = 7.0
     scheduler: str = "auto"  # auto: the family's first (euler; flow_euler for DiTs), or one that fits it
     prompt_template: Optional[str] = None  # e.g. "archer style {prompt}"; None: prompts as they are
+    # A picture larger than the model's native size: `progressive` draws a base at the native area, then enlarges it
+    # by at most stage_factor a stage, each stage running the last `strength` share of its schedule over tiles;
+    # `direct` denoises the full size from noise (one subject per tile on a canvas many tiles large).
+    strategy: str = "progressive"
+    strength: float = 0.5
+    stage_factor: float = 2.0
+    base_size: int = 0  # the base's side in pixels (its area is base_size squared); 0: the model's native size
+    upscale: str = "pixel"  # between stages: pixel (decode, bicubic, encode) or latent (bicubic on the latents)
+    skip_residual: float = 0.0  # DemoFusion's skip residual, the power of its cosine weight (3 in the paper); 0: off
+    dilation: float = 0.0  # DemoFusion's dilated sampling, the power of its cosine weight (1 in the paper); 0: off
+    init_image: Optional[str] = None  # img2img / upscaling: a picture, a folder of them, or a Parquet file whose
+    #                                   `init_image` (or `path`) column lists them; the stages start from it
 
 
 @dataclass
@@ -138,6 +154,7 @@ class OutputConfig:
     dir: str = "outputs"
     format: str = "png"
     quality: int = 95  # webp and jpeg
+    keep_stages: bool = False  # also write each stage's picture beside the image (<image_id>.stage<k>.<ext>)
 
 
 @dataclass
@@ -156,6 +173,10 @@ def _check(ok: bool, name: str, value, why: str) -> None:
 
 def _one_of(name: str, value, choices) -> None:
     _check(value in choices, name, value, f"must be one of {', '.join(choices)}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def _int_in(name: str, value, lo: int, hi: int) -> None:
@@ -177,7 +198,7 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     _int_in("job.width", j.width, 8, MAX_SIDE)
     _int_in("job.height", j.height, 8, MAX_SIDE)
     _int_in("job.steps", j.steps, 1, MAX_STEPS)
-    _check(isinstance(j.guidance, (int, float)) and not isinstance(j.guidance, bool) and 0.0 <= j.guidance <= MAX_GUIDANCE,
+    _check(_number(j.guidance) and 0.0 <= j.guidance <= MAX_GUIDANCE,
            "job.guidance", j.guidance, f"must be a number from 0 to {MAX_GUIDANCE:g}")
     _one_of("job.scheduler", j.scheduler, ("auto",) + SCHEDULERS)
     fits = FAMILY_SCHEDULERS[MODEL_FAMILIES[m.name]]
@@ -198,6 +219,22 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     for s in j.seeds:
         _check(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63, "job.seeds", list(j.seeds),
                "seeds must be integers from 0 to 2**63-1")
+
+    _one_of("job.strategy", j.strategy, STRATEGIES)
+    _check(_number(j.strength) and 0.0 < j.strength <= 1.0, "job.strength", j.strength,
+           "must be a number in (0, 1]: the share of each enlarged stage's schedule that runs")
+    _check(_number(j.stage_factor) and 1.1 <= j.stage_factor <= 8.0, "job.stage_factor", j.stage_factor,
+           "must be a number from 1.1 to 8: how much each stage enlarges the one before")
+    _check(j.base_size == 0 or (isinstance(j.base_size, int) and 64 <= j.base_size <= 4096), "job.base_size",
+           j.base_size, "must be 0 (the model's native size) or an integer from 64 to 4096 pixels")
+    _one_of("job.upscale", j.upscale, UPSCALES)
+    _check(_number(j.skip_residual) and 0.0 <= j.skip_residual <= 20.0, "job.skip_residual", j.skip_residual,
+           "must be a number from 0 (off) to 20")
+    _check(_number(j.dilation) and 0.0 <= j.dilation <= 20.0, "job.dilation", j.dilation,
+           "must be a number from 0 (off) to 20")
+    if j.init_image is not None:
+        for path in init_images(j):
+            check_init_image(path, j.width, j.height)
 
     _one_of("tiling.method", t.method, TILING_METHODS)
     _one_of("tiling.wrap", t.wrap, WRAPS)
@@ -354,3 +391,48 @@ def prompts_of(job: JobConfig) -> List[str]:
     if job.prompt_file and os.path.isfile(job.prompt_file):
         prompts += read_prompt_file(job.prompt_file)
     return prompts
+
+
+def init_images(job: JobConfig) -> List[str]:
+    """The pictures `job.init_image` names: the file itself, a folder's pictures (sorted by name), or the paths in
+    a Parquet file's `init_image` (or `path`) column, relative ones taken from the Parquet file's folder."""
+    given = job.init_image
+    path = os.path.expanduser(given)
+    _check(os.path.exists(path), "job.init_image", given, "no such file or folder")
+    if os.path.isdir(path):
+        found = sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if n.lower().endswith(PICTURE_SUFFIXES) and not n.startswith("."))
+        _check(bool(found), "job.init_image", given, f"the folder holds no picture ({', '.join(PICTURE_SUFFIXES)})")
+        return found
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
+            raise ConfigError("job.init_image", given, f"unreadable Parquet file ({e})") from e
+        column = next((c for c in ("init_image", "path") if c in table.column_names), None)
+        _check(column is not None, "job.init_image", given, "the Parquet file has no init_image or path column")
+        folder = os.path.dirname(path)
+        paths = [os.path.join(folder, os.path.expanduser(p)) for p in table.column(column).to_pylist() if p]
+        _check(bool(paths), "job.init_image", given, f"the Parquet file's {column} column lists no picture")
+        return paths
+    return [path]
+
+
+def check_init_image(path: str, width: int, height: int) -> Tuple[int, int]:
+    """An init image's (width, height), after checking it is a picture of the target's aspect (within 1%)."""
+    from PIL import Image, UnidentifiedImageError
+
+    _check(os.path.isfile(path), "job.init_image", path, "no such file")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+            size = im.size
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise ConfigError("job.init_image", path, f"not a readable picture ({e})") from e
+    want, got = width / height, size[0] / size[1]
+    _check(abs(got / want - 1) <= ASPECT_TOLERANCE, "job.init_image", path,
+           f"its aspect {size[0]}x{size[1]} differs from job.width x job.height ({width}x{height}) by more than "
+           f"{ASPECT_TOLERANCE:.0%}; crop or pad it to {want:.4g}:1")
+    return size

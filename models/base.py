@@ -68,6 +68,7 @@ class Adapter:
     hooks) and chosen the VAE's dtype; inputs go to `device`, the execution device."""
 
     denoiser = "unet"
+    native = 512  # the family's native side in pixels, where the model's config does not say (`native_size`)
 
     def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
                  weights: str = "pretrained"):
@@ -82,6 +83,15 @@ class Adapter:
         for m in (net, self.vae, *self.text_modules()):
             m.eval()
         self._cache = PromptCache(self._encode_pair)
+
+    @property
+    def native_size(self) -> int:
+        """The side in pixels of the pictures the model was trained on: a UNet's `sample_size` times the VAE
+        factor (512 for SD 1.5, 1024 for SDXL), else the family's `native`."""
+        side = getattr(getattr(self, self.denoiser).config, "sample_size", None)
+        if isinstance(side, (list, tuple)):
+            side = int((side[0] * side[-1]) ** 0.5)
+        return int(side) * self.vae_scale_factor if isinstance(side, int) and side > 0 else self.native
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -122,6 +132,10 @@ class Adapter:
         """Latents [1, C, h, w] to an image [1, 3, f*h, f*w] in [-1, 1] in one piece."""
         return decode_latents(self.vae, z, self.device)
 
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents of the VAE's own space (an encoder's output) as diffusion latents, float32 on the CPU."""
+        return scale_latents(self.vae, z)
+
     def unscale(self, z: torch.Tensor) -> torch.Tensor:
         """Latents in the VAE's own space (scale and shift undone), on its device and dtype: what
         `tiling.decode_tiled` takes."""
@@ -144,6 +158,17 @@ def unscale_latents(vae, z: torch.Tensor, device: torch.device) -> torch.Tensor:
         std = torch.tensor(std, device=device, dtype=z.dtype).view(shape)
         return z * std / cfg.scaling_factor + mean
     return z / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+
+
+def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """The inverse of `unscale_latents`: the VAE's latents [1, C, h, w] as diffusion latents (float32, CPU)."""
+    cfg = vae.config
+    z = z.float().cpu()
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, -1, 1, 1)
+        return (z - torch.tensor(mean).view(shape)) * cfg.scaling_factor / torch.tensor(std).view(shape)
+    return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
 
 
 def decode_latents(vae, z: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -69,6 +69,7 @@ class FlowModel(Adapter):
 
     family = "flow"
     denoiser = "transformer"
+    native = 1024  # Z-Image, Lumina 2 and NewBie are trained at about 1024 x 1024 (their configs do not say)
 
     def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
                  weights: str = "pretrained"):

@@ -75,6 +75,7 @@ class SDXLModel(SDModel):
     """One loaded SDXL (base) pipeline behind Tessera's model interface."""
 
     family = "sdxl"
+    native = 1024
 
     def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
                  weights: str = "pretrained"):

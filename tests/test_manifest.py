@@ -23,7 +23,9 @@ def row(iid, status="ok", **kw):
          "overlap": 16, "status": status, "error": None if status == "ok" else "CUDA OOM",
          "path": f"images/night/{iid}.png", "sha256": "0" * 64, "bytes": 1234,
          "started_at": T0, "finished_at": T1, "seconds_denoise": 12.25, "seconds_decode": 1.5,
-         "worker": "node1/gpu0", "wrap": "none", "seam_score": 1.01, "seam_score_vae": 1.0}
+         "worker": "node1/gpu0", "wrap": "none", "seam_score": 1.01, "seam_score_vae": 1.0,
+         "strategy": "progressive", "strength": 0.5, "stages": "1368x768>2288x1288>3840x2160", "init_image": None,
+         "init_sha256": None}
     r.update(kw)
     return r
 

@@ -1,0 +1,161 @@
+"""Coherence at large sizes, measured on a model that was really trained (tests/assets: scenes-sd and its zoom-aware sibling): suns, horizon, rim.
+
+Each variant renders every prompt x seed through the renderer's own path (`cluster.renderer.Renderer.render`,
+no Ray) and is scored with the test bed's measures (`scenes.py`): `count_suns` (1 as trained), `horizon_jumps`
+(below 0.05: one continuous horizon) and `sun_edge_width` (the rim in pixels; the model's own at its native size,
+and a bicubic enlargement of the base, are measured beside). Rows go to a JSON file; a contact sheet of one seed
+of each variant to a PNG.
+
+    python3 bench/coherence.py --model tests/assets/scenes-sd --sizes 1920x1080 --seeds 1 2 \
+        --variants direct p0.5 p0.5s3 --out bench/results/coherence.json
+
+A variant is `direct`, or `p<strength>` with optional suffixes `s<skip residual power>`, `f<stage factor>`,
+`d<dilated sampling power>`, `L` (latent upscale), `S` (shifted tiles), `U` (uniform tiles), e.g. `p0.4s3d1f1.5`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.config_store import ConfigStore  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from cluster.renderer import Renderer, read_picture  # noqa: E402
+from jobs import plan  # noqa: E402
+from jobs.spec import TesseraConfig  # noqa: E402
+from tiling.progressive import base_size, resize  # noqa: E402
+
+PROMPTS = ("a dusk landscape", "a day landscape", "a night landscape")
+
+
+def compose_cfg(overrides):
+    ConfigStore.instance().store(name="tessera_schema", node=TesseraConfig)
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=overrides))
+
+
+def variant_overrides(name: str) -> list:
+    """The job and tiling overrides a variant name stands for (see the module docstring)."""
+    if name == "direct":
+        return ["job.strategy=direct"]
+    m = re.fullmatch(r"p([\d.]+)((?:s[\d.]+|d[\d.]+|f[\d.]+|L|S|U)*)", name)
+    if not m:
+        raise SystemExit(f"unknown variant {name!r}")
+    out = ["job.strategy=progressive", f"job.strength={m.group(1)}"]
+    for key, value in re.findall(r"([sdfLSU])([\d.]*)", m.group(2)):
+        out.append({"s": f"job.skip_residual={value}", "d": f"job.dilation={value}", "f": f"job.stage_factor={value}",
+                    "L": "job.upscale=latent",
+                    "S": "tiling.method=shifted", "U": "tiling.method=uniform"}[key])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True, help="a test-bed diffusers folder (repeatable)")
+    ap.add_argument("--family", default="sd15", help="model=<family> (sd15; z_image for a Z-Image test bed)")
+    ap.add_argument("--sizes", nargs="+", default=["1920x1080"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--prompts", nargs="+", default=list(PROMPTS))
+    ap.add_argument("--variants", nargs="+", default=["direct", "p0.5"])
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--tile", type=int, default=32)
+    ap.add_argument("--overlap", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--out", default="coherence.json")
+    ap.add_argument("--sheet", default=None, help="a PNG contact sheet of the first seed and prompt per variant")
+    ap.add_argument("--workdir", default="/tmp/coherence")
+    a = ap.parse_args()
+    sys.path.insert(0, os.path.join(ROOT, "tests", "assets"))
+    from scenes import count_suns, horizon_jumps, sun_edge_width  # noqa: E402
+
+    def measures(pixels) -> dict:
+        return {"suns": count_suns(pixels), "horizon_jumps": round(horizon_jumps(pixels), 4),
+                "rim_px": round(sun_edge_width(pixels), 2)}
+
+    rows, sheet = [], []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for model_path in a.model:
+        common = [f"model={a.family}", f"model.path={model_path}", f"model.dtype={a.dtype}", f"tiling.tile={a.tile}",
+                  f"tiling.overlap={a.overlap}", f"tiling.batch={a.batch}", f"job.guidance={a.guidance}",
+                  f"job.steps={a.steps}", f"job.seeds=[{','.join(map(str, a.seeds))}]",
+                  "job.prompts=[" + ",".join(json.dumps(p) for p in a.prompts) + "]", f"output.dir={a.workdir}",
+                  "output.keep_stages=true"]
+        renderer = None
+        for size in ["native"] + a.sizes:
+            for variant in (["direct"] if size == "native" else a.variants):
+                cfg = compose_cfg(common + variant_overrides(variant))
+                if renderer is None:
+                    renderer = Renderer(cfg.model, cfg.output)
+                native = renderer.model.native_size
+                w, h = (native, native) if size == "native" else map(int, size.split("x"))
+                cfg.job.width, cfg.job.height = w, h
+                for req in plan(cfg):
+                    t0 = time.perf_counter()
+                    row = renderer.render(req, cfg.tiling)
+                    wall = time.perf_counter() - t0
+                    if row["status"] != "ok":
+                        print("FAILED", variant, size, row["error"], flush=True)
+                        continue
+                    pixels = np.array(Image.open(os.path.join(a.workdir, row["path"])))
+                    out = {"model": os.path.basename(os.path.normpath(model_path)), "size": f"{w}x{h}",
+                           "variant": variant, "prompt": req.prompt, "seed": req.seed, "stages": row["stages"],
+                           "seconds": round(wall, 2), "seam_score": round(row["seam_score"], 4),
+                           "seam_score_vae": round(row["seam_score_vae"], 4), "device": device, **measures(pixels)}
+                    if variant != "direct":  # the base enlarged by bicubic alone: what the stages must beat
+                        base = read_picture(os.path.join(a.workdir, req.stage_path(0)))
+                        plain = resize(base[None], (h, w))[0].clamp(-1, 1)
+                        out["resized_base"] = measures(plain)
+                    rows.append(out)
+                    print(json.dumps(out), flush=True)
+                    save(a, rows, device)
+                    if req.seed == a.seeds[0] and req.prompt == a.prompts[0]:
+                        sheet.append((f"{out['model']} {size} {variant}", Image.fromarray(pixels)))
+    if a.sheet and sheet:
+        cell = (480, 270)
+        grid = Image.new("RGB", (cell[0] * 4, cell[1] * -(-len(sheet) // 4)))
+        for i, (_, im) in enumerate(sheet):
+            grid.paste(im.resize(cell, Image.BICUBIC), ((i % 4) * cell[0], (i // 4) * cell[1]))
+        grid.save(a.sheet)
+        print("sheet:", [name for name, _ in sheet])
+    print(summary(rows))
+
+
+def save(a, rows, device) -> None:
+    """The rows so far, as one JSON file (rewritten after each image, so a run cut short keeps what it measured)."""
+    with open(a.out, "w") as f:
+        json.dump({"steps": a.steps, "guidance": a.guidance, "tile": a.tile, "overlap": a.overlap,
+                   "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, f, indent=1)
+
+
+def summary(rows) -> str:
+    """Per model, size and variant: mean suns, share of pictures with exactly one, mean horizon jump and rim."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["size"], r["variant"]), []).append(r)
+    lines = ["model size variant: suns(mean) one-sun% horizon rim_px [resized-base rim] seconds"]
+    for (m, s, v), rs in groups.items():
+        rims = [r["rim_px"] for r in rs if r["rim_px"] == r["rim_px"]]
+        base = [r["resized_base"]["rim_px"] for r in rs if "resized_base" in r and r["resized_base"]["rim_px"] == r["resized_base"]["rim_px"]]
+        lines.append(f"{m} {s} {v}: {np.mean([r['suns'] for r in rs]):.2f} "
+                     f"{100 * np.mean([r['suns'] == 1 for r in rs]):.0f}% {np.mean([r['horizon_jumps'] for r in rs]):.3f} "
+                     f"{np.median(rims) if rims else float('nan'):.1f} [{np.median(base) if base else float('nan'):.1f}] "
+                     f"{np.mean([r['seconds'] for r in rs]):.1f}s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

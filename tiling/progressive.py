@@ -1,0 +1,140 @@
+"""Progressive rendering: the composition at the model's native size, then stages that enlarge it and add detail.
+
+A picture many times the model's size rendered directly gets one subject per tile (each tile paints a picture
+of its own). The methods that hold together at 4K (hires-fix, Ultimate SD Upscale, DemoFusion, FreeScale) all
+draw a base at the native area first and then refine enlarged copies of it, img2img, part-way down the schedule.
+This module holds that plan's arithmetic: the stage sizes, the share of the schedule each stage runs, the
+noising of an enlarged stage, and DemoFusion's skip residual. Pure math, no model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Size = Tuple[int, int]  # (width, height) in pixels
+
+
+def _aligned(x: float, align: int) -> int:
+    return max(align, int(round(x / align)) * align)
+
+
+def base_size(width: int, height: int, native: int, align: int = 8) -> Size:
+    """The base picture: about native x native pixels of area with the target's aspect, sides multiples of
+    `align` (e.g. 1920x1080 on a 256-px model: 344x192)."""
+    aspect = width / height
+    return _aligned(native * math.sqrt(aspect), align), _aligned(native / math.sqrt(aspect), align)
+
+
+def stage_sizes(width: int, height: int, native: int, factor: float, align: int = 8,
+                start: Optional[Size] = None) -> List[Size]:
+    """Pixel sizes of every stage, the last exactly (width, height): a base of the native area (or `start`, an
+    existing picture's size), then sizes that grow by the same ratio, at most `factor`, each a stage.
+
+    A target no larger than the base's area is one stage: the direct render."""
+    first = start or base_size(width, height, native, align)
+    scale = max(width / first[0], height / first[1])
+    if start is None and width * height <= first[0] * first[1]:
+        return [(width, height)]
+    if scale <= 1.0 + 1e-9:
+        return [first, (width, height)] if start else [(width, height)]
+    n = max(1, math.ceil(math.log(scale) / math.log(factor) - 1e-9))
+    sizes = [first] + [(_aligned(width * scale ** (k / n - 1), align), _aligned(height * scale ** (k / n - 1), align))
+                       for k in range(1, n)]
+    return sizes + [(width, height)]
+
+
+def first_step(steps: int, strength: float) -> int:
+    """The index of the first timestep an img2img stage runs: the last `strength` share of a `steps` schedule,
+    as diffusers' img2img pipelines count it (int(steps * strength), at least one step)."""
+    return steps - min(steps, max(1, int(steps * strength)))
+
+
+def noised(scheduler, z: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+    """`z` noised to timestep `t` of the scheduler: `scale_noise` for flow matching, `add_noise` otherwise."""
+    t = torch.as_tensor(t).reshape(1)
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(z, t, noise)
+    return scheduler.add_noise(z, noise, t)
+
+
+def resize(x: torch.Tensor, size: Tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """A [n, C, H, W] tensor resized to (H', W') = `size` (antialiased when it shrinks)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x.float(), size=size, mode=mode, align_corners=False, antialias=shrink and mode != "nearest")
+
+
+def cosine_weight(t, num_train_timesteps: int, power: float) -> float:
+    """DemoFusion's decaying weight ((1 + cos(pi (T - t) / T)) / 2) ** power: 1 at pure noise, 0 at the image."""
+    c = 0.5 * (1 + math.cos(math.pi * (num_train_timesteps - float(t)) / num_train_timesteps))
+    return c ** power
+
+
+def skip_residual(schedulers: Sequence, references: Sequence[torch.Tensor], noises: Sequence[torch.Tensor],
+                  power: float) -> Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """DemoFusion's skip residual (Du et al. 2024, eq. 4) as a `guide` for the denoise loop: before each step,
+    canvas k becomes c * (its reference noised to t with its stage noise) + (1 - c) * itself, with the cosine
+    weight c, so the enlarged stage's layout holds while the noise is high and the model is free near the end."""
+    T = int(schedulers[0].config.num_train_timesteps)
+
+    def guide(k: int, i: int, t, x: torch.Tensor) -> torch.Tensor:
+        c = cosine_weight(t, T, power)
+        if c < 1e-4:
+            return x
+        ref = noised(schedulers[k], references[k].to(x.device), noises[k].to(x.device), t)
+        return c * ref + (1 - c) * x
+
+    return guide
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
+    """A separable Gaussian blur of [n, C, H, W] (reflect padding), rescaled to its input's mean and std per
+    channel, as DemoFusion blurs a dilated view's input so that its sub-sampling does not alias."""
+    if sigma <= 0 or radius < 1:
+        return x
+    k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device) / sigma) ** 2 / 2)
+    k = (k / k.sum()).to(x.dtype)
+    c = x.shape[1]
+    y = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    mean, std = x.mean((-2, -1), keepdim=True), x.std((-2, -1), keepdim=True)
+    return (y - y.mean((-2, -1), keepdim=True)) / y.std((-2, -1), keepdim=True).clamp_min(1e-6) * std + mean
+
+
+def dilation_stride(h: int, w: int, native: int) -> int:
+    """DemoFusion's dilation of a latent h x w canvas: the stride whose sub-lattices are about the native
+    latent area (the stage's scale over its base, rounded); 1 for a canvas of about the native area."""
+    return max(1, round(math.sqrt(h * w / native ** 2)))
+
+
+class Dilation(NamedTuple):
+    """DemoFusion's dilated sampling for a stage: `stride` (`dilation_stride`), the power of the cosine weight
+    the global prediction is blended with (1 in the paper), views padded to multiples of `multiple` (a patch)."""
+
+    stride: int
+    power: float = 1.0
+    multiple: int = 1
+
+
+def dilated_views(x: torch.Tensor, stride: int, multiple: int = 1) -> List[torch.Tensor]:
+    """The stride x stride sub-lattices x[..., a::stride, b::stride] of a [C, H, W] canvas (row-major in (a, b)),
+    each a small picture of the whole canvas: what DemoFusion's dilated sampling denoises for the global layout.
+    The canvas is first padded (edge values) so that every view has the same size, a multiple of `multiple`."""
+    step = stride * multiple
+    h, w = x.shape[-2:]
+    x = F.pad(x[None], (0, -w % step, 0, -h % step), mode="replicate")[0]
+    return [x[..., a::stride, b::stride] for a in range(stride) for b in range(stride)]
+
+
+def undilate(views: Sequence[torch.Tensor], stride: int, like: torch.Tensor) -> torch.Tensor:
+    """The canvas `dilated_views` cut `views` from, put back together and cropped to `like` (float32, its device)."""
+    vh, vw = views[0].shape[-2:]
+    out = torch.empty(like.shape[:-2] + (vh * stride, vw * stride), dtype=torch.float32, device=like.device)
+    for v, (a, b) in zip(views, [(a, b) for a in range(stride) for b in range(stride)]):
+        out[..., a::stride, b::stride] = v.to(out.device, torch.float32)
+    return out[..., :like.shape[-2], :like.shape[-1]]
