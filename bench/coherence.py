@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--out", default="coherence.json")
     ap.add_argument("--sheet", default=None, help="a PNG contact sheet of the first seed and prompt per variant")
     ap.add_argument("--workdir", default="/tmp/coherence")
+    ap.add_argument("--set", nargs="*", default=[], help="more overrides for every render, e.g. tiling.vae_passes=1")
     a = ap.parse_args()
     sys.path.insert(0, os.path.join(ROOT, "tests", "assets"))
     from scenes import count_suns, horizon_jumps, sun_edge_width  # noqa: E402
@@ -93,7 +94,7 @@ def main() -> None:
                   f"tiling.overlap={a.overlap}", f"tiling.batch={a.batch}", f"job.guidance={a.guidance}",
                   f"job.steps={a.steps}", f"job.seeds=[{','.join(map(str, a.seeds))}]",
                   "job.prompts=[" + ",".join(json.dumps(p) for p in a.prompts) + "]", f"output.dir={a.workdir}",
-                  "output.keep_stages=true"]
+                  "output.keep_stages=true"] + a.set
         renderer = None
         for size in ["native"] + a.sizes:
             for variant in (["direct"] if size == "native" else a.variants):

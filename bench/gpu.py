@@ -78,6 +78,7 @@ def cfg_for(model: str, method: str, tile: int, overlap: int, batch: int, out: s
         cfg.model.weights = "random"
     cfg.job.width, cfg.job.height, cfg.job.steps, cfg.job.guidance = W, H, steps, GUIDANCE
     cfg.job.prompts, cfg.job.seeds = ["a vast mountain lake at dawn, wallpaper"], [1]
+    cfg.job.strategy = "direct"  # the peers denoise the whole frame from noise; dit_gpu.py --strategies times both
     cfg.tiling.method, cfg.tiling.tile, cfg.tiling.overlap, cfg.tiling.batch = method, tile, overlap, batch
     cfg.output.dir = out
     return cfg

@@ -39,6 +39,7 @@ SMOKE = False  # --smoke: the demo model at 512x256 on CPU workers, to check the
 
 def config(out: str, steps: int, seeds, batch: int = 8) -> TesseraConfig:
     cfg = TesseraConfig()
+    cfg.job.strategy = "direct"  # one loop a step over the full canvas: what the workers share
     if SMOKE:
         cfg.job.width, cfg.job.height, cfg.tiling.tile, cfg.cluster.cpus_per_worker = 512, 256, 32, 1
     else:

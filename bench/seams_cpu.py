@@ -89,6 +89,7 @@ def main() -> None:
     renderer, rows = None, []
     for label, method, overlap, wrap, decodes in (r for r in RUNS if r[0] in args.runs):
         cfg = TesseraConfig()
+        cfg.job.strategy = "direct"  # the seams of one denoise over the full canvas
         cfg.job.width, cfg.job.height, cfg.job.steps, cfg.job.seeds = args.width, args.height, args.steps, [args.seed]
         cfg.tiling.method, cfg.tiling.overlap, cfg.tiling.wrap = method, overlap * args.tile // 64, wrap
         cfg.tiling.tile, cfg.tiling.vae_tile, cfg.output.dir = args.tile, args.vae_tile, str(out_dir)

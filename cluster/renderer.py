@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from jobs import ImageRequest, write_image
 from jobs.spec import ModelConfig, OutputConfig, TilingConfig
@@ -47,12 +48,19 @@ def wraps(tiling: TilingConfig) -> dict:
 
 
 class Stage(NamedTuple):
-    """One denoise loop of an image: its latent canvas (h, w) and the index of its first timestep (0 for a
-    base drawn from noise; an enlarged stage runs the last `job.strength` share of its schedule)."""
+    """One denoise loop of an image: its latent canvas (h, w), the index of its first timestep (0 for a base
+    drawn from noise; a stage that refines a reference, an enlarged stage or an init image, runs the last
+    `job.strength` share of its schedule), its picture's size in pixels, and whether it refines."""
 
     h: int
     w: int
     first: int
+    size: Tuple[int, int]
+    refine: bool
+
+    @staticmethod
+    def of(width: int, height: int, factor: int, first: int = 0, refine: bool = False) -> "Stage":
+        return Stage(*latent_hw(width, height, factor), first, (width, height), refine)
 
 
 def stages_of(req: ImageRequest, info: dict) -> List[Stage]:
@@ -61,14 +69,14 @@ def stages_of(req: ImageRequest, info: dict) -> List[Stage]:
     init image, then stages of at most `job.stage_factor` each (`tiling.progressive.stage_sizes`)."""
     f = info["vae_scale_factor"]
     if req.strategy == "direct" and not req.init_image:
-        return [Stage(*latent_hw(req.width, req.height, f), 0)]
+        return [Stage.of(req.width, req.height, f)]
     align = f * (info.get("patch_size") or 1)
     sizes = stage_sizes(req.width, req.height, req.base_size or info["native_size"], req.stage_factor, align,
                         start=req.init_size if req.init_image else None)
     later = first_step(req.steps, req.strength)
     if req.init_image:  # the picture is the first size, enlarged into the rest
-        return [Stage(*latent_hw(w, h, f), later) for w, h in sizes[1:]]
-    return [Stage(*latent_hw(w, h, f), later if k else 0) for k, (w, h) in enumerate(sizes)]
+        return [Stage.of(w, h, f, later, True) for w, h in sizes[1:]]
+    return [Stage.of(*sizes[0], f)] + [Stage.of(w, h, f, later, True) for w, h in sizes[1:]]
 
 
 def start_canvas(info: dict, req: ImageRequest, stage: Optional[Stage] = None, generator=None):
@@ -79,15 +87,15 @@ def start_canvas(info: dict, req: ImageRequest, stage: Optional[Stage] = None, g
 
     A flow transformer's schedule (sigmas, dynamic shift) follows its pipeline for a picture the size of one
     tile, the input the model sees (`info["patch_size"]`; see models/flow.py)."""
-    stage = stage or Stage(*latent_hw(req.width, req.height, info["vae_scale_factor"]), 0)
+    stage = stage or Stage.of(req.width, req.height, info["vae_scale_factor"])
     scheduler = make_scheduler(req.scheduler, info["scheduler_config"])
     seq_len = tile_seq_len(stage.h, stage.w, req.tile, info.get("patch_size"))
     scheduler.set_timesteps(req.steps, **timestep_kwargs(scheduler.config, req.steps, seq_len))
-    if stage.first and hasattr(scheduler, "set_begin_index"):  # DDIM finds its place from t alone
+    if stage.refine and hasattr(scheduler, "set_begin_index"):  # DDIM finds its place from t alone
         scheduler.set_begin_index(stage.first)
     g = generator or torch.Generator("cpu").manual_seed(req.seed)
     noise = torch.randn((1, info["latent_channels"], stage.h, stage.w), generator=g)
-    return scheduler, noise * getattr(scheduler, "init_noise_sigma", 1.0) if not stage.first else noise, g
+    return scheduler, noise if stage.refine else noise * getattr(scheduler, "init_noise_sigma", 1.0), g
 
 
 def read_picture(path: str) -> torch.Tensor:
@@ -107,9 +115,9 @@ def stage_layouts(req: ImageRequest, tiling: TilingConfig, stage: Stage, number:
                         **wraps(tiling))
 
 
-# reference(k, zs, (h, w)) -> stage k's starting canvases at latent h x w, one an image: the canvases zs of stage k - 1
-# enlarged, or at the first stage of an img2img render (zs None) the init pictures (the model's VAE does either).
-Reference = Callable[[int, Optional[List[torch.Tensor]], Tuple[int, int]], List[torch.Tensor]]
+# reference(k, zs, stage) -> stage k's starting canvases, one an image: the canvases zs of stage k - 1 enlarged, or at
+# the first stage of an img2img render (zs None) the init pictures (the model's VAE does either).
+Reference = Callable[[int, Optional[List[torch.Tensor]], "Stage"], List[torch.Tensor]]
 
 
 def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int,
@@ -124,15 +132,16 @@ def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: Til
         begun = [start_canvas(info, req, stage, g) for req, g in zip(reqs, gens)]
         schedulers = [s for s, _, _ in begun]
         guide = dilation = None
-        if stage.first:
+        if stage.refine:
             if reference is None:
                 raise ValueError("a progressive or img2img render needs a reference (the model's VAE) for its stages")
-            refs = [z.to(device) for z in reference(number, zs, (stage.h, stage.w))]
+            refs = [z.to(device) for z in reference(number, zs, stage)]
             t0 = schedulers[0].timesteps[stage.first]
             xs = [noised(s, r, n.to(device), t0) for s, r, (_, n, _) in zip(schedulers, refs, begun)]
             if reqs[0].skip_residual:
                 guide = skip_residual(schedulers, refs, [n for _, n, _ in begun], reqs[0].skip_residual)
-            stride = dilation_stride(stage.h, stage.w, (reqs[0].base_size or info["native_size"]) // info["vae_scale_factor"])
+            native = (reqs[0].base_size or info["native_size"]) // info["vae_scale_factor"]
+            stride = dilation_stride(stage.h, stage.w, native)
             if reqs[0].dilation and stride > 1:
                 dilation = Dilation(stride, reqs[0].dilation, info.get("patch_size") or 1)
         else:
@@ -172,7 +181,7 @@ def groups_of(reqs: Sequence[ImageRequest], size: int) -> List[List[ImageRequest
 
 def layouts_of(req: ImageRequest, tiling: TilingConfig, factor: int):
     """Every step's tiles of an image rendered directly at its size."""
-    return stage_layouts(req, tiling, Stage(*latent_size(req, factor), 0), 0, req.steps)
+    return stage_layouts(req, tiling, Stage.of(req.width, req.height, factor), 0, req.steps)
 
 
 def tile_steps(req: ImageRequest, tiling: TilingConfig, info: dict) -> int:
@@ -270,7 +279,7 @@ class Renderer:
                 cond = self.model.encode(reqs[0].prompt, reqs[0].negative_prompt)
                 zs = denoise_group(lambda bs, t: [self._predict(b, t, cond, reqs[0].guidance, len(bs[0].tiles))
                                                   for b in bs], self.info(), reqs, tiling, batch, self.model.device, tick,
-                                   lambda k, zs, size: self._reference(reqs, tiling, k, zs, size))
+                                   lambda k, zs, stage: self._reference(reqs, tiling, k, zs, stage))
                 seconds = (time.perf_counter() - t0) / len(reqs)
                 decoded = [self._decode(req, tiling, z) for req, z in zip(reqs, zs)]
         except Exception as e:  # noqa: BLE001 - recorded in the manifest, the job goes on
@@ -278,17 +287,18 @@ class Renderer:
         return [self.write(req, tiling, d, started, seconds) for req, d in zip(reqs, decoded)]
 
     def reference(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, number: int,
-                  zs: Optional[List[torch.Tensor]], size: Tuple[int, int]) -> List[torch.Tensor]:
+                  zs: Optional[List[torch.Tensor]], stage: Stage) -> List[torch.Tensor]:
         """Tile-parallel mode: `_reference` for the driver's loop; the canvases go back on the CPU."""
         with self._device:
-            return [z.cpu() for z in self._reference(reqs, tiling, number, zs, size)]
+            return [z.cpu() for z in self._reference(reqs, tiling, number, zs, stage)]
 
     def _reference(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, number: int,
-                   zs: Optional[List[torch.Tensor]], size: Tuple[int, int]) -> List[torch.Tensor]:
-        """Stage `number`'s starting canvases at latent `size` (h, w): the finished canvases `zs` of the stage
-        before, or (zs None) the requests' init pictures, enlarged. `job.upscale=pixel` decodes a canvas (tiled,
-        shared statistics), resizes the picture (bicubic) and encodes it (tiled); `latent` resizes the latents.
-        Under `output.keep_stages` each decoded stage is written beside the image."""
+                   zs: Optional[List[torch.Tensor]], stage: Stage) -> List[torch.Tensor]:
+        """Stage `number`'s starting canvases: the finished canvases `zs` of the stage before, or (zs None) the
+        requests' init pictures, enlarged to the stage. `job.upscale=pixel` decodes a canvas (tiled, shared
+        statistics), resizes the picture (bicubic) to the stage's size, edge-padded to its latent canvas, and
+        encodes it (tiled); `latent` resizes the latents. Under `output.keep_stages` each decoded stage is
+        written beside the image."""
         m, f = self.model, self.model.vae_scale_factor
         latent = zs is not None and reqs[0].upscale == "latent"
         out = []
@@ -305,9 +315,10 @@ class Renderer:
                         write_image(to_uint8(picture, w * f, h * f), self.output.dir, req.stage_path(number - 1),
                                     self.output.format, self.output.quality, req.parameters_text())
                 if latent:
-                    out.append(resize(zs[k], size))
+                    out.append(resize(zs[k], (stage.h, stage.w)))
                     continue
-                picture = resize(picture[None], (size[0] * f, size[1] * f)).clamp(-1, 1)
+                (w, h), (H, W) = stage.size, (stage.h * f, stage.w * f)
+                picture = F.pad(resize(picture[None], (h, w)), (0, W - w, 0, H - h), mode="replicate").clamp(-1, 1)
                 out.append(m.scale(encode_tiled(m.vae, picture.to(m.device, m.vae_dtype), tiling.vae_tile,
                                                 tiling.vae_overlap, passes=tiling.vae_passes, **wraps(tiling))))
         finally:
@@ -375,7 +386,6 @@ class Renderer:
             return failed_row(req, started_at, decoded, self.worker)
         try:
             pixels, seconds_decode = decoded
-            f = self.model.vae_scale_factor
             t0 = time.perf_counter()
             with ThreadPoolExecutor(1) as pool:
                 scores = pool.submit(seam_scores, pixels, req, tiling, self.model.vae_scale_factor)
@@ -383,7 +393,7 @@ class Renderer:
                                         req.parameters_text())
                 seconds_write = time.perf_counter() - t0
                 scores = scores.result()
-            stages = ">".join(f"{s.w * f}x{s.h * f}" for s in stages_of(req, self.info()))
+            stages = ">".join(f"{s.size[0]}x{s.size[1]}" for s in stages_of(req, self.info()))
             return req.manifest_row(status="ok", error=None, sha256=sha, bytes=size, started_at=started_at, stages=stages,
                                     finished_at=now(), seconds_denoise=seconds_denoise,
                                     seconds_decode=seconds_decode + seconds_write, worker=self.worker, **scores)

@@ -167,8 +167,8 @@ def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraCon
         try:
             t0 = time.perf_counter()
             z = denoise_request(predict, info, req, cfg.tiling, lambda step, n: progress.tiles(n), batch,
-                                reference=lambda k, zs, size: ray.get(
-                                    workers[0].reference.remote([req], cfg.tiling, k, zs, size)))
+                                reference=lambda k, zs, stage: ray.get(
+                                    workers[0].reference.remote([req], cfg.tiling, k, zs, stage)))
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             on_row(failed_row(req, started, f"worker lost: {type(e).__name__}: {e}"))
             continue

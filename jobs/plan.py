@@ -34,12 +34,12 @@ class ImageRequest:
     path: str  # relative to output.dir: images/<job>/<image_id>.<ext>
     wrap: str = "none"  # tiling.wrap: none, x, y or both
     strategy: str = "direct"  # job.strategy, and the knobs of its stages:
-    strength: float = 0.5
+    strength: float = 0.3
     stage_factor: float = 2.0
     base_size: int = 0  # 0: the model's native size
     upscale: str = "pixel"
     skip_residual: float = 0.0
-    dilation: float = 0.0
+    dilation: float = 0.5
     init_image: Optional[str] = None  # the picture an img2img render starts from
     init_sha256: Optional[str] = None
     init_size: Optional[Tuple[int, int]] = None  # its (width, height)
@@ -54,21 +54,22 @@ class ImageRequest:
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
-        lines.append(
-            f"Steps: {self.steps}, Sampler: {self.scheduler}, CFG scale: {self.guidance}, "
-            f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {self.model}, "
-            f"Tiling: {self.tiling_method} {self.tile}/{self.overlap}, "
-            + (f"Wrap: {self.wrap}, " if self.wrap != "none" else "")
-            + (f"Strategy: {self.strategy} x{self.stage_factor:g} from {self.base_size or 'native'}, "
-               f"Denoising strength: {self.strength:g}, Upscale: {self.upscale}, " if self.strategy == "progressive"
-               else "")
-            + (f"Skip residual: {self.skip_residual:g}, " if self.skip_residual and self.strategy == "progressive"
-               else "")
-            + (f"Init image: {os.path.basename(self.init_image)} sha256 {self.init_sha256}, Denoising strength: "
-               f"{self.strength:g}, " if self.init_image and self.strategy == "direct" else "")
-            + (f"Init image: {os.path.basename(self.init_image)} sha256 {self.init_sha256}, "
-               if self.init_image and self.strategy == "progressive" else "")
-            + f"Tessera image id: {self.image_id}")
+        fields = [f"Steps: {self.steps}", f"Sampler: {self.scheduler}", f"CFG scale: {self.guidance}",
+                  f"Seed: {self.seed}", f"Size: {self.width}x{self.height}", f"Model: {self.model}",
+                  f"Tiling: {self.tiling_method} {self.tile}/{self.overlap}"]
+        if self.wrap != "none":
+            fields.append(f"Wrap: {self.wrap}")
+        if self.strategy == "progressive":
+            fields.append(f"Strategy: progressive x{self.stage_factor:g} from {self.base_size or 'native'}")
+            fields += [f"{name}: {value:g}" if isinstance(value, float) else f"{name}: {value}"
+                       for name, value, off in (("Upscale", self.upscale, "pixel"),
+                                                ("Skip residual", self.skip_residual, 0.0),
+                                                ("Dilation", self.dilation, 0.0)) if value != off]
+        if self.init_image:
+            fields.append(f"Init image: {os.path.basename(self.init_image)} sha256 {self.init_sha256}")
+        if self.strategy == "progressive" or self.init_image:
+            fields.append(f"Denoising strength: {self.strength:g}")
+        lines.append(", ".join(fields + [f"Tessera image id: {self.image_id}"]))
         return "\n".join(lines)
 
     def manifest_row(self, **extra) -> dict:
@@ -141,6 +142,6 @@ def plan(cfg: TesseraConfig) -> list[ImageRequest]:
                     tiling_method=t.method, tile=int(t.tile), overlap=int(t.overlap), format=fmt,
                     path=f"images/{j.name}/{iid}.{EXTENSIONS[fmt]}", wrap=t.wrap, strategy=j.strategy,
                     strength=float(j.strength), stage_factor=float(j.stage_factor), base_size=int(j.base_size),
-                    upscale=j.upscale, skip_residual=float(j.skip_residual), dilation=float(j.dilation), init_image=init, init_sha256=sha,
-                    init_size=size))
+                    upscale=j.upscale, skip_residual=float(j.skip_residual), dilation=float(j.dilation),
+                    init_image=init, init_sha256=sha, init_size=size))
     return requests

@@ -117,12 +117,12 @@ class JobConfig:
     # by at most stage_factor a stage, each stage running the last `strength` share of its schedule over tiles;
     # `direct` denoises the full size from noise (one subject per tile on a canvas many tiles large).
     strategy: str = "progressive"
-    strength: float = 0.5
+    strength: float = 0.3  # measured on the test bed (BENCHMARKS.md "Coherent large pictures")
     stage_factor: float = 2.0
     base_size: int = 0  # the base's side in pixels (its area is base_size squared); 0: the model's native size
     upscale: str = "pixel"  # between stages: pixel (decode, bicubic, encode) or latent (bicubic on the latents)
     skip_residual: float = 0.0  # DemoFusion's skip residual, the power of its cosine weight (3 in the paper); 0: off
-    dilation: float = 0.0  # DemoFusion's dilated sampling, the power of its cosine weight (1 in the paper); 0: off
+    dilation: float = 0.5  # DemoFusion's dilated sampling, the power of its cosine weight (1 in the paper); 0: off
     init_image: Optional[str] = None  # img2img / upscaling: a picture, a folder of them, or a Parquet file whose
     #                                   `init_image` (or `path`) column lists them; the stages start from it
 

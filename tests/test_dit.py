@@ -446,3 +446,20 @@ def test_single_file_errors_name_the_field(dit_dirs, tmp_path):
                             "and its component folders), not a single file: its transformer is Tessera's own "
                             "NewbieTransformer2DModel, whose original layout diffusers' single-file converters do "
                             "not know")
+
+
+@pytest.mark.parametrize("name", ["z_image", "lumina2"])
+def test_a_progressive_render_runs_its_stages_in_whole_patches(dit_dirs, tmp_path, name):
+    """Stages of 16-px multiples (2x2 patches of an 8x VAE), strength as a point of the flow schedule, the skip
+    residual and dilated views padded to whole patches."""
+    from PIL import Image
+
+    args = (*SMALL, f"output.dir={tmp_path}", "job.guidance=3.0", "job.base_size=64", "job.skip_residual=3",
+            "job.dilation=1")
+    cfg = cfg_of(name, dit_dirs, *args)
+    r = Renderer(cfg.model, cfg.output)
+    req = plan(cfg)[0]
+    row = r.render(req, cfg.tiling)
+    assert row["status"] == "ok", row["error"]
+    assert row["stages"] == "80x48>128x80>196x130" and Image.open(tmp_path / row["path"]).size == (196, 130)
+    assert r.render(req, cfg.tiling)["sha256"] == row["sha256"]

@@ -47,14 +47,20 @@ def test_a_changed_or_missing_image_is_rendered_again(ray_local, tmp_path):
     assert len(Manifest(tmp_path).rows()) == 2
 
 
-def test_images_are_byte_identical_whatever_the_worker_count_and_mode(ray_local, tmp_path):
+@pytest.mark.parametrize("strategy", [[], ["job.base_size=64"]], ids=["one-stage", "progressive-3-stages"])
+def test_images_are_byte_identical_whatever_the_worker_count_and_mode(ray_local, tmp_path, strategy):
+    """Also for a progressive render of three stages (base 80x56, 128x80, 196x130): each stage's VAE round trip
+    runs on one worker, the stage's tiles on all of them."""
     shas = {}
     for workers, mode, group in [(1, "bulk", 1), (2, "tile_parallel", 1), (2, "bulk", 1), (1, "bulk", 2)]:
         out = tmp_path / f"{workers}-{mode}-{group}"
-        s = render_job(compose(*SMALL, f"output.dir={out}", "job.seeds=[7,8]", f"cluster.workers={workers}",
-                               f"cluster.mode={mode}", f"cluster.group={group}"), show_progress=False)
+        s = render_job(compose(*SMALL, *strategy, f"output.dir={out}", "job.seeds=[7,8]",
+                               f"cluster.workers={workers}", f"cluster.mode={mode}", f"cluster.group={group}"),
+                       show_progress=False)
         assert s["written"] == 2 and s["mode"] == mode
-        shas[(workers, mode, group)] = sorted(r["sha256"] for r in Manifest(out).rows())
+        rows = Manifest(out).rows()
+        assert {r["stages"] for r in rows} == {"80x56>128x80>196x130" if strategy else "196x130"}
+        shas[(workers, mode, group)] = sorted(r["sha256"] for r in rows)
     assert len(set(map(tuple, shas.values()))) == 1, shas
 
 
@@ -97,6 +103,11 @@ BAD = [
     (["model.name=nope"], "model.name='nope'"),
     (["model=sd15", "model.path=/no/such/weights"], "model.path='/no/such/weights'"),
     (["tiling.overlap=64"], "tiling.overlap=64"),
+    (["job.strength=0"], "job.strength=0"),
+    (["job.strength=1.5"], "job.strength=1.5"),
+    (["job.stage_factor=1.05"], "job.stage_factor=1.05"),
+    (["job.strategy=sideways"], "job.strategy='sideways'"),
+    (["job.init_image=/no/such/picture.png"], "job.init_image='/no/such/picture.png'"),
 ]
 
 

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 from cluster.renderer import Renderer, denoise_request
 from conftest import SMALL, assert_renders_small, compose
@@ -117,6 +118,14 @@ def test_sdxl_renders_a_multi_tile_image_through_the_renderer(sdxl_dir, tmp_path
     assert type(r.model).__name__ == "SDXLModel" and r.model.weights_kind == "pretrained"
     assert (r.model.vae_scale_factor, r.model.vae.config.scaling_factor) == (8, pytest.approx(0.13025))
     assert_renders_small(r, cfg, sdxl_cfg(sdxl_dir, *SMALL, f"output.dir={tmp_path}", "job.seeds=[1]"), tmp_path)
+
+
+def test_sdxl_renders_its_stages_as_crops_of_each_stage_canvas(sdxl_dir, tmp_path):
+    cfg = sdxl_cfg(sdxl_dir, *SMALL, f"output.dir={tmp_path}", "job.base_size=64")
+    r = Renderer(cfg.model, cfg.output)
+    row = r.render(plan(cfg)[0], cfg.tiling)
+    assert row["status"] == "ok", row["error"]
+    assert row["stages"] == "80x56>128x80>196x130" and Image.open(tmp_path / row["path"]).size == (196, 130)
 
 
 ONE_TILE = ["job.width=128", "job.height=128", "job.steps=3", "tiling.tile=16", "tiling.overlap=4", "tiling.method=uniform",

@@ -48,7 +48,11 @@ def test_path_extension(fmt, ext):
 
 def test_default_id_is_pinned():
     # Changing how ids are computed orphans every manifest on disk: do it on purpose only.
-    assert plan(TesseraConfig())[0].image_id == "b79a9ac34f12103c"
+    # A direct render keeps the id it had before the progressive strategy (the default since) existed.
+    cfg = TesseraConfig()
+    assert plan(cfg)[0].image_id == "583b25f4e7b8ba1d"
+    cfg.job.strategy = "direct"
+    assert plan(cfg)[0].image_id == "b79a9ac34f12103c"
 
 
 def test_id_is_16_hex_and_repeatable():
@@ -65,6 +69,8 @@ CHANGES_PIXELS = [
     ("tiling", "batch", 8), ("tiling", "vae_tile", 32), ("tiling", "vae_overlap", 4), ("tiling", "vae_passes", 1),
     ("tiling", "wrap", "x"),
     ("job", "prompt_template", "archer style, {prompt}"),
+    ("job", "strategy", "direct"), ("job", "strength", 0.5), ("job", "stage_factor", 1.5), ("job", "base_size", 384),
+    ("job", "upscale", "latent"), ("job", "skip_residual", 3.0), ("job", "dilation", 0.0),
 ]
 KEEPS_PIXELS = [
     ("job", "name", "other_job"), ("output", "dir", "/elsewhere"), ("output", "format", "webp"),
@@ -142,14 +148,16 @@ def test_plan_validates():
 def test_parameters_text():
     r = plan(make_cfg(job=dict(prompts=["a lake"], negative_prompt="blurry, text", seeds=[1],
                                width=3840, height=2160)))[0]
+    tail = (f"Tiling: gaussian 64/16, Strategy: progressive x2 from native, Dilation: 0.5, Denoising strength: 0.3, "
+            f"Tessera image id: {r.image_id}")
     assert r.parameters_text() == (
         "a lake\nNegative prompt: blurry, text\n"
-        "Steps: 20, Sampler: euler, CFG scale: 7.0, Seed: 1, Size: 3840x2160, Model: demo, "
-        f"Tiling: gaussian 64/16, Tessera image id: {r.image_id}")
+        f"Steps: 20, Sampler: euler, CFG scale: 7.0, Seed: 1, Size: 3840x2160, Model: demo, {tail}")
     no_neg = dataclasses.replace(r, negative_prompt="")
     assert no_neg.parameters_text().splitlines()[:2] == ["a lake", "Steps: 20, Sampler: euler, "
-        f"CFG scale: 7.0, Seed: 1, Size: 3840x2160, Model: demo, Tiling: gaussian 64/16, "
-        f"Tessera image id: {r.image_id}"]
+        f"CFG scale: 7.0, Seed: 1, Size: 3840x2160, Model: demo, {tail}"]
+    direct = dataclasses.replace(r, strategy="direct")
+    assert direct.parameters_text().endswith(f"Tiling: gaussian 64/16, Tessera image id: {r.image_id}")
 
 
 def test_manifest_row():
@@ -159,7 +167,8 @@ def test_manifest_row():
         "image_id": r.image_id, "job": "default", "prompt": "p", "negative_prompt": "", "seed": 9,
         "model": "demo", "width": 1024, "height": 512, "steps": 20, "guidance": 7.0,
         "scheduler": "euler", "tiling_method": "gaussian", "tile": 64, "overlap": 16,
-        "path": r.path, "wrap": "none", "status": "ok", "worker": "w0"}
+        "path": r.path, "wrap": "none", "status": "ok", "worker": "w0", "strategy": "progressive",
+        "strength": 0.3, "init_image": None, "init_sha256": None}
 
 
 def test_request_is_frozen():
@@ -200,6 +209,11 @@ BAD = [
     ("job", "scheduler", "flow_euler", "job.scheduler"), ("job", "prompt_template", "no slot", "job.prompt_template"),
     ("model", "weights", "zeros", "model.weights"), ("model", "attention", "flash9", "model.attention"),
     ("model", "offload", "disk", "model.offload"),
+    ("job", "strategy", "sideways", "job.strategy"), ("job", "strength", 0.0, "job.strength"),
+    ("job", "strength", 1.01, "job.strength"), ("job", "stage_factor", 1.0, "job.stage_factor"),
+    ("job", "base_size", 10, "job.base_size"), ("job", "upscale", "nearest", "job.upscale"),
+    ("job", "skip_residual", -1.0, "job.skip_residual"), ("job", "dilation", -0.5, "job.dilation"),
+    ("job", "init_image", "/no/such/picture.png", "job.init_image"),
 ]
 
 

@@ -41,8 +41,8 @@ def stage_sizes(width: int, height: int, native: int, factor: float, align: int 
     if scale <= 1.0 + 1e-9:
         return [first, (width, height)] if start else [(width, height)]
     n = max(1, math.ceil(math.log(scale) / math.log(factor) - 1e-9))
-    sizes = [first] + [(_aligned(width * scale ** (k / n - 1), align), _aligned(height * scale ** (k / n - 1), align))
-                       for k in range(1, n)]
+    sizes = [first] + [(_aligned(first[0] * (width / first[0]) ** (k / n), align),
+                        _aligned(first[1] * (height / first[1]) ** (k / n), align)) for k in range(1, n)]
     return sizes + [(width, height)]
 
 

@@ -91,8 +91,9 @@ class _Canvas:
         H, W = self.weight.shape
         ys = (sy.start * s + torch.arange(sy.length * s)) % H
         xs = (sx.start * s + torch.arange(sx.length * s)) % W
-        w = torch.outer(ramp_profile(sy.length * s, ov), ramp_profile(sx.length * s, ov)).float()
-        self.sum[:, ys[:, None], xs] += img.float().to(self.sum.device) * w.to(self.sum.device)
+        w = torch.outer(ramp_profile(sy.length * s, ov), ramp_profile(sx.length * s, ov)).float().to(self.sum.device)
+        ys, xs = ys.to(self.sum.device), xs.to(self.sum.device)
+        self.sum[:, ys[:, None], xs] += img.float().to(self.sum.device) * w
         self.weight[ys[:, None], xs] += w
 
     def result(self) -> torch.Tensor:

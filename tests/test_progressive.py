@@ -1,0 +1,193 @@
+"""The progressive strategy: stage geometry, the img2img start, dilated views, and the stages on the demo model."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from tiling.progressive import (base_size, dilated_views, dilation_stride, first_step, gaussian_blur, stage_sizes,
+                                undilate)
+
+sides = st.integers(64, 8192).map(lambda v: v // 8 * 8)
+
+
+@given(w=sides, h=sides, native=st.sampled_from([256, 512, 1024]), factor=st.floats(1.1, 4.0),
+       align=st.sampled_from([8, 16]))
+@settings(max_examples=300, deadline=None)
+def test_stages_end_at_the_exact_size_and_grow_by_at_most_the_factor(w, h, native, factor, align):
+    sizes = stage_sizes(w, h, native, factor, align)
+    assert sizes[-1] == (w, h)
+    if w * h <= base_size(w, h, native, align)[0] * base_size(w, h, native, align)[1]:
+        assert sizes == [(w, h)]  # no larger than the base: one stage, the direct render
+        return
+    assert sizes[0] == base_size(w, h, native, align)
+    for (w0, h0), (w1, h1) in zip(sizes, sizes[1:]):
+        assert w1 >= w0 - align and h1 >= h0 - align  # each side grows, but for rounding to `align`
+        # each stage's ratio is at most the factor, up to the rounding of a side to `align`
+        assert max(w1 / w0, h1 / h0) <= factor * (1 + align / min(w0, h0)) + 1e-9
+    for sw, sh in sizes[:-1]:
+        assert sw % align == 0 and sh % align == 0
+
+
+@given(w=sides, h=sides, native=st.sampled_from([256, 512, 1024]))
+def test_the_base_has_the_native_area_and_the_target_aspect(w, h, native):
+    bw, bh = base_size(w, h, native)
+    assert bw % 8 == 0 and bh % 8 == 0
+    if min(bw, bh) >= 64:  # rounding to 8 px moves a small side by up to 4 px
+        assert abs(bw * bh / native ** 2 - 1) < 0.15
+        assert abs((bw / bh) / (w / h) - 1) < 0.15
+
+
+def test_stage_sizes_of_the_issue():
+    assert base_size(1920, 1080, 256) == (344, 192)
+    assert stage_sizes(1920, 1080, 256, 2.0) == [(344, 192), (608, 344), (1080, 608), (1920, 1080)]
+    assert stage_sizes(3840, 2160, 1024, 2.0) == [(1368, 768), (2288, 1288), (3840, 2160)]
+    assert stage_sizes(256, 256, 256, 2.0) == [(256, 256)]
+    # from an existing picture: its size first, then the stages up to the target (one stage if it is large)
+    assert stage_sizes(1024, 576, 256, 2.0, start=(512, 288)) == [(512, 288), (1024, 576)]
+    assert stage_sizes(512, 288, 256, 2.0, start=(1024, 576)) == [(1024, 576), (512, 288)]
+
+
+def test_first_step_counts_as_diffusers_img2img():
+    assert [first_step(25, s) for s in (1.0, 0.5, 0.3, 0.01)] == [0, 13, 18, 24]
+    assert first_step(9, 0.5) == 5
+
+
+@given(c=st.integers(1, 5), h=st.integers(1, 40), w=st.integers(1, 40), stride=st.integers(1, 5),
+       multiple=st.sampled_from([1, 2]))
+@settings(max_examples=200, deadline=None)
+def test_dilated_views_put_back_give_the_canvas(c, h, w, stride, multiple):
+    x = torch.randn(c, h, w)
+    views = dilated_views(x, stride, multiple)
+    assert len(views) == stride * stride and len({v.shape for v in views}) == 1
+    assert views[0].shape[-1] % multiple == 0 and views[0].shape[-2] % multiple == 0
+    assert torch.equal(undilate(views, stride, x), x)
+    assert torch.equal(views[-1][:, 0, 0], x[:, min(stride - 1, h - 1), min(stride - 1, w - 1)]) or h < stride or w < stride
+
+
+def test_dilation_stride_and_blur():
+    assert dilation_stride(32, 32, 32) == 1 and dilation_stride(135, 240, 32) == 6
+    x = torch.randn(1, 4, 20, 30)
+    y = gaussian_blur(x, 0.8, 2)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    torch.testing.assert_close(y.mean((-2, -1)), x.mean((-2, -1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std((-2, -1)), x.std((-2, -1)), atol=1e-5, rtol=1e-5)
+    assert torch.equal(gaussian_blur(x, 0.0, 2), x)
+
+
+def test_cosine_weight_runs_from_one_to_zero():
+    from tiling.progressive import cosine_weight
+
+    assert cosine_weight(1000, 1000, 3) == pytest.approx(1.0)
+    assert cosine_weight(0, 1000, 3) == pytest.approx(0.0)
+    assert cosine_weight(500, 1000, 1) == pytest.approx(0.5)
+    assert math.isclose(cosine_weight(500, 1000, 3), 0.125)
+
+
+# ------------------------------------------------------------------------------------- through the renderer
+
+from conftest import SMALL, compose  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One demo-model renderer for the module, writing under one folder, keeping every stage's picture."""
+    from cluster.renderer import Renderer
+
+    out = tmp_path_factory.mktemp("progressive")
+    cfg = compose(*SMALL, f"output.dir={out}", "output.keep_stages=true")
+    return Renderer(cfg.model, cfg.output, threads=1), out
+
+
+def _render(demo, *overrides):
+    from jobs import plan
+
+    renderer, out = demo
+    cfg = compose(*SMALL, f"output.dir={out}", "output.keep_stages=true", *overrides)
+    req = plan(cfg)[0]
+    row = renderer.render(req, cfg.tiling)
+    assert row["status"] == "ok", row["error"]
+    return req, row
+
+
+def test_a_progressive_render_runs_its_stages_and_keeps_them(demo):
+    from PIL import Image
+
+    from jobs import read_parameters
+
+    renderer, out = demo
+    req, row = _render(demo, "job.base_size=64")
+    assert row["stages"] == "80x56>128x80>196x130" and row["strategy"] == "progressive" and row["strength"] == 0.3
+    assert Image.open(out / row["path"]).size == (196, 130)
+    assert [Image.open(out / req.stage_path(k)).size for k in (0, 1)] == [(80, 56), (128, 80)]
+    assert not (out / req.stage_path(2)).exists()
+    assert "Strategy: progressive x2 from 64, Dilation: 0.5, Denoising strength: 0.3" in read_parameters(
+        out / row["path"])
+    again = renderer.render(req, compose(*SMALL).tiling)
+    assert again["sha256"] == row["sha256"]
+    direct = _render(demo, "job.strategy=direct")[1]
+    assert direct["stages"] == "196x130" and direct["sha256"] != row["sha256"]
+
+
+@pytest.mark.parametrize("extra", [["job.upscale=latent"], ["job.skip_residual=3"], ["job.dilation=0"],
+                                   ["job.skip_residual=3", "job.dilation=1", "tiling.method=shifted"]],
+                         ids=["latent", "skip", "no-dilation", "skip-dilation-shifted"])
+def test_each_option_of_the_stages_renders_its_own_picture(demo, extra):
+    base = _render(demo, "job.base_size=64")[1]
+    req, row = _render(demo, "job.base_size=64", *extra)
+    assert row["stages"] == base["stages"] and row["sha256"] != base["sha256"] and row["image_id"] != base["image_id"]
+
+
+def _picture(path, w, h, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).resize((w, h)).save(path)
+    return path
+
+
+def test_an_init_image_is_enlarged_and_recorded(demo, tmp_path):
+    from PIL import Image
+
+    from jobs import plan, sha256_file
+
+    renderer, out = demo
+    pic = _picture(tmp_path / "small.png", 98, 65)
+    req, row = _render(demo, f"job.init_image={pic}")
+    assert row["stages"] == "196x130" and row["init_sha256"] == sha256_file(pic) and row["init_image"] == str(pic)
+    assert Image.open(out / row["path"]).size == (196, 130)
+    # another picture at the same path is another image; a folder renders each of its pictures
+    _picture(tmp_path / "small.png", 98, 65, seed=1)
+    assert plan(compose(*SMALL, f"job.init_image={pic}"))[0].image_id != req.image_id
+    _picture(tmp_path / "b.png", 196, 130)
+    reqs = plan(compose(*SMALL, f"job.init_image={tmp_path}", "job.seeds=[1,2]"))
+    assert [(r.init_image, r.seed) for r in reqs] == [(str(tmp_path / n), s) for n in ("b.png", "small.png")
+                                                     for s in (1, 2)]
+    # a Parquet list of paths, relative to its own folder
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"init_image": ["b.png"]}), tmp_path / "list.parquet")
+    assert [r.init_image for r in plan(compose(*SMALL, f"job.init_image={tmp_path / 'list.parquet'}"))] == [
+        str(tmp_path / "b.png")]
+
+
+@pytest.mark.parametrize("content,size,message", [
+    (b"not a picture", None, "not a readable picture"),
+    (None, (120, 130), "its aspect 120x130 differs"),
+])
+def test_a_bad_init_image_is_one_clear_error(tmp_path, content, size, message):
+    from jobs import ConfigError, plan
+
+    path = tmp_path / "init.png"
+    if content is not None:
+        path.write_bytes(content)
+    else:
+        _picture(path, *size)
+    with pytest.raises(ConfigError, match=message) as e:
+        plan(compose(*SMALL, f"job.init_image={path}"))
+    assert e.value.field_name == "job.init_image"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no picture"):
+        plan(compose(*SMALL, f"job.init_image={tmp_path / 'empty'}"))
