@@ -52,25 +52,14 @@ MAX_LEN = 512  # ZImagePipeline's default max_sequence_length (Tessera's too)
 SHIFT = 3.0    # Z-Image-Turbo's scheduler: shift 3.0, use_dynamic_shifting false
 
 
-# Qwen's chat markup as ZImagePipeline applies it (add_generation_prompt=True, enable_thinking=True: no <think> block)
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.flow import CHAT_TEMPLATE, byte_tokenizer as _byte_tokenizer  # noqa: E402  Tessera's offline tokenizer
 
 
 def byte_tokenizer():
-    """A fast byte-level tokenizer (256 byte symbols + Qwen's chat specials, no merges), built offline; the same
-    as Tessera's models/flow.byte_tokenizer(bos=False, chat_template=CHAT_TEMPLATE). Survives save_pretrained /
-    from_pretrained(local_files_only=True)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   model_max_length=MAX_LEN, chat_template=CHAT_TEMPLATE, padding_side="right")
+    """A fast byte-level tokenizer (256 byte symbols + Qwen's chat specials, no merges), built offline, with Qwen's
+    chat markup as ZImagePipeline applies it (add_generation_prompt=True, enable_thinking=True: no <think> block)."""
+    return _byte_tokenizer(bos=False, model_max_length=MAX_LEN, chat_template=CHAT_TEMPLATE)
 
 
 tok = byte_tokenizer()

@@ -296,11 +296,13 @@ class Renderer:
                    zs: Optional[List[torch.Tensor]], stage: Stage) -> List[torch.Tensor]:
         """Stage `number`'s starting canvases: the finished canvases `zs` of the stage before, or (zs None) the
         requests' init pictures, enlarged to the stage. `job.upscale=pixel` decodes a canvas (tiled, shared
-        statistics), resizes the picture (bicubic) to the stage's size, edge-padded to its latent canvas, and
-        encodes it (tiled); `latent` resizes the latents. Under `output.keep_stages` each decoded stage is
+        statistics, always: `tiling.vae_passes=1`'s tone shift between tiles would be kept by every stage after),
+        resizes the picture (bicubic) to the stage's size, edge-padded to its latent canvas, and encodes it (tiled);
+        `latent` resizes the latents. Under `output.keep_stages` each decoded stage is
         written beside the image."""
         m, f = self.model, self.model.vae_scale_factor
         latent = zs is not None and reqs[0].upscale == "latent"
+        passes = max(3, tiling.vae_passes)  # per-tile statistics would shift a tile's tone, and each stage keeps it
         out = []
         m.vae_on_device(True)
         try:
@@ -309,7 +311,7 @@ class Renderer:
                     picture = read_picture(req.init_image)
                 elif not latent or self.output.keep_stages:
                     picture = decode_tiled(m.vae, m.unscale(zs[k]), f, tiling.vae_tile, tiling.vae_overlap,
-                                           passes=tiling.vae_passes, **wraps(tiling))
+                                           passes=passes, **wraps(tiling))
                     if self.output.keep_stages:
                         h, w = zs[k].shape[-2:]
                         write_image(to_uint8(picture, w * f, h * f), self.output.dir, req.stage_path(number - 1),
@@ -320,7 +322,7 @@ class Renderer:
                 (w, h), (H, W) = stage.size, (stage.h * f, stage.w * f)
                 picture = F.pad(resize(picture[None], (h, w)), (0, W - w, 0, H - h), mode="replicate").clamp(-1, 1)
                 out.append(m.scale(encode_tiled(m.vae, picture.to(m.device, m.vae_dtype), tiling.vae_tile,
-                                                tiling.vae_overlap, passes=tiling.vae_passes, **wraps(tiling))))
+                                                tiling.vae_overlap, passes=passes, **wraps(tiling))))
         finally:
             m.vae_on_device(False)
         return out

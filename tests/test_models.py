@@ -125,7 +125,7 @@ def test_sdxl_renders_its_stages_as_crops_of_each_stage_canvas(sdxl_dir, tmp_pat
     r = Renderer(cfg.model, cfg.output)
     row = r.render(plan(cfg)[0], cfg.tiling)
     assert row["status"] == "ok", row["error"]
-    assert row["stages"] == "80x56>128x80>196x130" and Image.open(tmp_path / row["path"]).size == (196, 130)
+    assert row["stages"] == "80x56>128x88>196x130" and Image.open(tmp_path / row["path"]).size == (196, 130)
 
 
 ONE_TILE = ["job.width=128", "job.height=128", "job.steps=3", "tiling.tile=16", "tiling.overlap=4", "tiling.method=uniform",

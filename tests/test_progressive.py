@@ -117,9 +117,9 @@ def test_a_progressive_render_runs_its_stages_and_keeps_them(demo):
 
     renderer, out = demo
     req, row = _render(demo, "job.base_size=64")
-    assert row["stages"] == "80x56>128x80>196x130" and row["strategy"] == "progressive" and row["strength"] == 0.3
+    assert row["stages"] == "80x56>128x88>196x130" and row["strategy"] == "progressive" and row["strength"] == 0.3
     assert Image.open(out / row["path"]).size == (196, 130)
-    assert [Image.open(out / req.stage_path(k)).size for k in (0, 1)] == [(80, 56), (128, 80)]
+    assert [Image.open(out / req.stage_path(k)).size for k in (0, 1)] == [(80, 56), (128, 88)]
     assert not (out / req.stage_path(2)).exists()
     assert "Strategy: progressive x2 from 64, Dilation: 0.5, Denoising strength: 0.3" in read_parameters(
         out / row["path"])
