@@ -388,16 +388,16 @@ class Renderer:
             return failed_row(req, started_at, decoded, self.worker)
         try:
             pixels, seconds_decode = decoded
+            stages = ">".join(f"{s.size[0]}x{s.size[1]}" for s in stages_of(req, self.info()))
             t0 = time.perf_counter()
             with ThreadPoolExecutor(1) as pool:
                 scores = pool.submit(seam_scores, pixels, req, tiling, self.model.vae_scale_factor)
                 sha, size = write_image(pixels, self.output.dir, req.path, self.output.format, self.output.quality,
-                                        req.parameters_text())
+                                        req.parameters_text(stages))
                 seconds_write = time.perf_counter() - t0
                 scores = scores.result()
-            stages = ">".join(f"{s.size[0]}x{s.size[1]}" for s in stages_of(req, self.info()))
-            return req.manifest_row(status="ok", error=None, sha256=sha, bytes=size, started_at=started_at, stages=stages,
-                                    finished_at=now(), seconds_denoise=seconds_denoise,
+            return req.manifest_row(status="ok", error=None, sha256=sha, bytes=size, started_at=started_at,
+                                    stages=stages, finished_at=now(), seconds_denoise=seconds_denoise,
                                     seconds_decode=seconds_decode + seconds_write, worker=self.worker, **scores)
         except Exception as e:  # noqa: BLE001
             return failed_row(req, started_at, e, self.worker)

@@ -131,9 +131,9 @@ def decode_across(workers, req: ImageRequest, tiling: TilingConfig, z, factor: i
         canvas = ray.put(z)  # stored once, read by every worker
         spans = ray.get([w.decode_begin.remote(req.image_id, tiling, canvas) for w in workers])[0]
         shares = [range(k, len(spans), len(workers)) for k in range(len(workers))]
-        applied = None
-        for number in range(1, tiling.vae_passes + 1):
-            last = number == tiling.vae_passes
+        applied, passes = None, 1 if len(spans) == 1 else tiling.vae_passes  # as tiling.vae.run_sweeps
+        for number in range(1, passes + 1):
+            last = number == passes
             parts = {}
             for out in ray.get([w.decode_sweep.remote(req.image_id, list(share), applied, last, number)
                                 for w, share in zip(workers, shares)]):

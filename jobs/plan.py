@@ -49,8 +49,9 @@ class ImageRequest:
         stem, ext = os.path.splitext(self.path)
         return f"{stem}.stage{number}{ext}"
 
-    def parameters_text(self) -> str:
-        """AUTOMATIC1111-style generation parameters, as embedded in the image file."""
+    def parameters_text(self, stages: Optional[str] = None) -> str:
+        """AUTOMATIC1111-style generation parameters, as embedded in the image file; `stages`, the sizes the
+        renderer denoised (e.g. 344x192>608x344>1920x1080), where there were several."""
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
@@ -69,6 +70,8 @@ class ImageRequest:
             fields.append(f"Init image: {os.path.basename(self.init_image)} sha256 {self.init_sha256}")
         if self.strategy == "progressive" or self.init_image:
             fields.append(f"Denoising strength: {self.strength:g}")
+        if stages and ">" in stages:
+            fields.append(f"Stages: {stages}")
         lines.append(", ".join(fields + [f"Tessera image id: {self.image_id}"]))
         return "\n".join(lines)
 

@@ -50,18 +50,28 @@ def test_a_changed_or_missing_image_is_rendered_again(ray_local, tmp_path):
 @pytest.mark.parametrize("strategy", [[], ["job.base_size=64"]], ids=["one-stage", "progressive-3-stages"])
 def test_images_are_byte_identical_whatever_the_worker_count_and_mode(ray_local, tmp_path, strategy):
     """Also for a progressive render of three stages (base 80x56, 128x88, 196x130): each stage's VAE round trip
-    runs on one worker, the stage's tiles on all of them."""
-    shas = {}
+    runs on one worker, the stage's tiles on all of them. Seeds stepped together share model calls: where a
+    canvas's tiles do not fill whole batches (the one-tile stages here, batch 2), a call holds tiles of both, and
+    the batch's composition changes float rounding only (70 dB measured); elsewhere the bytes are the same."""
+    import numpy as np
+
+    pixels = {}
     for workers, mode, group in [(1, "bulk", 1), (2, "tile_parallel", 1), (2, "bulk", 1), (1, "bulk", 2)]:
         out = tmp_path / f"{workers}-{mode}-{group}"
         s = render_job(compose(*SMALL, *strategy, f"output.dir={out}", "job.seeds=[7,8]",
                                f"cluster.workers={workers}", f"cluster.mode={mode}", f"cluster.group={group}"),
                        show_progress=False)
         assert s["written"] == 2 and s["mode"] == mode
-        rows = Manifest(out).rows()
+        rows = sorted(Manifest(out).rows(), key=lambda r: r["seed"])
         assert {r["stages"] for r in rows} == {"80x56>128x88>196x130" if strategy else "196x130"}
-        shas[(workers, mode, group)] = sorted(r["sha256"] for r in rows)
-    assert len(set(map(tuple, shas.values()))) == 1, shas
+        pixels[(workers, mode, group)] = [np.asarray(Image.open(out / r["path"]), dtype=np.float64) for r in rows]
+    one = pixels.pop((1, "bulk", 1))
+    for key, images in pixels.items():
+        for a, b in zip(one, images):
+            if strategy and key[2] > 1:
+                assert 10 * np.log10(255 ** 2 / max(((a - b) ** 2).mean(), 1e-12)) > 60, key
+            else:
+                assert np.array_equal(a, b), key
 
 
 def test_too_many_cpu_workers_is_a_clear_error(ray_local, tmp_path):

@@ -69,9 +69,10 @@ def test_dilation_stride_and_blur():
     assert dilation_stride(32, 32, 32) == 1 and dilation_stride(135, 240, 32) == 6
     x = torch.randn(1, 4, 20, 30)
     y = gaussian_blur(x, 0.8, 2)
-    assert y.shape == x.shape and not torch.equal(x, y)
-    torch.testing.assert_close(y.mean((-2, -1)), x.mean((-2, -1)), atol=1e-5, rtol=0)
-    torch.testing.assert_close(y.std((-2, -1)), x.std((-2, -1)), atol=1e-5, rtol=1e-5)
+    assert y.shape == x.shape and not torch.equal(x, y) and y.std() < x.std()  # smoother
+    torch.testing.assert_close(y[..., 5:-5, 5:-5].mean(), x[..., 5:-5, 5:-5].mean(), atol=0.05, rtol=0)
+    const = torch.full((1, 2, 9, 9), 0.7)
+    torch.testing.assert_close(gaussian_blur(const, 1.0, 3), const)  # the weights sum to 1
     assert torch.equal(gaussian_blur(x, 0.0, 2), x)
 
 
@@ -121,8 +122,8 @@ def test_a_progressive_render_runs_its_stages_and_keeps_them(demo):
     assert Image.open(out / row["path"]).size == (196, 130)
     assert [Image.open(out / req.stage_path(k)).size for k in (0, 1)] == [(80, 56), (128, 88)]
     assert not (out / req.stage_path(2)).exists()
-    assert "Strategy: progressive x2 from 64, Dilation: 0.5, Denoising strength: 0.3" in read_parameters(
-        out / row["path"])
+    assert "Strategy: progressive x2 from 64, Dilation: 0.5, Denoising strength: 0.3, Stages: 80x56>128x88>196x130, " \
+        in read_parameters(out / row["path"])
     again = renderer.render(req, compose(*SMALL).tiling)
     assert again["sha256"] == row["sha256"]
     direct = _render(demo, "job.strategy=direct")[1]

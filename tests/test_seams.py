@@ -201,7 +201,7 @@ def test_border_lines_of_a_wrapped_grid_take_edges_modulo_the_side():
 # tiles of 32 (256 px). The bounds' margins over seeds 0-7 are in BENCHMARKS.md ("Seams").
 
 DEMO = ["job.width=768", "job.height=512", "job.steps=10", "tiling.tile=16", "tiling.overlap=4",
-        "tiling.vae_tile=32", "tiling.vae_overlap=4", "tiling.batch=8"]
+        "tiling.vae_tile=32", "tiling.vae_overlap=4", "tiling.batch=8", "job.strategy=direct"]  # one denoise
 
 
 @pytest.fixture(scope="module")

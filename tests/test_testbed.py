@@ -51,10 +51,12 @@ def test_the_test_bed_loads_as_sd_and_knows_its_native_size(testbed):
 
 
 def test_direct_draws_a_sun_per_tile_and_progressive_draws_one(testbed):
-    direct_row, direct = render(testbed, "job.strategy=direct", 'job.prompts=["a dusk landscape"]')
+    """At 4x the model's width, seed 1, 'a dusk landscape' (BENCHMARKS.md: the default keeps one sun in 5 of 6
+    pictures at this size, direct draws 9 to 12); direct at 12 steps to keep the test short (7 suns then)."""
+    _, direct = render(testbed, "job.strategy=direct", "job.steps=12", 'job.prompts=["a dusk landscape"]')
     row, pixels = render(testbed, 'job.prompts=["a dusk landscape"]')
     assert pixels.shape == (576, 1024, 3) and row["stages"] == "344x192>592x336>1024x576"
-    assert count_suns(direct) > 2  # the failure the strategy exists for (7 measured)
+    assert count_suns(direct) > 2 and horizon_jumps(direct) > 0.1  # the failure the strategy exists for
     assert count_suns(pixels) == 1
     assert horizon_jumps(pixels) < 0.05
-    assert sun_edge_width(pixels) == sun_edge_width(pixels)  # a sun with a rim (NaN when there is none)
+    assert 5 < sun_edge_width(pixels) < 30  # a sun with a rim (NaN when there is none), about the base's x4

@@ -92,18 +92,18 @@ def skip_residual(schedulers: Sequence, references: Sequence[torch.Tensor], nois
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
-    """A separable Gaussian blur of [n, C, H, W] (reflect padding), rescaled to its input's mean and std per
-    channel, as DemoFusion blurs a dilated view's input so that its sub-sampling does not alias."""
+    """A separable Gaussian blur of [n, C, H, W] (reflect padding), as DemoFusion blurs a dilated view's input so
+    that its sub-sampling does not alias. Written as weighted sums of shifted copies: elementwise, so its bits do
+    not depend on the thread count (the driver of a tile-parallel render runs it with its own)."""
     if sigma <= 0 or radius < 1:
         return x
-    k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device) / sigma) ** 2 / 2)
-    k = (k / k.sum()).to(x.dtype)
-    c = x.shape[1]
-    y = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    mean, std = x.mean((-2, -1), keepdim=True), x.std((-2, -1), keepdim=True)
-    return (y - y.mean((-2, -1), keepdim=True)) / y.std((-2, -1), keepdim=True).clamp_min(1e-6) * std + mean
+    k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2 / 2)
+    k = (k / k.sum()).tolist()
+    h, w = x.shape[-2:]
+    y = F.pad(x, (0, 0, radius, radius), mode="reflect")
+    y = sum(c * y[..., i:i + h, :] for i, c in enumerate(k))
+    y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
+    return sum(c * y[..., :, i:i + w] for i, c in enumerate(k))
 
 
 def dilation_stride(h: int, w: int, native: int) -> int:

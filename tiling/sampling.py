@@ -96,13 +96,15 @@ def dilated_prediction(predict: Predict, inputs: Sequence[torch.Tensor], t, dila
                        batch: int, num_train_timesteps: int = 1000) -> List[torch.Tensor]:
     """DemoFusion's dilated sampling (Du et al. 2024, sec. 3.3): each canvas [C, H, W], blurred, cut into its
     stride x stride sub-lattices, each predicted as a whole picture, and the predictions put back: [1, C, H, W]
-    each, a prediction that sees the whole layout at once."""
+    each, a prediction that sees the whole layout at once. Each canvas's views are batched on their own, so a
+    canvas stepped in a group gets the batches (and the bits) it gets alone."""
     s = dilation.stride
     blur = 0.8 * cosine_weight(t, num_train_timesteps, 1.0)
-    views = [v for x in inputs for v in dilated_views(gaussian_blur(x[None], blur, s - 1)[0], s, dilation.multiple)]
-    size = tuple(views[0].shape[-2:])
+    views = [dilated_views(gaussian_blur(x[None], blur, s - 1)[0], s, dilation.multiple) for x in inputs]
+    size = tuple(views[0][0].shape[-2:])
     whole = (Tile(0, 0, *size),)
-    preds = predict([TileBatch(torch.stack(g), whole * len(g), size) for g in batches_of(views, batch)], t)
+    preds = predict([TileBatch(torch.stack(g), whole * len(g), size) for vs in views for g in batches_of(vs, batch)],
+                    t)
     per = torch.cat([p.to(inputs[0].device) for p in preds]).split(s * s)
     return [undilate(list(p), s, x)[None] for p, x in zip(per, inputs)]
 

@@ -386,9 +386,11 @@ class Sweeps:
 
 def run_sweeps(sweeps: Sweeps, passes: int, canvas: _Canvas) -> torch.Tensor:
     """`passes` sweeps over all the tiles on this device: all but the last gather statistics, the last writes
-    each tile onto `canvas`."""
+    each tile onto `canvas`. A canvas of one tile is swept once: its own statistics are the whole canvas's."""
     if passes < 1:
         raise ValueError(f"passes={passes}: must be at least 1")
+    if len(sweeps.spans) == 1:
+        passes = 1
     applied, every = None, range(len(sweeps.spans))
     for p in range(passes - 1):
         applied = merged([owned for _, owned in sweeps.sweep(every, applied, False, p + 1)])
