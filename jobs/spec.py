@@ -233,8 +233,7 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     _check(_number(j.dilation) and 0.0 <= j.dilation <= 20.0, "job.dilation", j.dilation,
            "must be a number from 0 (off) to 20")
     if j.init_image is not None:
-        for path in init_images(j):
-            check_init_image(path, j.width, j.height)
+        init_images(j)  # each picture is read (and checked by check_init_image) once, when the job is planned
 
     _one_of("tiling.method", t.method, TILING_METHODS)
     _one_of("tiling.wrap", t.wrap, WRAPS)
