@@ -1,4 +1,4 @@
-"""Coherence at large sizes, measured on a model that was really trained (tests/assets: scenes-sd and its zoom-aware sibling): suns, horizon, rim.
+"""Coherence at large sizes on a model that was really trained (tests/assets: scenes-sd, its zoom-aware sibling).
 
 Each variant renders every prompt x seed through the renderer's own path (`cluster.renderer.Renderer.render`,
 no Ray) and is scored with the test bed's measures (`scenes.py`): `count_suns` (1 as trained), `horizon_jumps`
