@@ -232,8 +232,9 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
            "must be a number from 0 (off) to 20")
     _check(_number(j.dilation) and 0.0 <= j.dilation <= 20.0, "job.dilation", j.dilation,
            "must be a number from 0 (off) to 20")
-    if j.init_image is not None:
-        init_images(j)  # each picture is read (and checked by check_init_image) once, when the job is planned
+    if j.init_image is not None:  # what it lists is read once, when the job is planned (init_images)
+        _check(os.path.exists(os.path.expanduser(j.init_image)), "job.init_image", j.init_image,
+               "no such file or folder")
 
     _one_of("tiling.method", t.method, TILING_METHODS)
     _one_of("tiling.wrap", t.wrap, WRAPS)

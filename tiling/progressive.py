@@ -4,7 +4,7 @@ A picture many times the model's size rendered directly gets one subject per til
 of its own). The methods that hold together at 4K (hires-fix, Ultimate SD Upscale, DemoFusion, FreeScale) all
 draw a base at the native area first and then refine enlarged copies of it, img2img, part-way down the schedule.
 This module holds that plan's arithmetic: the stage sizes, the share of the schedule each stage runs, the
-noising of an enlarged stage, and DemoFusion's skip residual. Pure math, no model.
+noising of an enlarged stage, and DemoFusion's skip residual and dilated views. Pure math, no model.
 """
 from __future__ import annotations
 

@@ -47,9 +47,10 @@ Guide = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
 def denoise_canvas(predict: Predict, x: torch.Tensor, scheduler, layouts: Sequence[Sequence[Tile]], method: str,
                    batch: int, generator: Optional[torch.Generator] = None,
                    callback: Optional[Callable[[int, int], None]] = None, first: int = 0,
-                   guide: Optional[Guide] = None) -> torch.Tensor:
+                   guide: Optional[Guide] = None, dilation: Optional[Dilation] = None) -> torch.Tensor:
     """MultiDiffusion (Bar-Tal et al. 2023) over a [1, C, H, W] canvas; `layouts[i]` are step i's tiles."""
-    return denoise_canvases(predict, [x], [scheduler], [layouts], method, batch, [generator], callback, first, guide)[0]
+    return denoise_canvases(predict, [x], [scheduler], [layouts], method, batch, [generator], callback, first, guide,
+                            dilation)[0]
 
 
 def denoise_canvases(predict: Predict, xs: Sequence[torch.Tensor], schedulers: Sequence, layouts: Sequence,
