@@ -10,7 +10,8 @@ of each variant to a PNG.
         --variants direct p0.5 p0.5s3 --out bench/results/coherence.json
 
 A variant is `direct`, or `p<strength>` with optional suffixes `s<skip residual power>`, `f<stage factor>`,
-`d<dilated sampling power>`, `L` (latent upscale), `S` (shifted tiles), `U` (uniform tiles), e.g. `p0.4s3d1f1.5`.
+`d<dilated sampling power>`, `k<strength decay>`, `c` (the cosine weights on the stage's clock), `t<tile>` (latent
+tiles, overlap a quarter), `L` (latent upscale), `S` (shifted tiles), `U` (uniform tiles), e.g. `p0.4s3d1f1.5`.
 """
 from __future__ import annotations
 
@@ -50,14 +51,16 @@ def variant_overrides(name: str) -> list:
     """The job and tiling overrides a variant name stands for (see the module docstring)."""
     if name == "direct":
         return ["job.strategy=direct"]
-    m = re.fullmatch(r"p([\d.]+)((?:s[\d.]+|d[\d.]+|f[\d.]+|L|S|U)*)", name)
+    m = re.fullmatch(r"p([\d.]+)((?:[sdfkt][\d.]+|[LSUc])*)", name)
     if not m:
         raise SystemExit(f"unknown variant {name!r}")
     out = ["job.strategy=progressive", f"job.strength={m.group(1)}"]
-    for key, value in re.findall(r"([sdfLSU])([\d.]*)", m.group(2)):
-        out.append({"s": f"job.skip_residual={value}", "d": f"job.dilation={value}", "f": f"job.stage_factor={value}",
-                    "L": "job.upscale=latent",
-                    "S": "tiling.method=shifted", "U": "tiling.method=uniform"}[key])
+    for key, value in re.findall(r"([sdfktLSUc])([\d.]*)", m.group(2)):
+        out += {"s": [f"job.skip_residual={value}"], "d": [f"job.dilation={value}"], "f": [f"job.stage_factor={value}"],
+                "k": [f"job.strength_decay={value}"], "c": ["job.guide_clock=stage"],
+                "t": [f"tiling.tile={value}", f"tiling.overlap={int(float(value or 0)) // 4}"],
+                "L": ["job.upscale=latent"],
+                "S": ["tiling.method=shifted"], "U": ["tiling.method=uniform"]}[key]
     return out
 
 
@@ -101,7 +104,7 @@ def main() -> None:
                 cfg = compose_cfg(common + variant_overrides(variant))
                 if renderer is None:
                     renderer = Renderer(cfg.model, cfg.output)
-                native = renderer.model.native_size
+                native = cfg.job.base_size or renderer.model.native_size  # a DiT test bed's: job.base_size
                 w, h = (native, native) if size == "native" else map(int, size.split("x"))
                 cfg.job.width, cfg.job.height = w, h
                 for req in plan(cfg):

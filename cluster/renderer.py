@@ -73,10 +73,9 @@ def stages_of(req: ImageRequest, info: dict) -> List[Stage]:
     align = f * (info.get("patch_size") or 1)
     sizes = stage_sizes(req.width, req.height, req.base_size or info["native_size"], req.stage_factor, align,
                         start=req.init_size if req.init_image else None)
-    later = first_step(req.steps, req.strength)
-    if req.init_image:  # the picture is the first size, enlarged into the rest
-        return [Stage.of(w, h, f, later, True) for w, h in sizes[1:]]
-    return [Stage.of(*sizes[0], f)] + [Stage.of(w, h, f, later, True) for w, h in sizes[1:]]
+    later = [Stage.of(w, h, f, first_step(req.steps, req.strength * req.strength_decay ** k), True)
+             for k, (w, h) in enumerate(sizes[1:])]
+    return later if req.init_image else [Stage.of(*sizes[0], f)] + later  # an init picture is the first size
 
 
 def start_canvas(info: dict, req: ImageRequest, stage: Optional[Stage] = None, generator=None):
@@ -138,12 +137,14 @@ def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: Til
             refs = [z.to(device) for z in reference(number, zs, stage)]
             t0 = schedulers[0].timesteps[stage.first]
             xs = [noised(s, r, n.to(device), t0) for s, r, (_, n, _) in zip(schedulers, refs, begun)]
+            # the cosine weights' clock: 1 at pure noise (DemoFusion's), or at this stage's first step
+            start = float(t0) if reqs[0].guide_clock == "stage" else None
             if reqs[0].skip_residual:
-                guide = skip_residual(schedulers, refs, [n for _, n, _ in begun], reqs[0].skip_residual)
+                guide = skip_residual(schedulers, refs, [n for _, n, _ in begun], reqs[0].skip_residual, start)
             native = (reqs[0].base_size or info["native_size"]) // info["vae_scale_factor"]
             stride = dilation_stride(stage.h, stage.w, native)
             if reqs[0].dilation and stride > 1:
-                dilation = Dilation(stride, reqs[0].dilation, info.get("patch_size") or 1)
+                dilation = Dilation(stride, reqs[0].dilation, info.get("patch_size") or 1, start)
         else:
             xs = [x.to(device) for _, x, _ in begun]
         steps = len(schedulers[0].timesteps) - stage.first
@@ -164,7 +165,7 @@ def group_key(req: ImageRequest) -> tuple:
     """Images with equal keys can be stepped together: one prompt pair, guidance, size, schedule and stages."""
     return (req.prompt, req.negative_prompt, req.guidance, req.width, req.height, req.steps, req.scheduler,
             req.strategy, req.strength, req.stage_factor, req.base_size, req.upscale, req.skip_residual,
-            req.dilation, req.init_size)
+            req.dilation, req.strength_decay, req.guide_clock, req.init_size)
 
 
 def groups_of(reqs: Sequence[ImageRequest], size: int) -> List[List[ImageRequest]]:

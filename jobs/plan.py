@@ -40,6 +40,8 @@ class ImageRequest:
     upscale: str = "pixel"
     skip_residual: float = 0.0
     dilation: float = 0.5
+    strength_decay: float = 1.0
+    guide_clock: str = "schedule"
     init_image: Optional[str] = None  # the picture an img2img render starts from
     init_sha256: Optional[str] = None
     init_size: Optional[Tuple[int, int]] = None  # its (width, height)
@@ -65,7 +67,9 @@ class ImageRequest:
             fields += [f"{name}: {value:g}" if isinstance(value, float) else f"{name}: {value}"
                        for name, value, off in (("Upscale", self.upscale, "pixel"),
                                                 ("Skip residual", self.skip_residual, 0.0),
-                                                ("Dilation", self.dilation, 0.0)) if value != off]
+                                                ("Dilation", self.dilation, 0.0),
+                                                ("Strength decay", self.strength_decay, 1.0),
+                                                ("Guide clock", self.guide_clock, "schedule")) if value != off]
         if self.init_image:
             fields.append(f"Init image: {os.path.basename(self.init_image)} sha256 {self.init_sha256}")
         if self.strategy == "progressive" or self.init_image:
@@ -118,6 +122,11 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
                            float(j.skip_residual)] + ([float(j.dilation)] if j.dilation else [])
     if init_sha256:
         key["init"] = [init_sha256, float(j.strength)]
+    if j.strategy == "progressive" or init_sha256:
+        if j.strength_decay != 1.0:
+            key["strength_decay"] = float(j.strength_decay)
+        if j.guide_clock != "schedule":
+            key["guide_clock"] = j.guide_clock
     if m.config:
         key["model_config"] = _real(m.config)
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -146,5 +155,6 @@ def plan(cfg: TesseraConfig) -> list[ImageRequest]:
                     path=f"images/{j.name}/{iid}.{EXTENSIONS[fmt]}", wrap=t.wrap, strategy=j.strategy,
                     strength=float(j.strength), stage_factor=float(j.stage_factor), base_size=int(j.base_size),
                     upscale=j.upscale, skip_residual=float(j.skip_residual), dilation=float(j.dilation),
+                    strength_decay=float(j.strength_decay), guide_clock=j.guide_clock,
                     init_image=init, init_sha256=sha, init_size=size))
     return requests

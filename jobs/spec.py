@@ -69,6 +69,7 @@ OUTPUT_FORMATS = ("png", "webp", "jpeg")
 CLUSTER_MODES = ("auto", "bulk", "tile_parallel")
 STRATEGIES = ("progressive", "direct")
 UPSCALES = ("pixel", "latent")
+GUIDE_CLOCKS = ("schedule", "stage")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what a folder of init images is read for
 ASPECT_TOLERANCE = 0.01  # an init image's aspect may differ from the target's by this share
 
@@ -123,6 +124,9 @@ class JobConfig:
     upscale: str = "pixel"  # between stages: pixel (decode, bicubic, encode) or latent (bicubic on the latents)
     skip_residual: float = 0.0  # DemoFusion's skip residual, the power of its cosine weight (3 in the paper); 0: off
     dilation: float = 0.5  # DemoFusion's dilated sampling, the power of its cosine weight (1 in the paper); 0: off
+    strength_decay: float = 1.0  # the k-th enlarged stage runs strength * strength_decay ** (k - 1) of its schedule
+    guide_clock: str = "schedule"  # the skip residual's and dilation's cosine weights run over the whole schedule
+    #                                (DemoFusion's, whose stages start from noise) or over each stage's own steps
     init_image: Optional[str] = None  # img2img / upscaling: a picture, a folder of them, or a Parquet file whose
     #                                   `init_image` (or `path`) column lists them; the stages start from it
 
@@ -232,6 +236,9 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
            "must be a number from 0 (off) to 20")
     _check(_number(j.dilation) and 0.0 <= j.dilation <= 20.0, "job.dilation", j.dilation,
            "must be a number from 0 (off) to 20")
+    _check(_number(j.strength_decay) and 0.0 < j.strength_decay <= 1.0, "job.strength_decay", j.strength_decay,
+           "must be a number in (0, 1]: each enlarged stage's strength over the one before")
+    _one_of("job.guide_clock", j.guide_clock, GUIDE_CLOCKS)
     if j.init_image is not None:  # what it lists is read once, when the job is planned (init_images)
         _check(os.path.exists(os.path.expanduser(j.init_image)), "job.init_image", j.init_image,
                "no such file or folder")

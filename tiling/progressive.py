@@ -75,11 +75,13 @@ def cosine_weight(t, num_train_timesteps: int, power: float) -> float:
 
 
 def skip_residual(schedulers: Sequence, references: Sequence[torch.Tensor], noises: Sequence[torch.Tensor],
-                  power: float) -> Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]:
+                  power: float, start: Optional[float] = None) -> Callable[[int, int, torch.Tensor, torch.Tensor],
+                                                                            torch.Tensor]:
     """DemoFusion's skip residual (Du et al. 2024, eq. 4) as a `guide` for the denoise loop: before each step,
     canvas k becomes c * (its reference noised to t with its stage noise) + (1 - c) * itself, with the cosine
-    weight c, so the enlarged stage's layout holds while the noise is high and the model is free near the end."""
-    T = int(schedulers[0].config.num_train_timesteps)
+    weight c (1 at timestep `start`, by default pure noise), so the enlarged stage's layout holds while the
+    noise is high and the model is free near the end."""
+    T = start or int(schedulers[0].config.num_train_timesteps)
 
     def guide(k: int, i: int, t, x: torch.Tensor) -> torch.Tensor:
         c = cosine_weight(t, T, power)
@@ -114,11 +116,13 @@ def dilation_stride(h: int, w: int, native: int) -> int:
 
 class Dilation(NamedTuple):
     """DemoFusion's dilated sampling for a stage: `stride` (`dilation_stride`), the power of the cosine weight
-    the global prediction is blended with (1 in the paper), views padded to multiples of `multiple` (a patch)."""
+    the global prediction is blended with (1 in the paper), views padded to multiples of `multiple` (a patch),
+    the timestep where that weight is 1 (None: pure noise, the paper's; else the stage's first)."""
 
     stride: int
     power: float = 1.0
     multiple: int = 1
+    start: Optional[float] = None
 
 
 def dilated_views(x: torch.Tensor, stride: int, multiple: int = 1) -> List[torch.Tensor]:

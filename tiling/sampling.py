@@ -79,7 +79,8 @@ def denoise_canvases(predict: Predict, xs: Sequence[torch.Tensor], schedulers: S
         preds = predict([TileBatch(torch.stack([c for _, _, c in g]), tuple(tile for _, tile, _ in g), canvas)
                          for g in batches_of(cuts, batch)], t)
         eps = torch.cat([p.to(xs[0].device) for p in preds]).split([len(tiles) for tiles in step_tiles])
-        c = cosine_weight(t, schedulers[0].config.num_train_timesteps, dilation.power) if dilation else 0.0
+        c = cosine_weight(t, dilation.start or schedulers[0].config.num_train_timesteps, dilation.power) \
+            if dilation else 0.0
         wide = dilated_prediction(predict, inputs, t, dilation, batch, schedulers[0].config.num_train_timesteps) \
             if c > 1e-3 else None
         for k, (tiles, (with_generator, s)) in enumerate(zip(step_tiles, steppers)):
