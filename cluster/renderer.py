@@ -88,7 +88,7 @@ def start_canvas(info: dict, req: ImageRequest, stage: Optional[Stage] = None, g
     tile, the input the model sees (`info["patch_size"]`; see models/flow.py)."""
     stage = stage or Stage.of(req.width, req.height, info["vae_scale_factor"])
     scheduler = make_scheduler(req.scheduler, info["scheduler_config"])
-    seq_len = tile_seq_len(stage.h, stage.w, req.tile, info.get("patch_size"))
+    seq_len = tile_seq_len(stage.h, stage.w, stage_tile(req, stage, info), info.get("patch_size"))
     scheduler.set_timesteps(req.steps, **timestep_kwargs(scheduler.config, req.steps, seq_len))
     if stage.refine and hasattr(scheduler, "set_begin_index"):  # DDIM finds its place from t alone
         scheduler.set_begin_index(stage.first)
@@ -107,11 +107,22 @@ def read_picture(path: str) -> torch.Tensor:
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def stage_layouts(req: ImageRequest, tiling: TilingConfig, stage: Stage, number: int, steps: int):
+def stage_tile(req: ImageRequest, stage: Stage, info: dict) -> int:
+    """A loop's tile side (latent pixels): `tiling.tile`, except for a progressive render's base, which is drawn
+    whole as hires-fix draws it (at the native area the model composes the frame; tiles of the native size would
+    each compose one of their own: two suns in a 344x192 base of the test bed cut in two tiles). A base whose
+    long side passes twice the native side (an extreme aspect) stays tiled."""
+    native = (req.base_size or info["native_size"]) // info["vae_scale_factor"]
+    if req.strategy == "progressive" and not stage.refine and max(stage.h, stage.w) <= 2 * native:
+        return max(stage.h, stage.w, req.tile)
+    return req.tile
+
+
+def stage_layouts(req: ImageRequest, tiling: TilingConfig, stage: Stage, number: int, steps: int, info: dict):
     """Every step's tiles of one loop (the same grid each step, or `shifted`'s seeded moving grid; each stage
-    draws its own offsets)."""
-    return step_layouts(stage.h, stage.w, tiling.tile, tiling.overlap, tiling.method, steps, req.seed + number,
-                        **wraps(tiling))
+    draws its own offsets), of side `stage_tile`."""
+    return step_layouts(stage.h, stage.w, stage_tile(req, stage, info), tiling.overlap, tiling.method, steps,
+                        req.seed + number, **wraps(tiling))
 
 
 # reference(k, zs, stage) -> stage k's starting canvases, one an image: the canvases zs of stage k - 1 enlarged, or at
@@ -148,7 +159,7 @@ def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: Til
         else:
             xs = [x.to(device) for _, x, _ in begun]
         steps = len(schedulers[0].timesteps) - stage.first
-        layouts = [stage_layouts(req, tiling, stage, number, steps) for req in reqs]
+        layouts = [stage_layouts(req, tiling, stage, number, steps, info) for req in reqs]
         zs = denoise_canvases(predict, xs, schedulers, layouts, tiling.method, batch, gens, callback,
                               stage.first, guide, dilation)
     return zs
@@ -182,13 +193,14 @@ def groups_of(reqs: Sequence[ImageRequest], size: int) -> List[List[ImageRequest
 
 def layouts_of(req: ImageRequest, tiling: TilingConfig, factor: int):
     """Every step's tiles of an image rendered directly at its size."""
-    return stage_layouts(req, tiling, Stage.of(req.width, req.height, factor), 0, req.steps)
+    h, w = latent_size(req, factor)
+    return step_layouts(h, w, tiling.tile, tiling.overlap, tiling.method, req.steps, req.seed, **wraps(tiling))
 
 
 def tile_steps(req: ImageRequest, tiling: TilingConfig, info: dict) -> int:
     """Tile-steps of one image, every stage, for the progress bar."""
     return sum(len(tiles) for number, stage in enumerate(stages_of(req, info))
-               for tiles in stage_layouts(req, tiling, stage, number, req.steps - stage.first))
+               for tiles in stage_layouts(req, tiling, stage, number, req.steps - stage.first, info))
 
 
 def seam_scores(pixels, req: ImageRequest, tiling: TilingConfig, factor: int) -> dict:

@@ -41,7 +41,7 @@ class ImageRequest:
     skip_residual: float = 0.0
     dilation: float = 0.5
     strength_decay: float = 1.0
-    guide_clock: str = "schedule"
+    guide_clock: str = "stage"
     init_image: Optional[str] = None  # the picture an img2img render starts from
     init_sha256: Optional[str] = None
     init_size: Optional[Tuple[int, int]] = None  # its (width, height)
@@ -69,7 +69,7 @@ class ImageRequest:
                                                 ("Skip residual", self.skip_residual, 0.0),
                                                 ("Dilation", self.dilation, 0.0),
                                                 ("Strength decay", self.strength_decay, 1.0),
-                                                ("Guide clock", self.guide_clock, "schedule")) if value != off]
+                                                ("Guide clock", self.guide_clock, "stage")) if value != off]
         if self.init_image:
             fields.append(f"Init image: {os.path.basename(self.init_image)} sha256 {self.init_sha256}")
         if self.strategy == "progressive" or self.init_image:

@@ -125,7 +125,7 @@ class JobConfig:
     skip_residual: float = 0.0  # DemoFusion's skip residual, the power of its cosine weight (3 in the paper); 0: off
     dilation: float = 0.5  # DemoFusion's dilated sampling, the power of its cosine weight (1 in the paper); 0: off
     strength_decay: float = 1.0  # the k-th enlarged stage runs strength * strength_decay ** (k - 1) of its schedule
-    guide_clock: str = "schedule"  # the skip residual's and dilation's cosine weights run over the whole schedule
+    guide_clock: str = "stage"  # the skip residual's and dilation's cosine weights run over the whole schedule
     #                                (DemoFusion's, whose stages start from noise) or over each stage's own steps
     init_image: Optional[str] = None  # img2img / upscaling: a picture, a folder of them, or a Parquet file whose
     #                                   `init_image` (or `path`) column lists them; the stages start from it
