@@ -117,6 +117,8 @@ BAD = [
     (["job.strength=1.5"], "job.strength=1.5"),
     (["job.stage_factor=1.05"], "job.stage_factor=1.05"),
     (["job.strategy=sideways"], "job.strategy='sideways'"),
+    (["job.strength_decay=0"], "job.strength_decay=0"),
+    (["job.guide_clock=sundial"], "job.guide_clock='sundial'"),
     (["job.init_image=/no/such/picture.png"], "job.init_image='/no/such/picture.png'"),
 ]
 

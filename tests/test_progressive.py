@@ -83,6 +83,35 @@ def test_cosine_weight_runs_from_one_to_zero():
     assert cosine_weight(0, 1000, 3) == pytest.approx(0.0)
     assert cosine_weight(500, 1000, 1) == pytest.approx(0.5)
     assert math.isclose(cosine_weight(500, 1000, 3), 0.125)
+    # on a stage's own clock (job.guide_clock=stage) the weight is 1 at the stage's first timestep
+    assert cosine_weight(300, 300, 0.5) == pytest.approx(1.0) and cosine_weight(150, 300, 1) == pytest.approx(0.5)
+
+
+def _stages(*overrides, native=256):
+    from cluster.renderer import stage_tile, stages_of
+    from jobs import plan
+
+    req = plan(compose(*overrides))[0]
+    info = {"vae_scale_factor": 8, "native_size": native}
+    return [(s, stage_tile(req, s, info)) for s in stages_of(req, info)]
+
+
+def test_the_base_is_drawn_whole_and_the_stages_in_tiles():
+    """A progressive base is one tile (the model composes the frame at its native area); the enlarged stages
+    are cut in `tiling.tile`; `direct` is cut in tiles from the start."""
+    stages = _stages("job.width=1920", "job.height=1080", "job.steps=25", "tiling.tile=32")
+    assert [(s.w, s.h, s.first, tile) for s, tile in stages] == [
+        (43, 24, 0, 43), (76, 43, 18, 32), (135, 76, 18, 32), (240, 135, 18, 32)]
+    assert [tile for _, tile in _stages("job.width=1920", "job.height=1080", "tiling.tile=32",
+                                        "job.strategy=direct")] == [32]
+    # an extreme aspect's base (more than twice the native side long) stays tiled
+    assert _stages("job.width=8192", "job.height=256", "tiling.tile=32")[0][1] == 32
+
+
+def test_the_strength_decays_stage_by_stage():
+    firsts = [s.first for s, _ in _stages("job.width=1920", "job.height=1080", "job.steps=20",
+                                         "job.strength=0.4", "job.strength_decay=0.5")]
+    assert firsts == [0, 20 - 8, 20 - 4, 20 - 2]  # int(20 * 0.4 * 0.5 ** k)
 
 
 # ------------------------------------------------------------------------------------- through the renderer
@@ -131,10 +160,11 @@ def test_a_progressive_render_runs_its_stages_and_keeps_them(demo):
 
 
 @pytest.mark.parametrize("extra", [["job.upscale=latent"], ["job.skip_residual=3"], ["job.dilation=0"],
-                                   ["job.skip_residual=3", "job.dilation=1", "tiling.method=shifted"]],
-                         ids=["latent", "skip", "no-dilation", "skip-dilation-shifted"])
+                                   ["job.skip_residual=3", "job.dilation=1", "tiling.method=shifted"],
+                                   ["job.guide_clock=schedule"], ["job.strength_decay=0.5", "job.steps=10"]],
+                         ids=["latent", "skip", "no-dilation", "skip-dilation-shifted", "schedule-clock", "decay"])
 def test_each_option_of_the_stages_renders_its_own_picture(demo, extra):
-    base = _render(demo, "job.base_size=64")[1]
+    base = _render(demo, "job.base_size=64", *[e for e in extra if e.startswith("job.steps")])[1]
     req, row = _render(demo, "job.base_size=64", *extra)
     assert row["stages"] == base["stages"] and row["sha256"] != base["sha256"] and row["image_id"] != base["image_id"]
 

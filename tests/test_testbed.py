@@ -60,3 +60,30 @@ def test_direct_draws_a_sun_per_tile_and_progressive_draws_one(testbed):
     assert count_suns(pixels) == 1
     assert horizon_jumps(pixels) < 0.05
     assert 5 < sun_edge_width(pixels) < 30  # a sun with a rim (NaN when there is none), about the base's x4
+
+
+ZIMAGE = ["model=z_image", f"model.path={ASSETS / 'scenes-zimage'}", "model.dtype=fp32", "tiling.tile=32",
+          "tiling.overlap=8", "tiling.batch=8", "tiling.vae_tile=128", "tiling.vae_passes=1", "job.guidance=3",
+          "job.steps=20", "job.base_size=256", "job.width=768", "job.height=432", "job.seeds=[1]",
+          'job.prompts=["a dusk landscape"]']
+
+
+def test_the_z_image_test_bed_holds_one_sun_through_the_stages(tmp_path):
+    """The Z-Image-layout test bed (tests/assets/scenes-zimage, bench/train_zimage_testbed.py: flow matching, a
+    16-channel VAE with shift and scale, 2x2 patches) through model=z_image at 3x its width: direct paints a sun
+    per tile, the default keeps its base's one (BENCHMARKS.md: direct 5 suns, progressive 1, rim 4.0 px where a
+    bicubic enlargement of the base has 5.2)."""
+    from cluster.renderer import Renderer
+
+    cfg = compose(*ZIMAGE, f"output.dir={tmp_path}")
+    renderer = Renderer(cfg.model, cfg.output)
+    assert renderer.model.family == "z_image"
+    pictures = {}
+    for strategy, steps in (("progressive", 20), ("direct", 8)):
+        cfg = compose(*ZIMAGE, f"output.dir={tmp_path}", f"job.strategy={strategy}", f"job.steps={steps}")
+        row = renderer.render(plan(cfg)[0], cfg.tiling)
+        assert row["status"] == "ok", row["error"]
+        pictures[strategy] = np.asarray(Image.open(tmp_path / row["path"]))
+    assert count_suns(pictures["direct"]) > 2 and horizon_jumps(pictures["direct"]) > 0.05
+    assert pictures["progressive"].shape == (432, 768, 3)
+    assert count_suns(pictures["progressive"]) == 1 and horizon_jumps(pictures["progressive"]) < 0.05
