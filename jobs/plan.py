@@ -120,6 +120,7 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
     if j.strategy == "progressive":  # `direct`, the one strategy before, keeps the ids it had
         key["strategy"] = [j.strategy, float(j.strength), float(j.stage_factor), int(j.base_size), j.upscale,
                            float(j.skip_residual)] + ([float(j.dilation)] if j.dilation else [])
+        key["base"] = "whole"  # drawn as one tile (session 5); the ids of tiled bases are not reused
     if init_sha256:
         key["init"] = [init_sha256, float(j.strength)]
     if j.strategy == "progressive" or init_sha256:
