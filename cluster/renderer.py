@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -20,7 +21,8 @@ from jobs.spec import ModelConfig, OutputConfig, TilingConfig
 from models import load_model, make_scheduler
 from models.loading import compile_denoiser
 from models.schedulers import tile_seq_len, timestep_kwargs
-from tiling import (TileBatch, border_lines, decode_tiled, decoder_sweeps, denoise_canvases, encode_tiled, layout,
+from tiling import (TileBatch, border_lines, decode_tiled, decoder_sweeps, denoise_canvases, encode_tiled,
+                    fitting_tile, free_memory, layout,
                     padded_size, scale_tiles, seam_score, step_layouts, to_uint8)
 from tiling.progressive import (Dilation, dilation_stride, first_step, noised, resize, skip_residual,
                                 stage_sizes)
@@ -262,6 +264,15 @@ class Renderer:
                 self._batches[tiling.tile] = auto_batch(self.model, tiling.tile)
         return self._batches[tiling.tile]
 
+    def vae_tile(self, tiling: TilingConfig, h: int, w: int) -> int:
+        """`tiling.vae_tile`, or for 0 (auto) the side that this worker's free memory allows for an h x w latent
+        canvas (`tiling.vae.fitting_tile`: the whole frame, one exact sweep, when it fits; 80% of a GPU's free
+        memory, 40% of a CPU machine's available memory, which other workers may share)."""
+        if tiling.vae_tile:
+            return tiling.vae_tile
+        device = self.model.device
+        return fitting_tile(self.model.vae, h, w, free_memory(device, 0.8 if device.type == "cuda" else 0.4))
+
     def _predict(self, batch: TileBatch, t, cond, guidance: float, pad_to: int = 0) -> torch.Tensor:
         """The model on one batch, on the model's device. A compiled model sees one batch shape a step: a
         short batch is padded to the step's first (largest) with copies of its last tile (predictions dropped)."""
@@ -323,8 +334,8 @@ class Renderer:
                 if zs is None:
                     picture = read_picture(req.init_image)
                 elif not latent or self.output.keep_stages:
-                    picture = decode_tiled(m.vae, m.unscale(zs[k]), f, tiling.vae_tile, tiling.vae_overlap,
-                                           passes=passes, **wraps(tiling))
+                    picture = decode_tiled(m.vae, m.unscale(zs[k]), f, self.vae_tile(tiling, *zs[k].shape[-2:]),
+                                           tiling.vae_overlap, passes=passes, **wraps(tiling))
                     if self.output.keep_stages:
                         h, w = zs[k].shape[-2:]
                         write_image(to_uint8(picture, w * f, h * f), self.output.dir, req.stage_path(number - 1),
@@ -334,8 +345,9 @@ class Renderer:
                     continue
                 (w, h), (H, W) = stage.size, (stage.h * f, stage.w * f)
                 picture = F.pad(resize(picture[None], (h, w)), (0, W - w, 0, H - h), mode="replicate").clamp(-1, 1)
-                out.append(m.scale(encode_tiled(m.vae, picture.to(m.device, m.vae_dtype), tiling.vae_tile,
-                                                tiling.vae_overlap, passes=passes, **wraps(tiling))))
+                out.append(m.scale(encode_tiled(m.vae, picture.to(m.device, m.vae_dtype),
+                                                self.vae_tile(tiling, stage.h, stage.w), tiling.vae_overlap,
+                                                passes=passes, **wraps(tiling))))
         finally:
             m.vae_on_device(False)
         return out
@@ -348,13 +360,15 @@ class Renderer:
         return self.write(req, tiling, decoded, started_at, seconds_denoise)
 
     def _decode(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor):
-        """(uint8 pixels, seconds) of a finished canvas, or the exception that stopped the decode."""
+        """(uint8 pixels, seconds, the VAE tile side it ran with) of a finished canvas, or the exception that
+        stopped the decode."""
         self.model.vae_on_device(True)
         try:
             t0 = time.perf_counter()
-            img = decode_tiled(self.model.vae, self.model.unscale(z), self.model.vae_scale_factor, tiling.vae_tile,
+            tile = self.vae_tile(tiling, *z.shape[-2:])
+            img = decode_tiled(self.model.vae, self.model.unscale(z), self.model.vae_scale_factor, tile,
                                tiling.vae_overlap, passes=tiling.vae_passes, **wraps(tiling))
-            return to_uint8(img, req.width, req.height), time.perf_counter() - t0
+            return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tile
         except Exception as e:  # noqa: BLE001
             return e
         finally:
@@ -400,11 +414,12 @@ class Renderer:
         if isinstance(decoded, BaseException):
             return failed_row(req, started_at, decoded, self.worker)
         try:
-            pixels, seconds_decode = decoded
+            pixels, seconds_decode, vae_tile = decoded
             stages = ">".join(f"{s.size[0]}x{s.size[1]}" for s in stages_of(req, self.info()))
             t0 = time.perf_counter()
             with ThreadPoolExecutor(1) as pool:
-                scores = pool.submit(seam_scores, pixels, req, tiling, self.model.vae_scale_factor)
+                scores = pool.submit(seam_scores, pixels, req, replace(tiling, vae_tile=vae_tile),
+                                     self.model.vae_scale_factor)
                 sha, size = write_image(pixels, self.output.dir, req.path, self.output.format, self.output.quality,
                                         req.parameters_text(stages))
                 seconds_write = time.perf_counter() - t0

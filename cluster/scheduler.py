@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Callable, List, Sequence
 
 import ray
@@ -125,9 +126,11 @@ def run_bulk(workers, requests: Sequence[ImageRequest], cfg: TesseraConfig, on_r
 def decode_across(workers, req: ImageRequest, tiling: TilingConfig, z, factor: int):
     """One canvas's tiled VAE decode spread over `workers`: each runs the latent-resolution stage and sweeps
     every len(workers)-th tile; between sweeps the tiles' GroupNorm moments are merged here in tile order, so
-    the picture is the one a single worker decodes. (uint8 pixels, seconds), or the exception that stopped it."""
+    the picture is the one a single worker decodes, with the VAE tile worker 0 picks for all (`tiling.vae_tile=0`).
+    (uint8 pixels, seconds, that tile side), or the exception that stopped it."""
     t0 = time.perf_counter()
     try:
+        tiling = replace(tiling, vae_tile=ray.get(workers[0].vae_tile.remote(tiling, *z.shape[-2:])))  # one for all
         canvas = ray.put(z)  # stored once, read by every worker
         spans = ray.get([w.decode_begin.remote(req.image_id, tiling, canvas) for w in workers])[0]
         shares = [range(k, len(spans), len(workers)) for k in range(len(workers))]
@@ -141,7 +144,7 @@ def decode_across(workers, req: ImageRequest, tiling: TilingConfig, z, factor: i
             if not last:
                 applied = merged([parts[i] for i in range(len(spans))])
         img = assemble(spans, parts, tuple(z.shape[-2:]), factor, tiling.vae_overlap)
-        return to_uint8(img, req.width, req.height), time.perf_counter() - t0
+        return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tiling.vae_tile
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
         for w in workers:
             w.decode_end.remote(req.image_id)

@@ -139,7 +139,7 @@ class TilingConfig:
     overlap: int = 16  # latent pixels shared by neighbouring tiles
     batch: int = 4  # tiles per model call, fixed so the picture never depends on the worker count; 0: auto,
     #                 as many as the GPU's free memory holds (at most 8 SDXL-size tiles' worth), 4 on a CPU
-    vae_tile: int = 64  # latent pixels per VAE decode tile
+    vae_tile: int = 0  # latent pixels per VAE decode/encode tile; 0: auto, the largest the free memory holds
     vae_overlap: int = 8
     vae_passes: int = 3  # sweeps of the tiled decode: 1 each tile its own GroupNorm statistics; 3 shared (exact)
 
@@ -248,8 +248,9 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     _int_in("tiling.tile", t.tile, 8, 512)
     _int_in("tiling.overlap", t.overlap, 0, t.tile - 1)
     _int_in("tiling.batch", t.batch, 0, 256)
-    _int_in("tiling.vae_tile", t.vae_tile, 8, 512)
-    _int_in("tiling.vae_overlap", t.vae_overlap, 0, t.vae_tile // 2)
+    _check(t.vae_tile == 0 or (isinstance(t.vae_tile, int) and 8 <= t.vae_tile <= 512), "tiling.vae_tile",
+           t.vae_tile, "must be 0 (auto: the largest tile the worker's free memory holds) or an integer from 8 to 512")
+    _int_in("tiling.vae_overlap", t.vae_overlap, 0, (t.vae_tile or 16) // 2)
     _int_in("tiling.vae_passes", t.vae_passes, 1, 5)
     _check_patches(cfg)
 

@@ -48,10 +48,12 @@ def test_path_extension(fmt, ext):
 
 def test_default_id_is_pinned():
     # Changing how ids are computed orphans every manifest on disk: do it on purpose only.
-    # A direct render keeps the id it had before the progressive strategy (the default since) existed.
+    # Session 5: the progressive base drawn whole, the guide clock, and tiling.vae_tile=0 (auto) by default.
     cfg = TesseraConfig()
-    assert plan(cfg)[0].image_id == "cafeefb316614d31"
+    assert plan(cfg)[0].image_id == "ef0443b88a0a4cd7"
     cfg.job.strategy = "direct"
+    assert plan(cfg)[0].image_id == "12586ca1c66aba3f"
+    cfg.tiling.vae_tile = 64  # a direct render with session 4's defaults keeps its id
     assert plan(cfg)[0].image_id == "b79a9ac34f12103c"
 
 

@@ -111,3 +111,23 @@ def test_automatic_batch_on_a_cpu_is_four(tmp_path):
     cfg = compose(*SMALL, f"output.dir={tmp_path}", "tiling.batch=0")
     r = _renderer(cfg, threads=1)
     assert r.batch_size(cfg.tiling) == 4 and r.render(plan(cfg)[0], cfg.tiling)["status"] == "ok"
+
+
+def test_an_automatic_vae_tile_decodes_the_whole_frame_when_it_fits(tmp_path, monkeypatch):
+    """`tiling.vae_tile=0`: the whole frame (one sweep, the exact full-frame decode: the bytes of a tile that
+    covers the canvas) where memory allows, the ladder's tiles where it does not (the bytes of that tile)."""
+    import cluster.renderer as renderer
+
+    def rendered(*overrides):
+        cfg = compose(*SMALL, f"output.dir={tmp_path}", "job.strategy=direct", *overrides)
+        row = r.render(plan(cfg)[0], cfg.tiling)
+        assert row["status"] == "ok", row["error"]
+        return row, np.asarray(Image.open(tmp_path / row["path"]))  # the files differ: the id is in them
+
+    r = _renderer(compose(*SMALL, f"output.dir={tmp_path}"), threads=1)
+    (auto, a), (_, whole) = rendered("tiling.vae_tile=0"), rendered("tiling.vae_tile=32")  # 32 covers 25x17
+    assert np.array_equal(a, whole) and np.isnan(auto["seam_score_vae"])
+    monkeypatch.setattr(renderer, "free_memory", lambda device, share: 1.0)  # nothing fits: the smallest tile
+    (tight, t), (tiled, t16) = rendered("tiling.vae_tile=0"), rendered("tiling.vae_tile=16")
+    assert np.array_equal(t, t16) and not np.array_equal(t, whole)
+    assert tight["seam_score_vae"] == tiled["seam_score_vae"] and not np.isnan(tight["seam_score_vae"])

@@ -259,3 +259,34 @@ def test_wrapped_encode_rolls_with_the_image(vae):
     e = encode_tiled(vae, x, tile=8, overlap=2, wrap_x=True)
     rolled = encode_tiled(vae, x.roll(40, -1), tile=8, overlap=2, wrap_x=True)
     assert (rolled - e.roll(5, -1)).abs().max() < 0.01 * e.abs().max()
+
+
+# ------------------------------------------------------------------------------------ memory-fitted tiles
+
+def test_the_tile_fits_the_memory_the_whole_frame_when_it_can(vae):
+    from tiling.vae import LADDER, activation_bytes, fitting_tile
+
+    per_px = activation_bytes(vae, 4)
+    assert per_px == 3 * 4 * (2 * 16 * 8 ** 2)  # the decoder's last upsample: 16 channels at 8x, in and out, fp32
+    assert fitting_tile(vae, 24, 32, 24 * 32 * per_px) == 32  # the whole frame: one exact sweep
+    sides = [fitting_tile(vae, 300, 400, free) for free in (1e6, 1e7, 1e8, 1e9, 1e12)]
+    assert sides == sorted(sides) and sides[-1] == 400 and sides[0] == LADDER[-1]
+    assert all(s in LADDER for s in sides[:-1])
+    context = max(decoder_needs(vae) + encoder_needs(vae))
+    for free, side in zip((1e6, 1e7, 1e8, 1e9), sides):  # what it picks fits, the next side up would not
+        bigger = [s for s in LADDER if s > side]
+        assert side == LADDER[-1] or (side + 2 * context) ** 2 * per_px <= free
+        assert not bigger or (bigger[-1] + 2 * context) ** 2 * per_px > free
+
+
+def test_the_sd_vae_at_4k_is_estimated_as_measured():
+    """SD's VAE layout (random weights, built on the meta device: only the module tree is read): the whole
+    3840x2160 frame in bf16 is ~24 GiB by the estimate, as the speed issue measured (19 to 25 GiB); a 16 GB
+    card's 12 GiB gets 256-latent tiles."""
+    from tiling.vae import activation_bytes, fitting_tile
+
+    with torch.device("meta"):
+        sd = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                           up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2).to(torch.bfloat16)
+    assert 19 < 270 * 480 * activation_bytes(sd, 2) / 2**30 < 25
+    assert fitting_tile(sd, 270, 480, 140 * 2**30) == 480 and fitting_tile(sd, 270, 480, 12 * 2**30) == 192
