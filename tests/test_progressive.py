@@ -104,8 +104,11 @@ def test_the_base_is_drawn_whole_and_the_stages_in_tiles():
         (43, 24, 0, 43), (76, 43, 18, 32), (135, 76, 18, 32), (240, 135, 18, 32)]
     assert [tile for _, tile in _stages("job.width=1920", "job.height=1080", "tiling.tile=32",
                                         "job.strategy=direct")] == [32]
-    # an extreme aspect's base (more than twice the native side long) stays tiled
+    # an extreme aspect's base (more than twice the native side long) stays tiled, and so does a picture no
+    # larger than the base (one stage, the direct render)
     assert _stages("job.width=8192", "job.height=256", "tiling.tile=32")[0][1] == 32
+    one = _stages("job.width=320", "job.height=200", "tiling.tile=16", "tiling.overlap=4")
+    assert [tile for _, tile in one] == [16]
 
 
 def test_the_strength_decays_stage_by_stage():
