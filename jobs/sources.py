@@ -174,13 +174,13 @@ def _from_csv(source: str, where: str, key: str, value: str):
 
 
 def _check_columns(source: str, where: str, names: List[str]) -> None:
+    if "prompt" not in names:
+        raise _bad(source, where, f"no prompt column (it has {', '.join(map(repr, names)) or 'none'})")
     unknown = [n for n in names if n not in ROW_KEYS]
     if unknown:
         raise _bad(source, where, f"unknown {'column' if len(unknown) == 1 else 'columns'} "
                    f"{', '.join(map(repr, unknown))}: a row may set only {', '.join(ROW_KEYS)} (never the model, "
                    "paths or trust_remote_code)")
-    if "prompt" not in names:
-        raise _bad(source, where, f"no prompt column (it has {', '.join(map(repr, names)) or 'none'})")
 
 
 def make_row(source: str, where: str, obj: dict) -> PromptRow:
