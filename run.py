@@ -67,11 +67,11 @@ def render_job(cfg: TesseraConfig, show_progress: bool = True) -> dict:
     night = Plan(cfg)  # validates the config and every row of job.prompt_file
     out = cfg.output.dir
     check_output_dir(out)
-    from cluster import run_job  # Ray and torch load only once the job is known to be valid
-    from cluster.progress import Progress
-
     t0, tally = time.time(), Tally()
     with OutputLock(out, cfg.job.name):
+        from cluster import run_job  # Ray and torch load only once the job is valid and the folder is ours
+        from cluster.progress import Progress
+
         manifest = Manifest(out, night.partition)
         torn = manifest.repair()
         manifest.compact()
@@ -83,7 +83,7 @@ def render_job(cfg: TesseraConfig, show_progress: bool = True) -> dict:
         def record(rows: list, what: str) -> None:
             try:
                 manifest.append(rows)
-                if len(manifest._mine) >= COMPACT_EVERY:
+                if len(manifest.mine) >= COMPACT_EVERY:
                     manifest.compact_mine()
             except OSError as e:
                 raise TesseraError(f"output.dir={out!r}: cannot record {what} in {manifest.dir} "
@@ -100,7 +100,7 @@ def render_job(cfg: TesseraConfig, show_progress: bool = True) -> dict:
                     tally.skipped += 1
                     progress.skip()
                     continue
-                row = recover(req, out)
+                row = None if req.image_id in manifest.changed else recover(req, out)
                 if row is not None:
                     record([row], f"recovered image {req.image_id}")
                     tally.recovered += 1

@@ -102,7 +102,8 @@ class Manifest:
         self.dir = self.root / partition if partition else self.root
         self.partition = partition
         self.unreadable: List[Path] = []  # parts the last read skipped
-        self._mine: List[Path] = []  # parts this object wrote since its last compaction
+        self.mine: List[Path] = []  # parts this object wrote since its last compaction
+        self.changed: set = set()  # ids `done` found with an ok row but a file that differs from it
 
     def parts(self) -> list[Path]:
         """Visible part files, in name (= write) order."""
@@ -130,7 +131,7 @@ class Manifest:
                 raise ValueError(f"manifest row {row['image_id']!r}: "
                                  f"status={row.get('status')!r}: must be ok or failed")
         path = self._write(pa.Table.from_pylist(rows, schema=SCHEMA))
-        self._mine.append(path)
+        self.mine.append(path)
         return path
 
     def _read(self, parts: List[Path], columns: Optional[List[str]] = None) -> pa.Table:
@@ -188,7 +189,7 @@ class Manifest:
         parts are left where they are (`repair` moves them)."""
         parts, table = self._read_all()
         readable = [p for p in parts if p not in self.unreadable]
-        self._mine = []
+        self.mine = []
         if len(readable) <= 1:
             return readable[0] if readable else None
         new = self._write(self._latest(table))
@@ -199,23 +200,24 @@ class Manifest:
     def compact_mine(self) -> Path | None:
         """Merge the parts this object wrote since its last compaction into one (the writer, every few hundred
         rows: the part count stays small and the cost does not grow with the manifest)."""
-        mine, self._mine = self._mine, []
+        mine, self.mine = self.mine, []
         if len(mine) <= 1:
-            self._mine = mine
+            self.mine = mine
             return mine[0] if mine else None
         new = self._write(self._read(mine))
         for p in mine:
             p.unlink(missing_ok=True)
-        self._mine = [new]
+        self.mine = [new]
         return new
 
     def done(self, verify: bool = False) -> Dict[str, str]:
         """Image id -> path of every image whose latest row is ok and whose file is there as recorded: the same
         size and modification time (one ``stat``), or with ``verify`` the same sha256. A row without a time
-        (an older writer's) is hashed once, and a row with the time is appended for it."""
+        (an older writer's) is hashed once, and a row with the time is appended for it. Ids whose ok row's file
+        is there but differs go to `changed` (rendered again, never `recover`ed: someone changed the file)."""
         cols = ["image_id", "status", "path", "sha256", "bytes", "mtime_ns"]
         table = self._latest(self._read_all(cols)[1])
-        done, upgraded = {}, []
+        done, upgraded, self.changed = {}, [], set()
         for iid, status, rel, sha, size, mtime in zip(*(table[c].to_pylist() for c in cols)):
             if status != "ok" or not rel or not sha:
                 continue
@@ -225,15 +227,18 @@ class Manifest:
             except OSError:
                 continue
             if size is not None and st.st_size != size:
-                continue
-            if mtime is not None and not verify:
+                self.changed.add(iid)
+            elif mtime is not None and not verify:
                 if st.st_mtime_ns == mtime:
                     done[iid] = rel
-                continue
-            if sha256_file(path) == sha:
+                else:
+                    self.changed.add(iid)
+            elif sha256_file(path) == sha:
                 done[iid] = rel
                 if mtime is None:
                     upgraded.append(iid)
+            else:
+                self.changed.add(iid)
         if upgraded:
             keep = set(upgraded)
             full = self.table()

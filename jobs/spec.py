@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List, Optional, Tuple
 
 MAX_SIDE = 16384  # pixels; 16K is already 256 Mpx
@@ -187,9 +186,10 @@ def _int_in(name: str, value, lo: int, hi: int) -> None:
 
 
 def read_prompt_file(path: str) -> List[str]:
-    """Non-empty, stripped lines of a prompt file; lines starting with '#' are comments."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    """The prompts of a prompt source (jobs.sources: a .txt's non-empty stripped lines, '#' lines comments)."""
+    from .sources import rows
+
+    return [r.prompt for r in rows(path)]
 
 
 def check_job_values(j: JobConfig) -> None:
@@ -413,11 +413,10 @@ def effective_prompt(job: JobConfig, prompt: str) -> str:
 
 
 def prompts_of(job: JobConfig) -> List[str]:
-    """The job's prompts: `prompts` then the lines of `prompt_file`."""
-    prompts = [p for p in job.prompts]
-    if job.prompt_file and os.path.isfile(job.prompt_file):
-        prompts += read_prompt_file(job.prompt_file)
-    return prompts
+    """The job's prompts, as a list: `prompts` then `prompt_file`'s rows' (jobs.sources; the planner streams them)."""
+    from .sources import prompt_rows
+
+    return [p for p, _ in prompt_rows(job)]
 
 
 def init_images(job: JobConfig) -> List[str]:

@@ -122,9 +122,9 @@ def test_the_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
 
 # --- whole runs on an embedded Ray ----------------------------------------------------------------------------
 
-def night_cfg(out, source, *more):
+def night_cfg(out, source, workers=2):
     return compose("job=nightly", *TINY, f"job.prompt_file={source}", f"job.date={DATE}", f"output.dir={out}",
-                   "cluster.workers=2", *more)
+                   f"cluster.workers={workers}")
 
 
 def prompts(tmp_path, n):
@@ -203,11 +203,11 @@ def test_a_full_disk_stops_the_night_with_an_error_and_a_rerun_finishes_it(ray_l
 
     monkeypatch.setattr(Manifest, "_write", enospc_after_two)
     with pytest.raises(TesseraError, match="No space left on device.*2 image.*free space and run again"):
-        render_job(night_cfg(out, source), show_progress=False)
+        render_job(night_cfg(out, source, workers=1), show_progress=False)
     monkeypatch.setattr(Manifest, "_write", real)
     assert len(Manifest(out, PART).rows()) == 2
     before = mtimes(out)  # finished images: two recorded, perhaps more written without their rows
-    s = render_job(night_cfg(out, source), show_progress=False)  # the lock was released by the error
+    s = render_job(night_cfg(out, source, workers=1), show_progress=False)  # the lock was released by the error
     assert s["skipped"] == 2 and s["recovered"] == len(before) - 2 and s["written"] == 5 - len(before)
     assert_exactly_once(out, 5)
     assert {k: v for k, v in mtimes(out).items() if k in before} == before
@@ -217,7 +217,7 @@ def test_a_full_disk_stops_the_night_with_an_error_and_a_rerun_finishes_it(ray_l
 
 def _start(out, source):
     return subprocess.Popen([sys.executable, "run.py", "job=nightly", *TINY, f"job.prompt_file={source}",
-                             f"job.date={DATE}", f"output.dir={out}", "cluster.workers=2"],
+                             f"job.date={DATE}", f"output.dir={out}", "cluster.workers=1"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
