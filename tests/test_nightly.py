@@ -107,6 +107,23 @@ def test_a_long_prompt_is_truncated_with_a_warning(renderer):
     assert r.render(plan(cfg)[0], cfg.tiling)["warnings"] is None
 
 
+def test_the_night_progress_line_counts_skipped_failed_and_dropped():
+    import io
+
+    from cluster.progress import Progress
+
+    log = io.StringIO()
+    p = Progress(10, enabled=True, label="images of 2026-12-01", interval=0, stream=log)
+    p.skip(3)
+    p.drop(1)
+    p.image(True)
+    p.image(False)
+    p.close()
+    last = log.getvalue().strip().splitlines()[-1]
+    assert last.startswith("tessera: 5/9 images of 2026-12-01 (3 already done, 1 failed), ") and "ETA " in last
+    assert not p.bars
+
+
 # --- the lock --------------------------------------------------------------------------------------------
 
 def test_the_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
