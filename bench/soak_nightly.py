@@ -102,6 +102,7 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--plan-rows", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tag", default="", help="appended to the result file's name")
     args = ap.parse_args()
 
     import ray
@@ -130,18 +131,22 @@ def main():
     peak.stop = True
     result.update(night_s=round(wall, 1), written=s["written"], failed=s["failed"],
                   images_per_s=round(s["written"] / wall, 2), rss_peak_mib=round(peak.peak, 1),
-                  rss_at_10pct_mib=round(peak.at(0.1), 1), rss_at_90pct_mib=round(peak.at(0.9), 1),
+                  rss_at_10pct_mib=round(peak.at(0.1), 1), rss_at_50pct_mib=round(peak.at(0.5), 1),
+                  rss_at_90pct_mib=round(peak.at(0.9), 1), failures=s["failures"],
                   rss_end_mib=round(rss_mib(), 1))
-    t = time.perf_counter()
-    again = render_job(cfg, show_progress=False)
-    result.update(rerun_s=round(time.perf_counter() - t, 2), rerun_skipped=again["skipped"],
-                  rerun_written=again["written"])
+    for _ in range(2):  # a second rerun when the first had failed images to render
+        t = time.perf_counter()
+        again = render_job(cfg, show_progress=False)
+        result.update(rerun_s=round(time.perf_counter() - t, 2), rerun_start_s=round(again["start_seconds"], 2),
+                      rerun_skipped=again["skipped"], rerun_written=again["written"])
+        if not again["written"] and not again["failed"]:
+            break
     result["manifest_rows_per_s"] = round(manifest_rows_per_s(1000), 1)
     ray.shutdown()
     if args.plan_rows:
         result.update(plan_rows(args.plan_rows, folder))
     print(json.dumps(result, indent=1))
-    dest = ROOT / "bench" / "results" / f"soak-cpu-{result['date']}.json"
+    dest = ROOT / "bench" / "results" / f"soak-cpu-{result['date']}{args.tag}.json"
     dest.write_text(json.dumps(result, indent=1) + "\n")
     print(f"written {dest}")
 

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -173,16 +173,22 @@ def group_key(req: ImageRequest) -> tuple:
             req.dilation, req.init_size)
 
 
-def groups_of(reqs: Sequence[ImageRequest], size: int) -> List[List[ImageRequest]]:
+def iter_groups(reqs, size: int) -> Iterator[List[ImageRequest]]:
     """Runs of consecutive images with one `group_key`, at most `size` each (jobs are prompt-major, so a
-    prompt's seeds group together)."""
-    groups: List[List[ImageRequest]] = []
+    prompt's seeds group together), streamed: `reqs` is read as groups are taken."""
+    group: List[ImageRequest] = []
     for req in reqs:
-        if groups and len(groups[-1]) < size and group_key(groups[-1][0]) == group_key(req):
-            groups[-1].append(req)
-        else:
-            groups.append([req])
-    return groups
+        if group and (len(group) >= size or group_key(group[0]) != group_key(req)):
+            yield group
+            group = []
+        group.append(req)
+    if group:
+        yield group
+
+
+def groups_of(reqs: Sequence[ImageRequest], size: int) -> List[List[ImageRequest]]:
+    """`iter_groups` as a list."""
+    return list(iter_groups(reqs, size))
 
 
 def layouts_of(req: ImageRequest, tiling: TilingConfig, factor: int):
@@ -297,10 +303,12 @@ class Renderer:
         the tile batch and starts the group again, down to one tile a call (then the rows fail); non-finite
         latents or decode (NaN, inf: an fp16/bf16 overflow) start the group again once with the model in fp32
         (then the rows fail: no black picture is ever marked ok)."""
-        started, notes = now(), [n for n in (self._prompt_note(reqs[0].prompt),) if n]
+        started, notes = now(), []
         try:
             batch, fp32 = self.batch_size(tiling), False
             tick = (lambda i, n: progress.add.remote(n)) if progress is not None else None
+            with self._device:  # the tokenizer too: a fast tokenizer's padding state is not thread-safe
+                notes += [n for n in (self._prompt_note(reqs[0].prompt),) if n]
             while True:
                 try:
                     with self._device, self._in_fp32(fp32):
@@ -359,7 +367,8 @@ class Renderer:
 
     def _prompt_note(self, prompt: str) -> Optional[str]:
         """A warning when the text encoder will cut `prompt` (CLIP: 77 tokens), once per prompt and worker: the
-        model sees the first tokens only, as diffusers' pipelines do; the row's `warnings` says it."""
+        model sees the first tokens only, as diffusers' pipelines do; the row's `warnings` says it. Call it holding
+        the device lock: it sets the tokenizer's truncation, which a concurrent encode would see."""
         if prompt in self._notes:
             return self._notes[prompt]
         note, tok = None, getattr(self.model, "tokenizer", None)

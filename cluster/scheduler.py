@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import ray
 
@@ -23,7 +23,7 @@ from jobs.spec import TesseraConfig, TesseraError, TilingConfig
 from tiling import assemble, merged, to_uint8
 
 from .progress import Progress
-from .renderer import Renderer, denoise_request, failed_row, group_key, now, tile_steps
+from .renderer import Renderer, denoise_request, failed_row, iter_groups, now, tile_steps
 
 READY_TIMEOUT_S = 900  # model load on every worker
 
@@ -94,18 +94,6 @@ def _rows(ref, reqs: Sequence[ImageRequest], started) -> List[dict]:
         return rows if isinstance(rows, list) else [rows]
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
         return [failed_row(req, started, f"worker lost: {type(e).__name__}: {e}") for req in reqs]
-
-
-def iter_groups(reqs: Iterable[ImageRequest], size: int) -> Iterator[List[ImageRequest]]:
-    """`renderer.groups_of`, streamed: runs of consecutive images with one `group_key`, at most `size` each."""
-    group: List[ImageRequest] = []
-    for req in reqs:
-        if group and (len(group) >= size or group_key(group[0]) != group_key(req)):
-            yield group
-            group = []
-        group.append(req)
-    if group:
-        yield group
 
 
 def run_bulk(workers, requests: Iterable[ImageRequest], cfg: TesseraConfig, on_row: Callable[[dict], None],

@@ -147,3 +147,17 @@ def test_nightly_without_a_source_names_the_field():
 
     with pytest.raises(ConfigError, match="job.prompts=.*job.prompt_file"):
         Plan(compose("job=nightly"))
+
+
+def test_the_nightly_config_builds_a_dated_plan_of_its_source(tmp_path):
+    import datetime
+
+    from conftest import compose
+
+    f = tmp_path / "p.txt"
+    f.write_text("a\nb\n")
+    cfg = compose("job=nightly", f"job.prompt_file={f}")
+    assert (cfg.job.name, cfg.job.prompts, cfg.job.date) == ("nightly", [], "today")
+    night = Plan(cfg)
+    assert night.date == datetime.date.today().isoformat() and night.images == 2
+    assert Plan(compose("job=nightly", f"job.prompt_file={f}", "job.date=2026-12-01")).partition == "date=2026-12-01"
