@@ -39,6 +39,12 @@ COMPACT_EVERY = 256  # parts of one row each this run writes before they are mer
 SHOWN_FAILURES = 50  # failed images the summary lists (all are in the manifest)
 
 
+def disk_full(error: str | None) -> bool:
+    """Whether a failed row's error is a full disk or quota (ENOSPC, EDQUOT): the night stops there."""
+    return bool(error) and any(s in error for s in ("[Errno 28]", "[Errno 122]", "No space left on device",
+                                                     "Disk quota exceeded"))
+
+
 class Tally:
     """What a run did, counted as rows land (the rows themselves go to the manifest, not into memory)."""
 
@@ -113,6 +119,10 @@ def render_job(cfg: TesseraConfig, show_progress: bool = True) -> dict:
         def on_row(row: dict) -> None:
             record([row], f"image {row['image_id']}")
             tally.row(row)
+            if row["status"] == "failed" and disk_full(row["error"]):  # every later image would fail the same way
+                raise TesseraError(f"output.dir={out!r}: no space left on device writing image {row['image_id']} "
+                                   f"({row['error']}); {tally.written + tally.recovered} image(s) of this run are "
+                                   "recorded; free space and run again: finished images are kept")
 
         info = {}
         try:

@@ -230,6 +230,14 @@ def test_a_full_disk_stops_the_night_with_an_error_and_a_rerun_finishes_it(ray_l
     assert {k: v for k, v in mtimes(out).items() if k in before} == before
 
 
+def test_an_image_that_hits_a_full_disk_stops_the_night():
+    from run import disk_full
+
+    assert disk_full("OSError: [Errno 28] No space left on device: 'images/.x.png.1a2b.tmp'")
+    assert disk_full("OSError: [Errno 122] Disk quota exceeded")
+    assert not disk_full("worker lost: RayActorError") and not disk_full(None)
+
+
 # --- whole runs of run.py, killed by pid ---------------------------------------------------------------------
 
 def _start(out, source):
