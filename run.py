@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -17,9 +19,10 @@ import hydra  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from jobs import ConfigError, Manifest, TesseraConfig, TesseraError, plan  # noqa: E402
+from jobs import ConfigError, Manifest, OutputLock, Plan, TesseraConfig, TesseraError, recover  # noqa: E402
 
 ConfigStore.instance().store(name="tessera_schema", node=TesseraConfig)
+log = logging.getLogger("tessera")
 
 
 def check_output_dir(path: str) -> None:
@@ -32,54 +35,141 @@ def check_output_dir(path: str) -> None:
         raise ConfigError("output.dir", path, f"not writable ({e.strerror or e})") from e
 
 
+COMPACT_EVERY = 256  # parts of one row each this run writes before they are merged into one
+SHOWN_FAILURES = 50  # failed images the summary lists (all are in the manifest)
+
+
+def disk_full(error: str | None) -> bool:
+    """Whether a failed row's error is a full disk or quota (ENOSPC, EDQUOT): the night stops there."""
+    return bool(error) and any(s in error for s in ("[Errno 28]", "[Errno 122]", "No space left on device",
+                                                     "Disk quota exceeded"))
+
+
+class Tally:
+    """What a run did, counted as rows land (the rows themselves go to the manifest, not into memory)."""
+
+    def __init__(self):
+        self.written = self.failed = self.skipped = self.recovered = self.warned = 0
+        self.failures: list = []  # (image_id, error) of the first SHOWN_FAILURES failed images
+
+    def row(self, row: dict) -> None:
+        if row["status"] == "ok":
+            self.written += 1
+        else:
+            self.failed += 1
+            if len(self.failures) < SHOWN_FAILURES:
+                self.failures.append((row["image_id"], row["error"]))
+        self.warned += bool(row.get("warnings"))
+
+
 def render_job(cfg: TesseraConfig, show_progress: bool = True) -> dict:
-    """Validate, skip what the manifest already holds, render the rest, record every image."""
-    requests = plan(cfg)  # validates
-    check_output_dir(cfg.output.dir)
-    from cluster import run_job  # Ray and torch load only once the job is known to be valid
+    """Validate, skip what the manifest already holds, render the rest, record every image.
 
-    manifest = Manifest(cfg.output.dir)
-    manifest.compact()
-    done = manifest.done_ids()
-    todo = [r for r in requests if r.image_id not in done]
-    t0, rows, pending, last_flush = time.time(), [], [], time.time()
+    The plan is streamed (`jobs.Plan`): its source is checked whole before anything is written, then read again
+    as workers take work. The output folder is locked for the run (`jobs.OutputLock`); unreadable manifest parts
+    are moved aside, images whose rows were lost are recovered from their files, every row is written as its
+    image lands (a killed driver loses none), and a manifest write that fails (a full disk) stops the run with
+    an error, keeping what is recorded."""
+    night = Plan(cfg)  # validates the config and every row of job.prompt_file
+    out = cfg.output.dir
+    check_output_dir(out)
+    t0, tally = time.time(), Tally()
+    with OutputLock(out, cfg.job.name):
+        from cluster import run_job  # Ray and torch load only once the job is valid and the folder is ours
+        from cluster.progress import Progress
 
-    def on_row(row: dict) -> None:
-        nonlocal last_flush
-        rows.append(row)
-        pending.append(row)
-        if len(pending) >= 16 or time.time() - last_flush > 10:
-            manifest.append(pending)
-            pending.clear()
-            last_flush = time.time()
-
-    info = {}
-    try:
-        if todo:
-            info = run_job(cfg, todo, on_row, show_progress)
-    finally:
-        if pending:
-            manifest.append(pending)
+        manifest = Manifest(out, night.partition)
+        torn = manifest.repair()
         manifest.compact()
+        done = manifest.done(verify=cfg.output.verify)
+        start_s = time.time() - t0
+        progress = Progress(night.images, enabled=show_progress,
+                            label=f"images of {night.date}" if night.date else "images")
+
+        def record(rows: list, what: str) -> None:
+            try:
+                manifest.append(rows)
+                if len(manifest.mine) >= COMPACT_EVERY:
+                    manifest.compact_mine()
+            except OSError as e:
+                raise TesseraError(f"output.dir={out!r}: cannot record {what} in {manifest.dir} "
+                                   f"({e.strerror or e}); {tally.written + tally.recovered} image(s) of this run "
+                                   "are recorded; free space and run again: finished images are kept") from e
+
+        def todo():
+            dropped = 0
+            for req in night:
+                if night.duplicates > dropped:
+                    progress.drop(night.duplicates - dropped)
+                    dropped = night.duplicates
+                if req.image_id in done:
+                    tally.skipped += 1
+                    progress.skip()
+                    continue
+                row = None if req.image_id in manifest.changed else recover(req, out)
+                if row is not None:
+                    record([row], f"recovered image {req.image_id}")
+                    tally.recovered += 1
+                    progress.skip()
+                    continue
+                yield req
+            if night.duplicates > dropped:
+                progress.drop(night.duplicates - dropped)
+
+        def on_row(row: dict) -> None:
+            record([row], f"image {row['image_id']}")
+            tally.row(row)
+            if row["status"] == "failed" and disk_full(row["error"]):  # every later image would fail the same way
+                raise TesseraError(f"output.dir={out!r}: no space left on device writing image {row['image_id']} "
+                                   f"({row['error']}); {tally.written + tally.recovered} image(s) of this run are "
+                                   "recorded; free space and run again: finished images are kept")
+
+        info = {}
+        try:
+            info = run_job(cfg, todo(), on_row, show_progress, progress=progress)
+        finally:
+            progress.close()
+            try:
+                manifest.compact()
+            except OSError as e:  # the parts are whole; the next run compacts them
+                log.warning("manifest not compacted (%s); the next run will", e)
     seconds = time.time() - t0
-    ok = sum(r["status"] == "ok" for r in rows)
-    return {"images": len(requests), "written": ok, "failed": len(rows) - ok, "skipped": len(requests) - len(todo),
-            "seconds": seconds, "images_per_hour": ok / seconds * 3600 if ok else 0.0,
-            "manifest": os.path.join(cfg.output.dir, "manifest"), "rows": rows, **info}
+    return {"images": night.images - night.duplicates, "written": tally.written, "failed": tally.failed,
+            "skipped": tally.skipped, "recovered": tally.recovered, "warnings": tally.warned,
+            "failures": tally.failures, "torn": [str(p) for p in torn], "seconds": seconds,
+            "start_seconds": start_s,
+            "seconds_per_image": seconds / tally.written if tally.written else 0.0,
+            "images_per_hour": tally.written / seconds * 3600 if tally.written else 0.0,
+            "date": night.date, "manifest": str(manifest.dir), **info}
 
 
 def print_summary(s: dict) -> None:
     print(f"\nTessera: {s['written']} image(s) written, {s['failed']} failed, {s['skipped']} already done"
-          f" (of {s['images']}) in {s['seconds']:.1f} s, {s['images_per_hour']:.1f} images/hour"
+          + (f", {s['recovered']} recovered from their files" if s.get("recovered") else "")
+          + f" (of {s['images']}{' for ' + s['date'] if s.get('date') else ''}) in {s['seconds']:.1f} s"
+          + (f", {s['seconds_per_image']:.2f} s an image ({s['images_per_hour']:.1f} images/hour)"
+             if s["written"] else "")
           + (f", {s['mode']} mode on {s['workers']} worker(s) ({s['device']})" if "mode" in s else ""))
-    for r in s["rows"]:
-        if r["status"] != "ok":
-            print(f"  failed {r['image_id']}: {r['error']}", file=sys.stderr)
+    for iid, error in s["failures"]:
+        print(f"  failed {iid}: {error}", file=sys.stderr)
+    if s["failed"] > len(s["failures"]):
+        print(f"  ... and {s['failed'] - len(s['failures'])} more failed (status = 'failed' in the manifest)",
+              file=sys.stderr)
+    if s.get("warnings"):
+        print(f"  {s['warnings']} image(s) with warnings (the manifest's warnings column: truncated prompts, "
+              "retries)", file=sys.stderr)
+    for p in s.get("torn", []):
+        print(f"  an unreadable manifest part was moved aside: {p}", file=sys.stderr)
     print(f"manifest: {s['manifest']}")
+
+
+def _terminate(signum, frame):  # SIGTERM (a scheduler's stop) runs the finally blocks: rows compacted, lock freed
+    raise SystemExit(128 + signum)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         summary = render_job(OmegaConf.to_object(dcfg))
     except TesseraError as e:

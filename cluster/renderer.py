@@ -4,14 +4,16 @@ Plain Python, testable without Ray; `cluster.scheduler` wraps it in a Ray actor 
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from jobs import ImageRequest, write_image
 from jobs.spec import ModelConfig, OutputConfig, TilingConfig
 from models import load_model, make_scheduler
+from models.base import PromptCache
 from models.loading import compile_denoiser
 from models.schedulers import tile_seq_len, timestep_kwargs
 from tiling import (TileBatch, border_lines, decode_tiled, decoder_sweeps, denoise_canvases, encode_tiled,
@@ -27,6 +30,9 @@ from tiling import (TileBatch, border_lines, decode_tiled, decoder_sweeps, denoi
 from tiling.progressive import (Dilation, dilation_stride, first_step, noised, resize, skip_residual,
                                 stage_sizes)
 from tiling.seams import gradients
+from tiling.vae import DecodeError
+
+log = logging.getLogger("tessera")
 
 
 def now() -> datetime:
@@ -183,16 +189,22 @@ def group_key(req: ImageRequest) -> tuple:
             req.dilation, req.strength_decay, req.guide_clock, req.init_size)
 
 
-def groups_of(reqs: Sequence[ImageRequest], size: int) -> List[List[ImageRequest]]:
+def iter_groups(reqs, size: int) -> Iterator[List[ImageRequest]]:
     """Runs of consecutive images with one `group_key`, at most `size` each (jobs are prompt-major, so a
-    prompt's seeds group together)."""
-    groups: List[List[ImageRequest]] = []
+    prompt's seeds group together), streamed: `reqs` is read as groups are taken."""
+    group: List[ImageRequest] = []
     for req in reqs:
-        if groups and len(groups[-1]) < size and group_key(groups[-1][0]) == group_key(req):
-            groups[-1].append(req)
-        else:
-            groups.append([req])
-    return groups
+        if group and (len(group) >= size or group_key(group[0]) != group_key(req)):
+            yield group
+            group = []
+        group.append(req)
+    if group:
+        yield group
+
+
+def groups_of(reqs: Sequence[ImageRequest], size: int) -> List[List[ImageRequest]]:
+    """`iter_groups` as a list."""
+    return list(iter_groups(reqs, size))
 
 
 def layouts_of(req: ImageRequest, tiling: TilingConfig, factor: int):
@@ -226,9 +238,24 @@ def seam_scores(pixels, req: ImageRequest, tiling: TilingConfig, factor: int) ->
     return scores
 
 
-def failed_row(req: ImageRequest, started_at: datetime, error: BaseException | str, worker: str = "") -> dict:
-    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return req.manifest_row(status="failed", error=msg, started_at=started_at, finished_at=now(), worker=worker)
+class RenderError(RuntimeError):
+    """An image that cannot be rendered (after its retries); the message goes to its row's `error`."""
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _notes(notes: Optional[Sequence[str]]) -> Optional[str]:
+    return "; ".join(notes) if notes else None
+
+
+def failed_row(req: ImageRequest, started_at: datetime, error: BaseException | str, worker: str = "",
+               notes: Optional[Sequence[str]] = None) -> dict:
+    msg = error if isinstance(error, str) else str(error) if isinstance(error, RenderError) \
+        else f"{type(error).__name__}: {error}"
+    return req.manifest_row(status="failed", error=msg, started_at=started_at, finished_at=now(), worker=worker,
+                            warnings=_notes(notes))
 
 
 class Renderer:
@@ -250,6 +277,7 @@ class Renderer:
         self._device = threading.Lock()
         self._batches = {}  # tile size -> automatic batch size
         self._sweeps = {}  # image id -> its tiled decode's Sweeps, while a tile-parallel decode runs
+        self._notes = {}  # prompt -> its truncation warning (or None)
 
     def info(self) -> dict:
         m = self.model
@@ -295,22 +323,94 @@ class Renderer:
 
     def render_group(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, progress=None) -> List[dict]:
         """Images of one `group_key`, stepped together on this worker's device, decoded and written; one row
-        each (a failure becomes a `failed` row, never an exception)."""
-        started = now()
+        each (a failure becomes a `failed` row, never an exception).
+
+        Two faults are retried here, and said in the rows' `warnings`: CUDA out of memory while denoising halves
+        the tile batch and starts the group again, down to one tile a call (then the rows fail); non-finite
+        latents or decode (NaN, inf: an fp16/bf16 overflow) start the group again once with the model in fp32
+        (then the rows fail: no black picture is ever marked ok)."""
+        started, notes = now(), []
         try:
-            batch = self.batch_size(tiling)
+            batch, fp32 = self.batch_size(tiling), False
             tick = (lambda i, n: progress.add.remote(n)) if progress is not None else None
-            with self._device:
-                t0 = time.perf_counter()
-                cond = self.model.encode(reqs[0].prompt, reqs[0].negative_prompt)
-                zs = denoise_group(lambda bs, t: [self._predict(b, t, cond, reqs[0].guidance, len(bs[0].tiles))
-                                                  for b in bs], self.info(), reqs, tiling, batch, self.model.device, tick,
-                                   lambda k, zs, stage: self._reference(reqs, tiling, k, zs, stage))
-                seconds = (time.perf_counter() - t0) / len(reqs)
-                decoded = [self._decode(req, tiling, z) for req, z in zip(reqs, zs)]
+            with self._device:  # the tokenizer too: a fast tokenizer's padding state is not thread-safe
+                notes += [n for n in (self._prompt_note(reqs[0].prompt),) if n]
+            while True:
+                try:
+                    with self._device, self._in_fp32(fp32):
+                        t0 = time.perf_counter()
+                        zs = self._denoise(reqs, tiling, batch, tick)
+                        seconds = (time.perf_counter() - t0) / len(reqs)
+                        finite = all(bool(torch.isfinite(z).all()) for z in zs)
+                        decoded = [self._decode(req, tiling, z) for req, z in zip(reqs, zs)] if finite else []
+                except torch.OutOfMemoryError as e:
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    if batch <= 1:
+                        raise RenderError(f"CUDA out of memory at one tile a call ({_first_line(e)})") from e
+                    notes.append(f"CUDA out of memory at tile batch {batch}: retried at {batch // 2}")
+                    batch //= 2
+                    continue
+                nonfinite = not finite or any(isinstance(d, DecodeError) for d in decoded)
+                if nonfinite and not fp32:
+                    where = "latents" if not finite else "decode"
+                    notes.append(f"non-finite {where} (NaN/inf): rendered again in fp32")
+                    fp32 = True
+                    continue
+                if nonfinite:
+                    raise RenderError(f"non-finite {'latents' if not finite else 'decode'} (NaN/inf) in fp32 too: "
+                                      "no image written")
+                break
         except Exception as e:  # noqa: BLE001 - recorded in the manifest, the job goes on
-            return [failed_row(req, started, e, self.worker) for req in reqs]
-        return [self.write(req, tiling, d, started, seconds) for req, d in zip(reqs, decoded)]
+            return [failed_row(req, started, e, self.worker, notes) for req in reqs]
+        return [self.write(req, tiling, d, started, seconds, notes) for req, d in zip(reqs, decoded)]
+
+    def _denoise(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int, tick) -> List[torch.Tensor]:
+        cond = self.model.encode(reqs[0].prompt, reqs[0].negative_prompt)
+        return denoise_group(lambda bs, t: [self._predict(b, t, cond, reqs[0].guidance, len(bs[0].tiles))
+                                            for b in bs], self.info(), reqs, tiling, batch, self.model.device, tick,
+                             lambda k, zs, stage: self._reference(reqs, tiling, k, zs, stage))
+
+    @contextmanager
+    def _in_fp32(self, on: bool):
+        """With `on`, the model's modules in float32 for the block (a retry of a non-finite render), then back."""
+        m = self.model
+        modules = [getattr(m, m.denoiser), m.vae, *m.text_modules()]
+        dtypes = [getattr(mod, "dtype", torch.float32) for mod in modules]
+        if not on or (m.dtype == torch.float32 and all(d == torch.float32 for d in dtypes)):
+            yield
+            return
+        old = m.dtype
+        for mod in modules:
+            mod.to(dtype=torch.float32)
+        m.dtype, m._cache = torch.float32, PromptCache(m._encode_pair)  # embeddings in the new dtype
+        try:
+            yield
+        finally:
+            for mod, d in zip(modules, dtypes):
+                mod.to(dtype=d)
+            m.dtype, m._cache = old, PromptCache(m._encode_pair)
+
+    def _prompt_note(self, prompt: str) -> Optional[str]:
+        """A warning when the text encoder will cut `prompt` (CLIP: 77 tokens), once per prompt and worker: the
+        model sees the first tokens only, as diffusers' pipelines do; the row's `warnings` says it. Call it holding
+        the device lock: it sets the tokenizer's truncation, which a concurrent encode would see."""
+        if prompt in self._notes:
+            return self._notes[prompt]
+        note, tok = None, getattr(self.model, "tokenizer", None)
+        limit = getattr(tok, "model_max_length", None)
+        if tok is not None and isinstance(limit, int) and limit < 100_000:
+            try:
+                n = len(tok(prompt, truncation=False, verbose=False).input_ids)
+            except Exception:  # noqa: BLE001 - a tokenizer that cannot count: no note
+                n = 0
+            if n > limit:
+                note = f"prompt truncated: the text encoder reads its first {limit} tokens of {n}"
+                log.warning("%s (%r...)", note, prompt[:60])
+        if len(self._notes) > 4096:
+            self._notes.clear()
+        self._notes[prompt] = note
+        return note
 
     def reference(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, number: int,
                   zs: Optional[List[torch.Tensor]], stage: Stage) -> List[torch.Tensor]:
@@ -410,11 +510,11 @@ class Renderer:
             self.model.vae_on_device(False)
 
     def write(self, req: ImageRequest, tiling: TilingConfig, decoded, started_at: datetime,
-               seconds_denoise: float) -> dict:
+              seconds_denoise: float, notes: Optional[Sequence[str]] = None) -> dict:
         """Encode and write the image file, score its seams, return its manifest row (CPU only). The seams are
         scored while the file is encoded (both release the GIL)."""
         if isinstance(decoded, BaseException):
-            return failed_row(req, started_at, decoded, self.worker)
+            return failed_row(req, started_at, decoded, self.worker, notes)
         try:
             pixels, seconds_decode, vae_tile = decoded
             stages = ">".join(f"{s.size[0]}x{s.size[1]}" for s in stages_of(req, self.info()))
@@ -425,12 +525,14 @@ class Renderer:
                 sha, size = write_image(pixels, self.output.dir, req.path, self.output.format, self.output.quality,
                                         req.parameters_text(stages))
                 seconds_write = time.perf_counter() - t0
+                mtime = os.stat(os.path.join(self.output.dir, req.path)).st_mtime_ns
                 scores = scores.result()
-            return req.manifest_row(status="ok", error=None, sha256=sha, bytes=size, started_at=started_at,
-                                    stages=stages, finished_at=now(), seconds_denoise=seconds_denoise,
-                                    seconds_decode=seconds_decode + seconds_write, worker=self.worker, **scores)
+            return req.manifest_row(status="ok", error=None, sha256=sha, bytes=size, mtime_ns=mtime,
+                                    started_at=started_at, stages=stages, finished_at=now(),
+                                    seconds_denoise=seconds_denoise, seconds_decode=seconds_decode + seconds_write,
+                                    worker=self.worker, warnings=_notes(notes), **scores)
         except Exception as e:  # noqa: BLE001
-            return failed_row(req, started_at, e, self.worker)
+            return failed_row(req, started_at, e, self.worker, notes)
 
 
 @torch.no_grad()

@@ -11,10 +11,11 @@ Dead workers are handled in one place, `_rows`: the image becomes a `failed` row
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import replace
-from typing import Callable, List, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import ray
 
@@ -23,7 +24,7 @@ from jobs.spec import TesseraConfig, TesseraError, TilingConfig
 from tiling import assemble, merged, to_uint8
 
 from .progress import Progress
-from .renderer import Renderer, denoise_request, failed_row, groups_of, now, tile_steps
+from .renderer import Renderer, denoise_request, failed_row, iter_groups, now, tile_steps
 
 READY_TIMEOUT_S = 900  # model load on every worker
 
@@ -96,18 +97,20 @@ def _rows(ref, reqs: Sequence[ImageRequest], started) -> List[dict]:
         return [failed_row(req, started, f"worker lost: {type(e).__name__}: {e}") for req in reqs]
 
 
-def run_bulk(workers, requests: Sequence[ImageRequest], cfg: TesseraConfig, on_row: Callable[[dict], None],
+def run_bulk(workers, requests: Iterable[ImageRequest], cfg: TesseraConfig, on_row: Callable[[dict], None],
              progress: Progress) -> None:
     """Each worker renders groups of images (`cluster.group` seeds of one prompt stepped together), two
     groups in flight each: it never waits on the driver, and writes one group's files while the next
-    denoises."""
+    denoises. `requests` is read as groups are submitted (a streamed plan stays streamed)."""
     counter = Counter.remote()
-    todo = list(reversed(groups_of(requests, cfg.cluster.group)))
+    todo = iter_groups(requests, cfg.cluster.group)
+    info = ray.get(workers[0].info.remote())
     pending = {}
 
     def submit(w):
-        if todo:
-            group = todo.pop()
+        group = next(todo, None)
+        if group is not None:
+            progress.expect_tiles(sum(tile_steps(r, cfg.tiling, info) for r in group))
             pending[w.render_group.remote(group, cfg.tiling, counter)] = (w, group, now())
 
     for w in workers:
@@ -151,7 +154,7 @@ def decode_across(workers, req: ImageRequest, tiling: TilingConfig, z, factor: i
         return e
 
 
-def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraConfig,
+def run_tile_parallel(workers, requests: Iterable[ImageRequest], cfg: TesseraConfig,
                       on_row: Callable[[dict], None], progress: Progress) -> None:
     """One image at a time, each step's tile batches and then its decode's tiles spread over every worker; a
     worker writes the image while the next one denoises."""
@@ -160,6 +163,7 @@ def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraCon
     writing = None  # (ref, [req], started) of the image a worker is writing
     for i, req in enumerate(requests):
         started = now()
+        progress.expect_tiles(tile_steps(req, cfg.tiling, info))
 
         def predict(batches, t):
             refs = [workers[k % len(workers)].predict.remote(b, t, req.prompt, req.negative_prompt, req.guidance,
@@ -184,22 +188,35 @@ def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraCon
         on_row(_rows(*writing)[0])
 
 
-def run_job(cfg: TesseraConfig, requests: Sequence[ImageRequest], on_row: Callable[[dict], None],
-            show_progress: bool = True) -> dict:
-    """Render `requests` on the cluster; every finished image goes to `on_row` as it lands."""
+def run_job(cfg: TesseraConfig, requests: Iterable[ImageRequest], on_row: Callable[[dict], None],
+            show_progress: bool = True, progress: Optional[Progress] = None) -> dict:
+    """Render `requests` (a list, or a stream read as work is handed out) on the cluster; every finished image goes
+    to `on_row` as it lands. Nothing starts when there is nothing to render ({} is returned)."""
+    stream = iter(requests)
+    first = list(itertools.islice(stream, 1))
+    if not first:
+        return {}
     connect(cfg.cluster.address)
     workers = start_workers(cfg)
-    info = ray.get(workers[0].info.remote())
-    mode = cfg.cluster.mode
-    if mode == "auto":
-        mode = "bulk" if len(requests) >= len(workers) else "tile_parallel"
-    total_tiles = sum(tile_steps(r, cfg.tiling, info) for r in requests)
-    with Progress(len(requests), total_tiles, enabled=show_progress) as progress:
-        def record(row):
-            progress.image(row["status"] == "ok")
-            on_row(row)
+    try:
+        info = ray.get(workers[0].info.remote())
+        mode = cfg.cluster.mode
+        head = first + list(itertools.islice(stream, len(workers) - 1))
+        if mode == "auto":
+            mode = "bulk" if len(head) >= len(workers) else "tile_parallel"
+        requests = itertools.chain(head, stream)
+        own = progress is None
+        progress = progress or Progress(len(head), enabled=show_progress, total_known=False)
+        try:
+            def record(row):
+                progress.image(row["status"] == "ok")
+                on_row(row)
 
-        (run_bulk if mode == "bulk" else run_tile_parallel)(workers, requests, cfg, record, progress)
-    for w in workers:
-        ray.kill(w)
+            (run_bulk if mode == "bulk" else run_tile_parallel)(workers, requests, cfg, record, progress)
+        finally:
+            if own:
+                progress.close()
+    finally:
+        for w in workers:
+            ray.kill(w)
     return {"mode": mode, "workers": len(workers), "device": info["device"]}

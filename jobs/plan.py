@@ -1,14 +1,16 @@
 """Expansion of a render job into image requests with stable ids."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
+from . import sources
 from .images import EXTENSIONS, sha256_file
-from .spec import (ModelConfig, TesseraConfig, check_init_image, effective_prompt, init_images, prompts_of,
+from .spec import (ModelConfig, TesseraConfig, check_init_image, effective_prompt, init_images, partition_date,
                    scheduler_of, validate)
 
 
@@ -31,7 +33,7 @@ class ImageRequest:
     tile: int
     overlap: int
     format: str
-    path: str  # relative to output.dir: images/<job>/<image_id>.<ext>
+    path: str  # relative to output.dir: images/<job>/<image_id>.<ext>, or images/date=<day>/<job>/... (job.date)
     wrap: str = "none"  # tiling.wrap: none, x, y or both
     strategy: str = "direct"  # job.strategy, and the knobs of its stages:
     strength: float = 0.3
@@ -134,28 +136,58 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+class Plan:
+    """A job's images, streamed: prompts (`job.prompts`, then `job.prompt_file`'s rows, each with its own fields)
+    x init images x seeds, prompt-major, duplicates dropped.
+
+    Building it validates the config and reads the prompt source once through, checking every row and counting
+    the images (`images`, before duplicates), so a bad row fails before anything is written and the progress line
+    knows the night's size; iterating reads the source again and yields one request at a time, so a million rows
+    never sit in memory (the set of ids seen, 8-byte integers, is what grows: about 60 bytes an image).
+    `partition` is the Hive partition (`date=YYYY-MM-DD`) images and manifest rows go under, or None."""
+
+    def __init__(self, cfg: TesseraConfig):
+        validate(cfg)
+        self.cfg, j = cfg, cfg.job
+        self.date = partition_date(j.date) if j.date is not None else None  # "today" read once, at the start
+        self.partition = f"date={self.date}" if self.date else None
+        self.inits = [(p, sha256_file(p), check_init_image(p, j.width, j.height)) for p in init_images(j)] \
+            if j.init_image else [(None, None, None)]
+        self.rows, self.images = len(j.prompts), len(j.prompts) * len(j.seeds)
+        if j.prompt_file:
+            rows, images = sources.count(j.prompt_file, j)
+            self.rows, self.images = self.rows + rows, self.images + images
+        self.images *= len(self.inits)
+        self.duplicates = 0
+
+    def __iter__(self) -> Iterator[ImageRequest]:
+        cfg, t, fmt = self.cfg, self.cfg.tiling, self.cfg.output.format
+        folder = f"images/{self.partition}/{cfg.job.name}" if self.partition else f"images/{cfg.job.name}"
+        seen = set()
+        self.duplicates = 0
+        for prompt, j in sources.prompt_rows(cfg.job):
+            row_cfg = cfg if j is cfg.job else dataclasses.replace(cfg, job=j)
+            for init, sha, size in self.inits:
+                for seed in j.seeds:
+                    iid = image_id(row_cfg, prompt, seed, sha)
+                    key = int(iid, 16)
+                    if key in seen:
+                        self.duplicates += 1
+                        continue
+                    seen.add(key)
+                    yield ImageRequest(
+                        image_id=iid, job=j.name, prompt=effective_prompt(j, prompt),
+                        negative_prompt=j.negative_prompt, seed=int(seed), model=model_label(cfg.model),
+                        width=int(j.width), height=int(j.height), steps=int(j.steps), guidance=float(j.guidance),
+                        scheduler=scheduler_of(row_cfg), tiling_method=t.method, tile=int(t.tile),
+                        overlap=int(t.overlap), format=fmt, path=f"{folder}/{iid}.{EXTENSIONS[fmt]}", wrap=t.wrap,
+                        strategy=j.strategy, strength=float(j.strength), stage_factor=float(j.stage_factor),
+                        base_size=int(j.base_size), upscale=j.upscale, skip_residual=float(j.skip_residual),
+                        dilation=float(j.dilation), strength_decay=float(j.strength_decay),
+                        guide_clock=j.guide_clock, init_image=init, init_sha256=sha, init_size=size)
+
+
 def plan(cfg: TesseraConfig) -> list[ImageRequest]:
-    """Validate ``cfg`` and expand it into prompts x init images x seeds, prompt-major, duplicates dropped."""
-    validate(cfg)
-    j, t, fmt = cfg.job, cfg.tiling, cfg.output.format
-    inits = [(p, sha256_file(p), check_init_image(p, j.width, j.height)) for p in init_images(j)] if j.init_image \
-        else [(None, None, None)]
-    requests, seen = [], set()
-    for prompt in prompts_of(j):
-        for init, sha, size in inits:
-            for seed in j.seeds:
-                iid = image_id(cfg, prompt, seed, sha)
-                if iid in seen:
-                    continue
-                seen.add(iid)
-                requests.append(ImageRequest(
-                    image_id=iid, job=j.name, prompt=effective_prompt(j, prompt), negative_prompt=j.negative_prompt,
-                    seed=int(seed), model=model_label(cfg.model), width=int(j.width), height=int(j.height),
-                    steps=int(j.steps), guidance=float(j.guidance), scheduler=scheduler_of(cfg),
-                    tiling_method=t.method, tile=int(t.tile), overlap=int(t.overlap), format=fmt,
-                    path=f"images/{j.name}/{iid}.{EXTENSIONS[fmt]}", wrap=t.wrap, strategy=j.strategy,
-                    strength=float(j.strength), stage_factor=float(j.stage_factor), base_size=int(j.base_size),
-                    upscale=j.upscale, skip_residual=float(j.skip_residual), dilation=float(j.dilation),
-                    strength_decay=float(j.strength_decay), guide_clock=j.guide_clock,
-                    init_image=init, init_sha256=sha, init_size=size))
-    return requests
+    """Validate ``cfg`` and expand it into prompts x init images x seeds, prompt-major, duplicates dropped (a
+    list: for small jobs and tests; `Plan` streams)."""
+    return list(Plan(cfg))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import List, Optional, Tuple
 
 MAX_SIDE = 16384  # pixels; 16K is already 256 Mpx
@@ -105,7 +104,7 @@ class ModelConfig:
 class JobConfig:
     name: str = "default"
     prompts: List[str] = field(default_factory=lambda: ["a vast mountain lake at dawn, wallpaper"])
-    prompt_file: Optional[str] = None  # one prompt per line, added after `prompts`
+    prompt_file: Optional[str] = None  # .txt (a prompt a line), .jsonl, .csv, .parquet or a Parquet folder (jobs.sources)
     negative_prompt: str = ""
     seeds: List[int] = field(default_factory=lambda: [0])
     width: int = 3840
@@ -129,6 +128,7 @@ class JobConfig:
     #                                (DemoFusion's, whose stages start from noise) or over each stage's own steps
     init_image: Optional[str] = None  # img2img / upscaling: a picture, a folder of them, or a Parquet file whose
     #                                   `init_image` (or `path`) column lists them; the stages start from it
+    date: Optional[str] = None  # null: no partition; "today" or YYYY-MM-DD: images/ and manifest/ under date=<day>/
 
 
 @dataclass
@@ -159,6 +159,7 @@ class OutputConfig:
     format: str = "png"
     quality: int = 95  # webp and jpeg
     keep_stages: bool = False  # also write each stage's picture beside the image (<image_id>.stage<k>.<ext>)
+    verify: bool = False  # resume: hash every finished file against its row (default: its size and time stamp)
 
 
 @dataclass
@@ -189,9 +190,40 @@ def _int_in(name: str, value, lo: int, hi: int) -> None:
 
 
 def read_prompt_file(path: str) -> List[str]:
-    """Non-empty, stripped lines of a prompt file; lines starting with '#' are comments."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    """The prompts of a prompt source (jobs.sources: a .txt's non-empty stripped lines, '#' lines comments)."""
+    from .sources import rows
+
+    return [r.prompt for r in rows(path)]
+
+
+def check_job_values(j: JobConfig) -> None:
+    """The job fields a prompt source's row may set too (jobs.sources.ROW_KEYS): size, steps, guidance, strategy,
+    negative prompt and seeds."""
+    _int_in("job.width", j.width, 8, MAX_SIDE)
+    _int_in("job.height", j.height, 8, MAX_SIDE)
+    _int_in("job.steps", j.steps, 1, MAX_STEPS)
+    _check(_number(j.guidance) and 0.0 <= j.guidance <= MAX_GUIDANCE,
+           "job.guidance", j.guidance, f"must be a number from 0 to {MAX_GUIDANCE:g}")
+    _one_of("job.strategy", j.strategy, STRATEGIES)
+    _check(isinstance(j.negative_prompt, str), "job.negative_prompt", j.negative_prompt, "must be a string")
+    _check(len(j.seeds) > 0, "job.seeds", list(j.seeds), "no seed to render")
+    for s in j.seeds:
+        _check(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63, "job.seeds", list(j.seeds),
+               "seeds must be integers from 0 to 2**63-1")
+
+
+def partition_date(value: str) -> str:
+    """`job.date` as the day of its partition, YYYY-MM-DD ("today": this machine's local date, read once)."""
+    import datetime as dt
+
+    if value == "today":
+        return dt.date.today().isoformat()
+    try:
+        ok = isinstance(value, str) and dt.date.fromisoformat(value).isoformat() == value
+    except ValueError:
+        ok = False
+    _check(ok, "job.date", value, "must be today or a date YYYY-MM-DD (null: no date partition)")
+    return value
 
 
 def validate(cfg: TesseraConfig) -> TesseraConfig:
@@ -199,11 +231,7 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     m, j, t, c, o = cfg.model, cfg.job, cfg.tiling, cfg.cluster, cfg.output
     validate_model(m)
 
-    _int_in("job.width", j.width, 8, MAX_SIDE)
-    _int_in("job.height", j.height, 8, MAX_SIDE)
-    _int_in("job.steps", j.steps, 1, MAX_STEPS)
-    _check(_number(j.guidance) and 0.0 <= j.guidance <= MAX_GUIDANCE,
-           "job.guidance", j.guidance, f"must be a number from 0 to {MAX_GUIDANCE:g}")
+    check_job_values(j)
     _one_of("job.scheduler", j.scheduler, ("auto",) + SCHEDULERS)
     fits = FAMILY_SCHEDULERS[MODEL_FAMILIES[m.name]]
     _check(j.scheduler == "auto" or j.scheduler in fits, "job.scheduler", j.scheduler,
@@ -213,25 +241,24 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
                j.prompt_template, "must contain {prompt}, where each prompt goes")
     _check(bool(j.name) and "/" not in j.name and not j.name.startswith("."), "job.name", j.name,
            "must be a non-empty folder name")
-    if j.prompt_file:
-        _check(os.path.isfile(j.prompt_file), "job.prompt_file", j.prompt_file, "no such file")
-    _check(len(prompts_of(j)) > 0, "job.prompts", list(j.prompts), "no prompt to render")
+    if j.prompt_file:  # its rows are read and checked, streamed, by jobs.sources (when the job is planned)
+        _check(os.path.exists(os.path.expanduser(j.prompt_file)), "job.prompt_file", j.prompt_file,
+               "no such file or folder")
+    else:
+        _check(len(j.prompts) > 0, "job.prompts", list(j.prompts), "no prompt to render (set job.prompts or "
+               "job.prompt_file)")
     for p in j.prompts:
         _check(isinstance(p, str) and p.strip() != "", "job.prompts", list(j.prompts),
                "prompts must be non-empty strings")
-    _check(len(j.seeds) > 0, "job.seeds", list(j.seeds), "no seed to render")
-    for s in j.seeds:
-        _check(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63, "job.seeds", list(j.seeds),
-               "seeds must be integers from 0 to 2**63-1")
-
-    _one_of("job.strategy", j.strategy, STRATEGIES)
+    if j.date is not None:
+        partition_date(j.date)
+    _one_of("job.upscale", j.upscale, UPSCALES)
     _check(_number(j.strength) and 0.0 < j.strength <= 1.0, "job.strength", j.strength,
            "must be a number in (0, 1]: the share of each enlarged stage's schedule that runs")
     _check(_number(j.stage_factor) and 1.1 <= j.stage_factor <= 8.0, "job.stage_factor", j.stage_factor,
            "must be a number from 1.1 to 8: how much each stage enlarges the one before")
     _check(j.base_size == 0 or (isinstance(j.base_size, int) and 64 <= j.base_size <= 4096), "job.base_size",
            j.base_size, "must be 0 (the model's native size) or an integer from 64 to 4096 pixels")
-    _one_of("job.upscale", j.upscale, UPSCALES)
     _check(_number(j.skip_residual) and 0.0 <= j.skip_residual <= 20.0, "job.skip_residual", j.skip_residual,
            "must be a number from 0 (off) to 20")
     _check(_number(j.dilation) and 0.0 <= j.dilation <= 20.0, "job.dilation", j.dilation,
@@ -394,11 +421,10 @@ def effective_prompt(job: JobConfig, prompt: str) -> str:
 
 
 def prompts_of(job: JobConfig) -> List[str]:
-    """The job's prompts: `prompts` then the lines of `prompt_file`."""
-    prompts = [p for p in job.prompts]
-    if job.prompt_file and os.path.isfile(job.prompt_file):
-        prompts += read_prompt_file(job.prompt_file)
-    return prompts
+    """The job's prompts, as a list: `prompts` then `prompt_file`'s rows' (jobs.sources; the planner streams them)."""
+    from .sources import prompt_rows
+
+    return [p for p, _ in prompt_rows(job)]
 
 
 def init_images(job: JobConfig) -> List[str]:

@@ -25,7 +25,7 @@ def row(iid, status="ok", **kw):
          "started_at": T0, "finished_at": T1, "seconds_denoise": 12.25, "seconds_decode": 1.5,
          "worker": "node1/gpu0", "wrap": "none", "seam_score": 1.01, "seam_score_vae": 1.0,
          "strategy": "progressive", "strength": 0.5, "stages": "1368x768>2288x1288>3840x2160", "init_image": None,
-         "init_sha256": None}
+         "init_sha256": None, "mtime_ns": None, "warnings": None}
     r.update(kw)
     return r
 
@@ -226,3 +226,74 @@ def test_part_from_an_older_writer_with_fewer_columns_reads(tmp_path):
     pq.write_table(old, tmp_path / "manifest" / "part-00000000000000000001-00000000.parquet")
     m.append([row("b")])
     assert m.rows() == [row("a", worker=None, bytes=None), row("b")]
+
+
+# --- resume at one stat an image, torn parts, recovery, partitions ------------------------------------------
+
+def test_done_is_one_stat_an_image_and_verify_hashes(tmp_path, monkeypatch):
+    m = Manifest(tmp_path)
+    rows = [_ok_image(tmp_path, m, iid, i) for i, iid in enumerate("abc")]
+    for r in rows:
+        r["mtime_ns"] = (tmp_path / r["path"]).stat().st_mtime_ns
+    m.append(rows)
+    p = tmp_path / rows[1]["path"]  # same size, one byte changed, time stamp put back: only a hash sees it
+    data, st = bytearray(p.read_bytes()), p.stat()
+    data[-20] ^= 1
+    p.write_bytes(bytes(data))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(tmp_path / rows[2]["path"], ns=(1, 1))  # touched: rendered again
+    hashed = []
+    monkeypatch.setattr(jobs.manifest, "sha256_file", lambda path: hashed.append(path) or jobs.images.sha256_file(path))
+    assert set(m.done()) == {"a", "b"} and hashed == [] and m.changed == {"c"}
+    assert set(m.done(verify=True)) == {"a", "c"} and len(hashed) == 3 and m.changed == {"b"}  # c: same bytes
+
+
+def test_rows_without_a_time_stamp_are_hashed_once_and_upgraded(tmp_path):
+    m = Manifest(tmp_path)
+    m.append([_ok_image(tmp_path, m, iid, i) for i, iid in enumerate("ab")])  # an older writer's rows
+    assert set(m.done()) == {"a", "b"}
+    assert all(r["mtime_ns"] == (tmp_path / r["path"]).stat().st_mtime_ns for r in m.rows())
+    assert len(m.rows()) == 2
+
+
+def test_a_torn_part_is_skipped_with_a_warning_and_moved_aside(tmp_path, caplog):
+    m = Manifest(tmp_path, "date=2026-12-01")
+    m.append([row("a")])
+    torn = m.append([row("b"), row("c")])
+    torn.write_bytes(torn.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="tessera"):
+        assert [r["image_id"] for r in m.rows()] == ["a"]
+    assert m.unreadable == [torn] and any(str(torn) in msg for msg in caplog.messages)
+    assert m.compact() is not None and torn.exists()  # compaction leaves it for repair
+    (moved,) = m.repair()
+    assert moved == torn.parent / "_torn" / torn.name and moved.is_file() and not torn.exists()
+    assert [r["image_id"] for r in m.rows()] == ["a"] and m.unreadable == []
+    table = pds.dataset(tmp_path / "manifest", format="parquet", partitioning="hive").to_table()
+    assert table["image_id"].to_pylist() == ["a"] and table["date"].to_pylist() == ["2026-12-01"]
+
+
+def test_recover_adopts_only_a_file_that_carries_the_id(tmp_path):
+    cfg = TesseraConfig()
+    cfg.job.seeds = [1, 2]
+    a, b = plan(cfg)
+    write_image(np.zeros((8, 8, 3), np.uint8), tmp_path, a.path, "png", 95, a.parameters_text("1368x768>3840x2160"))
+    write_image(np.zeros((8, 8, 3), np.uint8), tmp_path, b.path, "png", 95, a.parameters_text())  # another's
+    r = jobs.manifest.recover(a, tmp_path)
+    assert (r["status"], r["worker"], r["stages"], r["bytes"]) == ("ok", "recovered", "1368x768>3840x2160",
+                                                                   (tmp_path / a.path).stat().st_size)
+    assert r["sha256"] == jobs.images.sha256_file(tmp_path / a.path) and "recovered" in r["warnings"]
+    assert jobs.manifest.recover(b, tmp_path) is None
+    (tmp_path / a.path).write_bytes(b"not a png")
+    assert jobs.manifest.recover(a, tmp_path) is None
+
+
+def test_compact_mine_merges_only_this_writers_parts(tmp_path):
+    old = Manifest(tmp_path)
+    old.append([row("x")])
+    m = Manifest(tmp_path)
+    for iid in "abcd":
+        m.append([row(iid)])
+    assert len(m.parts()) == 5
+    merged = m.compact_mine()
+    assert m.parts() == sorted([old.parts()[0], merged]) and m.mine == [merged]
+    assert [r["image_id"] for r in m.rows()] == ["x", "a", "b", "c", "d"]
