@@ -121,9 +121,8 @@ def stage_tile(req: ImageRequest, stage: Stage, info: dict) -> int:
     each compose one of their own: two suns in a 344x192 base of the test bed cut in two tiles). A base whose
     long side passes twice the native side (an extreme aspect) stays tiled, and so does a picture no larger
     than the base (one stage: the direct render)."""
-    native = (req.base_size or info["native_size"]) // info["vae_scale_factor"]
     base = req.strategy == "progressive" and not stage.refine and stage.size != (req.width, req.height)
-    if base and max(stage.h, stage.w) <= 2 * native:
+    if base and max(stage.h, stage.w) <= 2 * (req.base_size or info["native_size"]) // info["vae_scale_factor"]:
         return max(stage.h, stage.w, req.tile)
     return req.tile
 
