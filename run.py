@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub, ever
 
@@ -20,6 +22,24 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from jobs import ConfigError, Manifest, TesseraConfig, TesseraError, plan  # noqa: E402
 
 ConfigStore.instance().store(name="tessera_schema", node=TesseraConfig)
+CONF = Path(__file__).resolve().parent / "conf"
+
+
+def size_presets() -> list:
+    """The `size=` presets: the files of conf/size/."""
+    return sorted(p.stem for p in (CONF / "size").glob("*.yaml"))
+
+
+def check_size_overrides(args) -> None:
+    """Every `size=NAME` (or a sweep's `size=a,b`) on the command line names a preset, or one ConfigError naming
+    it, before Hydra composes anything (Hydra's own message is clear too, but exits 1 like a failed render)."""
+    known = size_presets()
+    for arg in args:
+        m = re.fullmatch(r"\+{0,2}size=([\w.,-]*)", arg)
+        for value in m.group(1).split(",") if m else ():
+            if value not in known and value != "null":
+                raise ConfigError("size", value, f"no such size preset; one of {', '.join(known)} (conf/size/), "
+                                  "or job.width / job.height")
 
 
 def check_output_dir(path: str) -> None:
@@ -91,4 +111,9 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_size_overrides(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()
