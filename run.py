@@ -81,11 +81,42 @@ def render_job(cfg: TesseraConfig, show_progress: bool = True) -> dict:
         if pending:
             manifest.append(pending)
         manifest.compact()
+        gallery = write_gallery_of(cfg.output.dir)
     seconds = time.time() - t0
     ok = sum(r["status"] == "ok" for r in rows)
     return {"images": len(requests), "written": ok, "failed": len(rows) - ok, "skipped": len(requests) - len(todo),
             "seconds": seconds, "images_per_hour": ok / seconds * 3600 if ok else 0.0,
-            "manifest": os.path.join(cfg.output.dir, "manifest"), "rows": rows, **info}
+            "manifest": os.path.join(cfg.output.dir, "manifest"), "gallery": gallery, "rows": rows,
+            "image_ids": [r.image_id for r in requests], **info}
+
+
+def write_gallery_of(output_dir: str):
+    """`<output.dir>/gallery.html` (jobs.gallery); a failure to write it is reported, never fatal to the job."""
+    from jobs.gallery import write_gallery
+
+    try:
+        return str(write_gallery(output_dir))
+    except Exception as e:  # noqa: BLE001 - the images and the manifest are written; say what the page lacks
+        print(f"warning: gallery not written: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+def record_sweep(summary: dict, cfg: TesseraConfig) -> None:
+    """Under `-m`, this job's overrides, output folder and ids into its Hydra job folder, and the sweep's one
+    gallery over all its jobs so far (`<sweep dir>/gallery.html`, the swept values as columns)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from jobs.gallery import record_sweep_job, write_sweep_gallery
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    try:
+        record_sweep_job(hc.runtime.output_dir, list(hc.overrides.task), cfg.output.dir, summary["image_ids"])
+        summary["sweep_gallery"] = str(write_sweep_gallery(hc.sweep.dir))
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: sweep gallery not written: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def print_summary(s: dict) -> None:
@@ -96,15 +127,20 @@ def print_summary(s: dict) -> None:
         if r["status"] != "ok":
             print(f"  failed {r['image_id']}: {r['error']}", file=sys.stderr)
     print(f"manifest: {s['manifest']}")
+    for key in ("gallery", "sweep_gallery"):
+        if s.get(key):
+            print(f"{key.replace('_', ' ')}: {s[key]}")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
     try:
-        summary = render_job(OmegaConf.to_object(dcfg))
+        cfg = OmegaConf.to_object(dcfg)
+        summary = render_job(cfg)
     except TesseraError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    record_sweep(summary, cfg)
     print_summary(summary)
     if summary["failed"]:
         sys.exit(1)

@@ -28,6 +28,7 @@ def test_a_job_renders_every_image_records_it_and_resumes(ray_local, tmp_path):
         assert Image.open(tmp_path / r["path"]).size == (196, 130)
         assert sha256_file(tmp_path / r["path"]) == r["sha256"] and r["finished_at"] > r["started_at"]
     assert len({r["worker"] for r in rows}) == 2  # both workers were kept busy
+    assert s["gallery"] == str(tmp_path / "gallery.html") and len(list((tmp_path / "thumbs").glob("*.webp"))) == 3
 
     again = render_job(cfg, show_progress=False)
     assert (again["written"], again["skipped"]) == (0, 3)
