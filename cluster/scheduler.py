@@ -159,7 +159,8 @@ def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraCon
         started = now()
 
         def predict(batches, t):
-            refs = [workers[k % len(workers)].predict.remote(b, t, req.prompt, req.negative_prompt, req.guidance,
+            pairs = req.prompt_pairs()  # the image's prompt, then its regions' (TileBatch.prompt)
+            refs = [workers[k % len(workers)].predict.remote(b, t, *pairs[b.prompt], req.guidance,
                                                              len(batches[0].tiles))
                     for k, b in enumerate(batches)]
             return ray.get(refs)

@@ -5,7 +5,7 @@
 
 `run.py` writes both at the end of every job. Each image is a card: its thumbnail (``thumbs/<id>-<sha8>.webp``,
 at most THUMB pixels, made once per file), which links to the file itself, and its prompt, seed, size, strategy
-and stages, timings and seam scores; a failed image shows its error. A box filters by prompt text (and image id),
+and stages, timings and seam scores; a failed image shows its error. A box filters by prompt text (the regions' too, and image id),
 a menu sorts by finish time, render time or seam score; the state lives in the URL's fragment
 (``gallery.html#q=dusk&sort=seam&status=failed``), so a view can be bookmarked. Everything is inline (CSS, JS,
 data attributes): the page works opened from disk, with no network.
@@ -83,6 +83,10 @@ def _fields(row: dict) -> List[tuple]:
            ("tiling", tiling)]
     if row.get("negative_prompt"):
         out.insert(0, ("negative", row["negative_prompt"]))
+    if row.get("regions"):
+        boxes = "; ".join(f"{r['prompt']} [{', '.join(f'{v:.2g}' for v in r['box'])}]"
+                          + (f" x{r['weight']:g}" if r.get("weight", 1) != 1 else "") for r in json.loads(row["regions"]))
+        out.insert(0, ("regions", boxes))
     if row.get("status") == "ok":
         out += [("time", f"denoise {_num(row.get('seconds_denoise'), '.1f')} s, decode "
                          f"{_num(row.get('seconds_decode'), '.1f')} s"),
@@ -94,7 +98,9 @@ def _fields(row: dict) -> List[tuple]:
 
 
 def _data(row: dict, swept: Dict[str, str]) -> str:
-    attrs = {"status": row.get("status") or "", "text": f"{row.get('prompt') or ''} {row.get('image_id') or ''}".lower(),
+    regions = " ".join(r["prompt"] for r in json.loads(row["regions"])) if row.get("regions") else ""
+    attrs = {"status": row.get("status") or "",
+             "text": f"{row.get('prompt') or ''} {regions} {row.get('image_id') or ''}".lower(),
              "finished": _sort_value(row.get("finished_at")), "seconds": _sort_value(row.get("seconds_denoise")),
              "seam": _sort_value(row.get("seam_score")), "seam-vae": _sort_value(row.get("seam_score_vae"))}
     attrs.update({f"swept-{i}": v for i, v in enumerate(swept.values())})

@@ -53,6 +53,7 @@ SCHEMA = pa.schema([
     ("stages", pa.string()),  # the denoised sizes, smallest first, e.g. 344x192>688x384>1920x1080
     ("init_image", pa.string()),  # the picture an img2img render starts from, as given
     ("init_sha256", pa.string()),
+    ("regions", pa.string()),  # JSON: the region prompts [{box, prompt, negative_prompt, weight, feather}], or null
 ])
 STATUSES = ("ok", "failed")
 _last_ns = 0

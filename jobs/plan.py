@@ -5,11 +5,33 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 from .images import EXTENSIONS, sha256_file
 from .spec import (ModelConfig, TesseraConfig, check_init_image, effective_prompt, init_images, prompts_of,
                    scheduler_of, validate)
+
+
+class RegionPrompt(NamedTuple):
+    """A region of an image (`job.regions`): its box in fractions, its effective prompt and negative prompt (the
+    job's where the region names none), weight and feather."""
+
+    box: Tuple[float, float, float, float]
+    prompt: str
+    negative_prompt: str
+    weight: float
+    feather: float
+
+    def as_dict(self) -> dict:
+        return {"box": list(self.box), "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+                "weight": self.weight, "feather": self.feather}
+
+
+def regions_of(job) -> Tuple[RegionPrompt, ...]:
+    """`job.regions` as the renderer takes them: prompts through `job.prompt_template`, negatives defaulted."""
+    return tuple(RegionPrompt(tuple(float(v) for v in r.box), effective_prompt(job, r.prompt),
+                              job.negative_prompt if r.negative_prompt is None else r.negative_prompt,
+                              float(r.weight), float(r.feather)) for r in job.regions)
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,14 @@ class ImageRequest:
     init_image: Optional[str] = None  # the picture an img2img render starts from
     init_sha256: Optional[str] = None
     init_size: Optional[Tuple[int, int]] = None  # its (width, height)
+    regions: Tuple[RegionPrompt, ...] = ()  # region prompts over `prompt`, the background
+
+    def prompt_pairs(self) -> Tuple[Tuple[str, str], ...]:
+        """(prompt, negative) of the background and of each region: what `TileBatch.prompt` indexes."""
+        return ((self.prompt, self.negative_prompt),) + tuple((r.prompt, r.negative_prompt) for r in self.regions)
+
+    def regions_json(self) -> Optional[str]:
+        return json.dumps([r.as_dict() for r in self.regions], ensure_ascii=False) if self.regions else None
 
     def stage_path(self, number: int) -> str:
         """Where `output.keep_stages` writes stage `number`'s picture: beside the image."""
@@ -72,6 +102,8 @@ class ImageRequest:
             fields.append(f"Denoising strength: {self.strength:g}")
         if stages and ">" in stages:
             fields.append(f"Stages: {stages}")
+        if self.regions:
+            fields.append(f"Regions: {self.regions_json()}")
         lines.append(", ".join(fields + [f"Tessera image id: {self.image_id}"]))
         return "\n".join(lines)
 
@@ -81,6 +113,7 @@ class ImageRequest:
             "image_id", "job", "prompt", "negative_prompt", "seed", "model", "width", "height",
             "steps", "guidance", "scheduler", "tiling_method", "tile", "overlap", "path", "wrap", "strategy",
             "strength", "init_image", "init_sha256")}
+        row["regions"] = self.regions_json()
         row.update(extra)
         return row
 
@@ -120,6 +153,8 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
         key["init"] = [init_sha256, float(j.strength)]
     if m.config:
         key["model_config"] = _real(m.config)
+    if j.regions:  # no regions: the ids they had before
+        key["regions"] = [r.as_dict() for r in regions_of(j)]
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -130,7 +165,7 @@ def plan(cfg: TesseraConfig) -> list[ImageRequest]:
     j, t, fmt = cfg.job, cfg.tiling, cfg.output.format
     inits = [(p, sha256_file(p), check_init_image(p, j.width, j.height)) for p in init_images(j)] if j.init_image \
         else [(None, None, None)]
-    requests, seen = [], set()
+    requests, seen, regions = [], set(), regions_of(j)
     for prompt in prompts_of(j):
         for init, sha, size in inits:
             for seed in j.seeds:
@@ -146,5 +181,5 @@ def plan(cfg: TesseraConfig) -> list[ImageRequest]:
                     path=f"images/{j.name}/{iid}.{EXTENSIONS[fmt]}", wrap=t.wrap, strategy=j.strategy,
                     strength=float(j.strength), stage_factor=float(j.stage_factor), base_size=int(j.base_size),
                     upscale=j.upscale, skip_residual=float(j.skip_residual), dilation=float(j.dilation),
-                    init_image=init, init_sha256=sha, init_size=size))
+                    init_image=init, init_sha256=sha, init_size=size, regions=regions))
     return requests

@@ -36,7 +36,9 @@ def fake_output(out: Path, job: str = "default", seam=(1.01, 1.30, 0.99)) -> lis
                          overlap=8, status="ok", path=path, sha256=sha256_file(out / path),
                          bytes=(out / path).stat().st_size, started_at=T0, finished_at=T0 + timedelta(minutes=k + 1),
                          seconds_denoise=10.0 * (3 - k), seconds_decode=1.0, worker="w", seam_score=score,
-                         seam_score_vae=1.0, strategy="progressive", stages="344x192>592x336>1024x576"))
+                         seam_score_vae=1.0, strategy="progressive", stages="344x192>592x336>1024x576",
+                         regions=None if k != 1 else '[{"box": [0.0, 0.0, 0.333, 1.0], "prompt": "a moonlit lake", '
+                                                     '"negative_prompt": "", "weight": 1.0, "feather": 0.05}]'))
     rows.append(dict(image_id=f"{job[:4]}failed000000", job=job, prompt="a broken <b>prompt</b>", seed=9,
                      status="failed", error="RuntimeError: out of memory", started_at=T0,
                      finished_at=T0 + timedelta(minutes=9)))
@@ -81,7 +83,7 @@ def test_gallery_has_a_small_webp_thumbnail_per_written_image_and_the_failed_one
         assert (tmp_path / i["imgs"][0]).stat().st_size < 5000
     text = page.read_text()
     assert "RuntimeError: out of memory" in text and "a broken &lt;b&gt;prompt&lt;/b&gt;" in text  # escaped
-    for needle in ("a dusk landscape", "344x192&gt;592x336&gt;1024x576", "1.300", "denoise 30.0 s", "1024x576"):
+    for needle in ("a moonlit lake [0, 0, 0.33, 1]", "a dusk landscape", "344x192&gt;592x336&gt;1024x576", "1.300", "denoise 30.0 s", "1024x576"):
         assert needle in text
     # nothing from a network: no external URL, no stylesheet or script file
     assert not [u for u in p.urls if re.match(r"[a-z]+://|//", u)] and "link" not in p.tags
@@ -140,6 +142,7 @@ def test_in_chromium_the_page_loads_from_a_file_url_filters_and_sorts(tmp_path):
     assert shown(chromium_dom(page, "#q=dusk")) == ["a night landscape, dusk sky", "a dusk landscape"]
     assert shown(chromium_dom(page, "#q=night%20dusk")) == ["a night landscape, dusk sky"]
     assert shown(chromium_dom(page, "#q=nothing-like-it")) == []
+    assert shown(chromium_dom(page, "#q=moonlit")) == ["a day landscape"]  # a region's prompt
     assert shown(chromium_dom(page, "#status=failed")) == ["a broken &lt;b&gt;prompt&lt;/b&gt;"]
     assert shown(chromium_dom(page, "#sort=seam:desc&status=ok")) == \
         ["a day landscape", "a dusk landscape", "a night landscape, dusk sky"]

@@ -1,0 +1,120 @@
+"""Region prompts on the test bed (tests/assets/scenes-sd, whose palettes follow the prompt's word).
+
+Background "a day landscape", a "dusk" box over the left third and a "night" box over the right third, through
+the renderer's own path (`cluster.renderer.Renderer.render`, no Ray; the default progressive strategy). Each
+picture is scored: each third's mean colour against the mean colour of the test bed's training scenes of every
+palette (`scenes.scenes`, 64 of each): the nearest should be the third's own; suns per third (`count_suns` on the
+third); the seam score (`tiling.seams.seam_score`, period 8) across the two box edges at x = W/3 and 2W/3, and,
+to compare, across the columns a third of a box's width away. A variant without regions is rendered beside as
+the control. Rows go to a JSON file; the pictures to --images.
+
+    OMP_NUM_THREADS=1 python3 bench/regions.py --seeds 1 2 --out bench/results/regions-cpu-1536x512.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "assets"))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.config_store import ConfigStore  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cluster.renderer import Renderer  # noqa: E402
+from jobs import Manifest, plan  # noqa: E402
+from jobs.spec import TesseraConfig  # noqa: E402
+from scenes import PALETTES, count_suns, scenes  # noqa: E402
+from tiling.seams import seam_score  # noqa: E402
+
+TESTBED = ["model=sd15", f"model.path={os.path.join(ROOT, 'tests', 'assets', 'scenes-sd')}", "model.dtype=fp32",
+           "tiling.tile=32", "tiling.overlap=8", "tiling.batch=8", "tiling.vae_tile=128", "tiling.vae_passes=1",
+           "job.guidance=4", "job.steps=25"]
+THIRDS = ("dusk", "day", "night")  # what each third of the picture should be
+
+
+def regions_override(feather: float) -> str:
+    return ("job.regions=[{box:[0,0,0.3333333333,1],prompt:'a dusk landscape',feather:%g},"
+            "{box:[0.6666666667,0,1,1],prompt:'a night landscape',feather:%g}]" % (feather, feather))
+
+
+def palette_means() -> dict:
+    """The mean colour (0-255) of 64 training scenes of each palette."""
+    g = torch.Generator().manual_seed(0)
+    return {w: ((scenes(64, 128, [w] * 64, g).mean(dim=(0, 2, 3)) + 1) * 127.5).numpy() for w in PALETTES}
+
+
+def score(pixels: np.ndarray, means: dict) -> dict:
+    h, w, _ = pixels.shape
+    cuts = [0, w // 3, 2 * w // 3, w]
+    thirds = []
+    for k, want in enumerate(THIRDS):
+        part = pixels[:, cuts[k]:cuts[k + 1]]
+        mean = part.reshape(-1, 3).mean(0)
+        dist = {p: float(np.linalg.norm(mean - m)) for p, m in means.items()}
+        thirds.append({"want": want, "nearest": min(dist, key=dist.get), "mean_rgb": [round(float(v), 1) for v in mean],
+                       "distance": {p: round(d, 1) for p, d in dist.items()}, "suns": count_suns(part)})
+    off = w // 9  # a third of a box's width inside it: columns with no edge, the reference band
+    return {"thirds": thirds, "all_nearest_own": all(t["nearest"] == t["want"] for t in thirds),
+            "max_suns_per_third": max(t["suns"] for t in thirds), "suns": count_suns(pixels),
+            "seam_box_edges": seam_score(pixels, cols=[cuts[1], cuts[2]], period=8),
+            "seam_inside_boxes": seam_score(pixels, cols=[cuts[1] - off - (cuts[1] - off) % 8,
+                                                          cuts[2] + off - (cuts[2] + off) % 8], period=8)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="1536x512")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1])
+    ap.add_argument("--variants", nargs="+", default=["regions", "none"],
+                    help="regions (feather 0.05), regions-f<feather> (e.g. regions-f0), none (background only)")
+    ap.add_argument("--images", default="outputs/bench-regions")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    w, h = (int(v) for v in args.size.split("x"))
+    ConfigStore.instance().store(name="tessera_schema", node=TesseraConfig)
+    means = palette_means()
+    rows, renderer = [], None
+    for variant in args.variants:
+        extra = [] if variant == "none" else \
+            [regions_override(float(variant.split("-f")[1]) if "-f" in variant else 0.05)]
+        for seed in args.seeds:
+            overrides = TESTBED + [f"job.width={w}", f"job.height={h}", f"job.seeds=[{seed}]",
+                                   "job.prompts=['a day landscape']", f"output.dir={args.images}"] + extra
+            with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+                cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+            if renderer is None:
+                renderer = Renderer(cfg.model, cfg.output, threads=1)
+            req = plan(cfg)[0]
+            t0 = time.perf_counter()
+            row = renderer.render(req, cfg.tiling)
+            seconds = time.perf_counter() - t0
+            assert row["status"] == "ok", row["error"]
+            Manifest(args.images).append([row])
+            pixels = np.asarray(Image.open(os.path.join(args.images, row["path"])).convert("RGB"))
+            s = score(pixels, means)
+            rows.append({"variant": variant, "seed": seed, "size": args.size, "image_id": row["image_id"],
+                         "path": row["path"], "stages": row["stages"], "seconds": round(seconds, 1),
+                         "seam_score": row["seam_score"], **s})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "thirds"}),
+                  [(t["want"], t["nearest"], t["suns"]) for t in s["thirds"]], flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"bench": "regions", "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
+                   "threads": torch.get_num_threads(), "command": " ".join(sys.argv),
+                   "palette_means": {k: [round(float(x), 1) for x in v] for k, v in means.items()}, "rows": rows},
+                  f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Region prompts (tiling.regions, job.regions): the masks, the fusion against MultiDiffusion's formula, what it
+costs, the config's errors and ids, and the test-bed model drawing each region's palette at a small size."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from conftest import SMALL, compose
+from jobs import ConfigError, plan, validate
+from tiling import TileBatch, fuse, layout, tile_weights, weight_sum
+from tiling.fuse import crop
+from tiling.regions import Region, box_profile, region_masks, region_predict
+
+ROOT = Path(__file__).resolve().parents[1]
+THIRDS = [Region((0.0, 0.0, 1 / 3, 1.0)), Region((2 / 3, 0.0, 1.0, 1.0))]
+
+
+def test_masks_replace_the_background_inside_a_box_with_soft_edges_and_none_at_the_picture_border():
+    m = region_masks(THIRDS, 10, 90)  # [3, h, w]: background, left, right
+    assert m.shape == (3, 10, 90)
+    assert torch.equal(m[:, :, 0], torch.tensor([[0.0], [1.0], [0.0]]).expand(3, 10))  # left edge: the box, no ramp
+    assert torch.equal(m[:, :, 45], torch.tensor([[1.0], [0.0], [0.0]]).expand(3, 10))  # the middle: background
+    assert torch.equal(m[:, :, 89], torch.tensor([[0.0], [0.0], [1.0]]).expand(3, 10))
+    left = m[1, 0]
+    ramp = left[26:35]  # feather 0.05 of 90 columns, 4.5 wide, centred on 30
+    assert (ramp[1:] <= ramp[:-1]).all() and 0 < left[29] < 1 and 0 < left[30] < 1
+    assert torch.allclose(m.sum(0), torch.ones(10, 90))  # weight 1 everywhere: a partition of unity
+    hard = region_masks([Region((0.25, 0.0, 0.75, 1.0), feather=0.0)], 4, 8)[1, 0]
+    assert hard.tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 0.9), st.floats(0, 0.9), st.floats(0.05, 1), st.floats(0.05, 1),
+                          st.floats(0, 3), st.floats(0, 0.5)), min_size=1, max_size=3),
+       st.integers(4, 40), st.integers(4, 40))
+def test_contributions_are_never_negative_and_their_sum_never_zero(boxes, h, w):
+    regions = [Region((x0, y0, min(1.0, x0 + dx), min(1.0, y0 + dy)), wt, f) for x0, y0, dx, dy, wt, f in boxes]
+    m = region_masks(regions, h, w)
+    assert (m >= 0).all() and (m.sum(0) > 0).all()
+    assert box_profile(w, 0.0, 1.0, 0.3).eq(1).all()  # the whole picture: no edge anywhere
+
+
+def fake_predict(calls: list):
+    """A model whose prediction depends on the prompt, the tile's place and its input: it records every call."""
+    def predict(batches, t):
+        calls.append([(b.prompt, len(b.tiles)) for b in batches])
+        return [torch.stack([x * (1 + b.prompt) + torch.sin(torch.arange(x.numel(), dtype=torch.float32)
+                                                            .view_as(x) * (tile.y + 2 * tile.x + 3 * b.prompt + 1))
+                             for x, tile in zip(b.x, b.tiles)]) for b in batches]
+    return predict
+
+
+@pytest.mark.parametrize("method", ["uniform", "gaussian"])
+def test_fusion_is_multidiffusions_region_formula(method):
+    """sum_{t,p} W_t C_p eps_{t,p} / sum_{t,p} W_t C_p, computed here directly, against the wrapped predict fused
+    as the denoise loop fuses it."""
+    h, w, batch = 24, 70, 3
+    x = torch.randn(4, h, w, generator=torch.Generator().manual_seed(0))
+    tiles = layout(h, w, 16, 6)
+    regions = [Region((0.0, 0.0, 0.4, 1.0), 1.0, 0.1), Region((0.6, 0.2, 1.0, 0.9), 0.7, 0.05)]
+    calls = []
+    wrapped = region_predict(fake_predict(calls), regions, batch)
+    cuts = [crop(x, t) for t in tiles]
+    batches = [TileBatch(torch.stack(cuts[i:i + batch]), tuple(tiles[i:i + batch]), (h, w))
+               for i in range(0, len(tiles), batch)]
+    preds = torch.cat(wrapped(batches, torch.tensor(500)))
+    W = tile_weights(16, 16, method)
+    got = fuse(preds, tiles, W, weight_sum(tiles, W, h, w))
+
+    C = region_masks(regions, h, w)
+    plain = fake_predict([])
+    num, den = torch.zeros(4, h, w), torch.zeros(h, w)
+    for tile in tiles:
+        for p in range(3):
+            eps = plain([TileBatch(crop(x, tile)[None], (tile,), (h, w), p)], 0)[0][0]
+            cw = crop(C[p:p + 1], tile)[0] * W
+            num[(slice(None),) + tile.slices] += eps * cw
+            den[tile.slices] += cw
+    assert torch.allclose(got, num / den, atol=1e-5)
+
+    # each call is one prompt's tiles, at most `batch`; a tile is predicted under the prompts it touches only
+    flat = [c for step in calls for c in step]
+    assert all(n <= batch for _, n in flat)
+    touching = sum(int((crop(C, t)[p] > 0).any()) for t in tiles for p in range(3))
+    assert sum(n for _, n in flat) == touching < 3 * len(tiles)
+
+
+def test_a_tile_under_one_prompt_costs_one_prediction_and_is_returned_as_is():
+    calls = []
+    x = torch.randn(2, 4, 8, 8)
+    tiles = (layout(8, 64, 8, 0)[0], layout(8, 64, 8, 0)[4])  # in the left box; in the middle
+    wrapped = region_predict(fake_predict(calls), [Region((0.0, 0.0, 0.3, 1.0), feather=0.0)], 4)
+    out = wrapped([TileBatch(x, tiles, (8, 64))], 0)[0]
+    assert sorted(calls[0]) == [(0, 1), (1, 1)]
+    plain = fake_predict([])
+    assert torch.equal(out[0], plain([TileBatch(x[:1], tiles[:1], (8, 64), 1)], 0)[0][0])
+    assert torch.equal(out[1], plain([TileBatch(x[1:], tiles[1:], (8, 64), 0)], 0)[0][0])
+
+
+BAD = [("[{box:[0,0,1.2,1],prompt:a}]", "job.regions[0].box", "[0, 1]"),
+       ("[{box:[-0.1,0,1,1],prompt:a}]", "job.regions[0].box", "[0, 1]"),
+       ("[{box:[0.5,0,0.5,1],prompt:a}]", "job.regions[0].box", "x0 must be less than x1"),
+       ("[{box:[0,0.6,1,0.2],prompt:a}]", "job.regions[0].box", "y0 must be less than y1"),
+       ("[{box:[0,0,1],prompt:a}]", "job.regions[0].box", "four numbers"),
+       ("[{box:[0,0,1,1],prompt:a},{box:[0,0,1,1],prompt:a,weight:-1}]", "job.regions[1].weight", "from 0"),
+       ("[{box:[0,0,1,1],prompt:a,feather:0.7}]", "job.regions[0].feather", "0.5"),
+       ("[{box:[0,0,1,1],prompt:''}]", "job.regions[0].prompt", "non-empty")]
+
+
+@pytest.mark.parametrize("value,field,why", BAD)
+def test_bad_regions_are_one_config_error_naming_the_field(value, field, why):
+    with pytest.raises(ConfigError) as e:
+        validate(compose(f"job.regions={value}"))
+    assert e.value.field_name == field and why in str(e.value)
+
+
+def test_a_bad_box_stops_run_py_with_exit_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "run.py", "job.regions=[{box:[0,0,1.5,1],prompt:a}]", f"output.dir={out}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "error: job.regions[0].box=[0.0, 0.0, 1.5, 1.0]: must lie in [0, 1]" in r.stderr
+    assert not out.exists()
+
+
+def test_regions_enter_the_id_the_row_and_the_parameters_and_no_regions_keeps_the_id():
+    base = plan(compose(*SMALL))[0]
+    assert base.regions == () and base.manifest_row()["regions"] is None
+    one = "job.regions=[{box:[0,0,0.5,1],prompt:'a dusk landscape'}]"
+    req = plan(compose(*SMALL, one))[0]
+    assert req.image_id != base.image_id
+    assert req.prompt_pairs() == ((base.prompt, ""), ("a dusk landscape", ""))
+    assert '"prompt": "a dusk landscape"' in req.manifest_row()["regions"] and "Regions: [" in req.parameters_text()
+    others = ["job.regions=[{box:[0,0,0.6,1],prompt:'a dusk landscape'}]",
+              "job.regions=[{box:[0,0,0.5,1],prompt:'a night landscape'}]",
+              "job.regions=[{box:[0,0,0.5,1],prompt:'a dusk landscape',weight:0.5}]",
+              "job.regions=[{box:[0,0,0.5,1],prompt:'a dusk landscape',feather:0.1}]",
+              "job.regions=[{box:[0,0,0.5,1],prompt:'a dusk landscape',negative_prompt:sun}]"]
+    ids = {plan(compose(*SMALL, o))[0].image_id for o in others}
+    assert len(ids) == len(others) and req.image_id not in ids
+    templated = plan(compose(*SMALL, one, "job.prompt_template='{prompt}, wallpaper'",
+                             "job.negative_prompt=blurry"))[0]
+    assert templated.regions[0].prompt == "a dusk landscape, wallpaper"  # the template wraps region prompts too
+    assert templated.regions[0].negative_prompt == "blurry"  # unset: the job's
+
+
+# --- the test-bed model: each third in its own palette, through the progressive strategy's base and stage --------
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TESTBED = ["model=sd15", f"model.path={ASSETS / 'scenes-sd'}", "model.dtype=fp32", "tiling.tile=32",
+           "tiling.overlap=8", "tiling.batch=8", "tiling.vae_tile=128", "tiling.vae_passes=1", "job.guidance=4",
+           "job.steps=25", "job.seeds=[1]", "job.prompts=['a day landscape']"]
+REGIONS = ("job.regions=[{box:[0,0,0.3333333333,1],prompt:'a dusk landscape'},"
+           "{box:[0.6666666667,0,1,1],prompt:'a night landscape'}]")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_test_bed_draws_each_region_in_its_palette(tmp_path):
+    """768x256 (a base of 440x144, one stage): the three thirds' mean colours nearest their own palettes (the
+    mean colours of the test bed's training scenes), at most one sun a third, and every prompt encoded once."""
+    sys.path.insert(0, str(ASSETS))
+    from PIL import Image
+    from scenes import count_suns, scenes
+
+    from cluster.renderer import Renderer
+
+    cfg = compose(*TESTBED, "job.width=768", "job.height=256", REGIONS, f"output.dir={tmp_path}")
+    renderer = Renderer(cfg.model, cfg.output)
+    row = renderer.render(plan(cfg)[0], cfg.tiling)
+    assert row["status"] == "ok", row["error"] and row["stages"] == "440x144>768x256"
+    assert len(renderer.model._cache) == 3  # background, dusk, night: each encoded once
+    pixels = np.asarray(Image.open(tmp_path / row["path"]).convert("RGB"))
+    g = torch.Generator().manual_seed(0)
+    means = {w: ((scenes(32, 64, [w] * 32, g).mean(dim=(0, 2, 3)) + 1) * 127.5).numpy() for w in ("dusk", "day", "night")}
+    for k, want in enumerate(("dusk", "day", "night")):
+        third = pixels[:, k * 256:(k + 1) * 256]
+        mean = third.reshape(-1, 3).mean(0)
+        nearest = min(means, key=lambda p: np.linalg.norm(mean - means[p]))
+        assert nearest == want, (k, mean.round(1).tolist(), {p: m.round(1).tolist() for p, m in means.items()})
+        assert count_suns(third) <= 1
