@@ -5,7 +5,11 @@ the renderer's own path (`cluster.renderer.Renderer.render`, no Ray; the default
 picture is scored: each third's mean colour against the mean colour of the test bed's training scenes of every
 palette (`scenes.scenes`, 64 of each): the nearest should be the third's own; suns per third (`count_suns` on the
 third); the seam score (`tiling.seams.seam_score`, period 8) across the two box edges at x = W/3 and 2W/3, and,
-to compare, across the columns a third of a box's width away. A variant without regions is rendered beside as
+to compare, across the columns a third of a box's width away. The same palette and sun measures are taken of
+the final latent's thirds decoded apart (each third through the VAE on its own): the test bed's VAE, trained on
+scenes of one palette each, repaints a latent of three palettes in one when its GroupNorm statistics are those of
+the whole picture (the tiled decode's default, as a full-frame decode), so this separates what the denoiser drew
+from what the decode makes of it. A variant without regions is rendered beside as
 the control. Rows go to a JSON file; the pictures to --images.
 
     OMP_NUM_THREADS=1 python3 bench/regions.py --seeds 1 2 --out bench/results/regions-cpu-1536x512.json
@@ -72,12 +76,40 @@ def score(pixels: np.ndarray, means: dict) -> dict:
                                                           cuts[2] + off - (cuts[2] + off) % 8], period=8)}
 
 
+def render(renderer, req, tiling):
+    """`Renderer.render_group` for one image, returning its final latent canvas too."""
+    from cluster.renderer import denoise_group, now
+
+    started = now()
+    conds = [renderer.model.encode(*pair) for pair in req.prompt_pairs()]
+    t0 = time.perf_counter()
+    z = denoise_group(lambda bs, t: [renderer._predict(b, t, conds[b.prompt], req.guidance) for b in bs],
+                      renderer.info(), [req], tiling, renderer.batch_size(tiling), renderer.model.device, None,
+                      lambda k, zs, stage: renderer._reference([req], tiling, k, zs, stage))[0]
+    seconds = time.perf_counter() - t0
+    return z, renderer.write(req, tiling, renderer._decode(req, tiling, z), started, seconds)
+
+
+@torch.no_grad()
+def thirds_decoded_apart(renderer, z, w: int, h: int) -> np.ndarray:
+    """The final latent's three thirds each decoded on its own (the VAE's statistics of that third only), side by
+    side: what the denoiser drew in each third, whatever the VAE's statistics over the whole picture make of it."""
+    from tiling import to_uint8
+
+    cols = z.shape[-1]
+    cuts = [0, cols // 3, 2 * cols // 3, cols]
+    f = renderer.model.vae_scale_factor
+    return np.concatenate([to_uint8(renderer.model.decode(z[..., a:b])[0], (b - a) * f, h)
+                           for a, b in zip(cuts, cuts[1:])], axis=1)[:, :w]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1536x512")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--variants", nargs="+", default=["regions", "none"],
-                    help="regions (feather 0.05), regions-f<feather> (e.g. regions-f0), none (background only)")
+                    help="regions (feather 0.05), regions-f<feather> (e.g. regions-f0), none (background only); "
+                         "a suffix -latent: job.upscale=latent, tiling.vae_passes=1, tiling.vae_tile=32")
     ap.add_argument("--images", default="outputs/bench-regions")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -86,8 +118,10 @@ def main() -> None:
     means = palette_means()
     rows, renderer = [], None
     for variant in args.variants:
-        extra = [] if variant == "none" else \
-            [regions_override(float(variant.split("-f")[1]) if "-f" in variant else 0.05)]
+        extra = [] if variant.startswith("none") else \
+            [regions_override(float(variant.split("-f")[1].split("-")[0]) if "-f" in variant else 0.05)]
+        if variant.endswith("-latent"):  # no VAE round trip between stages; the final decode per-tile statistics
+            extra += ["job.upscale=latent", "tiling.vae_passes=1", "tiling.vae_tile=32"]
         for seed in args.seeds:
             overrides = TESTBED + [f"job.width={w}", f"job.height={h}", f"job.seeds=[{seed}]",
                                    "job.prompts=['a day landscape']", f"output.dir={args.images}"] + extra
@@ -97,15 +131,20 @@ def main() -> None:
                 renderer = Renderer(cfg.model, cfg.output, threads=1)
             req = plan(cfg)[0]
             t0 = time.perf_counter()
-            row = renderer.render(req, cfg.tiling)
+            z, row = render(renderer, req, cfg.tiling)  # what Renderer.render does, keeping the latent
             seconds = time.perf_counter() - t0
             assert row["status"] == "ok", row["error"]
             Manifest(args.images).append([row])
             pixels = np.asarray(Image.open(os.path.join(args.images, row["path"])).convert("RGB"))
             s = score(pixels, means)
+            apart = thirds_decoded_apart(renderer, z, w, h)
+            Image.fromarray(apart).save(os.path.join(args.images, row["path"][:-4] + ".thirds.png"))
+            s_apart = score(apart, means)
             rows.append({"variant": variant, "seed": seed, "size": args.size, "image_id": row["image_id"],
                          "path": row["path"], "stages": row["stages"], "seconds": round(seconds, 1),
-                         "seam_score": row["seam_score"], **s})
+                         "seam_score": row["seam_score"], "overrides": extra, **s,
+                         "latent_thirds_decoded_apart": {k: s_apart[k] for k in ("thirds", "all_nearest_own",
+                                                                                  "max_suns_per_third")}})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "thirds"}),
                   [(t["want"], t["nearest"], t["suns"]) for t in s["thirds"]], flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -24,7 +24,7 @@ from tiling import (TileBatch, border_lines, decode_tiled, decoder_sweeps, denoi
                     padded_size, scale_tiles, seam_score, step_layouts, to_uint8)
 from tiling.progressive import (Dilation, dilation_stride, first_step, noised, resize, skip_residual,
                                 stage_sizes)
-from tiling.regions import Region, region_predict
+from tiling.regions import Region, region_bootstrap, region_predict
 from tiling.seams import gradients
 
 
@@ -128,12 +128,13 @@ def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: Til
     by stage; `predict` is the local model or a fan-out to workers, `reference` gives each later stage (and an
     img2img render's first) the canvases it starts from."""
     gens = [torch.Generator("cpu").manual_seed(req.seed) for req in reqs]
-    if reqs[0].regions:  # every tile under each prompt whose box it touches, the base, every stage, the views
-        predict = region_predict(predict, [Region(r.box, r.weight, r.feather) for r in reqs[0].regions], batch)
-    zs = None
+    regions = [Region(r.box, r.weight, r.feather) for r in reqs[0].regions]
+    zs, plain = None, predict
     for number, stage in enumerate(stages_of(reqs[0], info)):
         begun = [start_canvas(info, req, stage, g) for req, g in zip(reqs, gens)]
         schedulers = [s for s, _, _ in begun]
+        if regions:  # every tile under each prompt whose box it touches, the base, every stage, the views
+            predict = region_predict(plain, regions, batch, region_bootstrap(schedulers[0]))
         guide = dilation = None
         if stage.refine:
             if reference is None:

@@ -159,25 +159,98 @@ REGIONS = ("job.regions=[{box:[0,0,0.3333333333,1],prompt:'a dusk landscape'},"
 
 @pytest.mark.usefixtures("one_thread")
 def test_the_test_bed_draws_each_region_in_its_palette(tmp_path):
-    """768x256 (a base of 440x144, one stage): the three thirds' mean colours nearest their own palettes (the
-    mean colours of the test bed's training scenes), at most one sun a third, and every prompt encoded once."""
+    """768x256 rendered directly (each third about one tile of the model's 256 px): the final latent's thirds, each
+    decoded on its own, are nearest their own palettes (the mean colours of the test bed's training scenes), one
+    sun a third at most; every prompt is encoded once. (Decoded as one picture, the test bed's VAE repaints three
+    palettes in one: its GroupNorm statistics over a whole picture always meant one palette. BENCHMARKS.md
+    "Region prompts" measures the progressive strategy at 1536x512.)"""
     sys.path.insert(0, str(ASSETS))
-    from PIL import Image
     from scenes import count_suns, scenes
 
-    from cluster.renderer import Renderer
+    from cluster.renderer import Renderer, denoise_request
+    from tiling import to_uint8
 
-    cfg = compose(*TESTBED, "job.width=768", "job.height=256", REGIONS, f"output.dir={tmp_path}")
+    cfg = compose(*TESTBED, "job.width=768", "job.height=256", "job.strategy=direct", REGIONS, f"output.dir={tmp_path}")
     renderer = Renderer(cfg.model, cfg.output)
-    row = renderer.render(plan(cfg)[0], cfg.tiling)
-    assert row["status"] == "ok", row["error"] and row["stages"] == "440x144>768x256"
+    req = plan(cfg)[0]
+    conds = [renderer.model.encode(*pair) for pair in req.prompt_pairs()]
+    z = denoise_request(lambda bs, t: [renderer._predict(b, t, conds[b.prompt], req.guidance) for b in bs],
+                        renderer.info(), req, cfg.tiling)
     assert len(renderer.model._cache) == 3  # background, dusk, night: each encoded once
-    pixels = np.asarray(Image.open(tmp_path / row["path"]).convert("RGB"))
     g = torch.Generator().manual_seed(0)
-    means = {w: ((scenes(32, 64, [w] * 32, g).mean(dim=(0, 2, 3)) + 1) * 127.5).numpy() for w in ("dusk", "day", "night")}
+    means = {w: ((scenes(32, 64, [w] * 32, g).mean(dim=(0, 2, 3)) + 1) * 127.5).numpy()
+             for w in ("dusk", "day", "night")}
     for k, want in enumerate(("dusk", "day", "night")):
-        third = pixels[:, k * 256:(k + 1) * 256]
+        with torch.no_grad():
+            third = to_uint8(renderer.model.decode(z[..., 32 * k:32 * (k + 1)])[0], 256, 256)
         mean = third.reshape(-1, 3).mean(0)
         nearest = min(means, key=lambda p: np.linalg.norm(mean - means[p]))
         assert nearest == want, (k, mean.round(1).tolist(), {p: m.round(1).tolist() for p, m in means.items()})
         assert count_suns(third) <= 1
+
+
+def test_regions_hold_through_the_base_every_stage_and_the_dilated_views(tmp_path):
+    """A progressive render of three stages (the demo model): every denoise loop, and the dilated views of the
+    enlarged stages (batches the size of a view, not of a tile), predict under all three prompts."""
+    from cluster.renderer import Renderer
+
+    cfg = compose(*SMALL, "job.base_size=64", "job.dilation=1", "job.steps=6", "job.strength=0.5", f"output.dir={tmp_path}",
+                  "job.regions=[{box:[0,0,0.3,1],prompt:'a red sky'},{box:[0.6,0,1,1],prompt:'blue'}]")
+    renderer = Renderer(cfg.model, cfg.output, threads=1)
+    seen, plain = set(), renderer._predict
+
+    def spy(b, t, cond, guidance, pad_to=0):
+        seen.add((b.canvas, b.prompt, b.tiles[0].h))
+        return plain(b, t, cond, guidance, pad_to)
+
+    renderer._predict = spy
+    row = renderer.render(plan(cfg)[0], cfg.tiling)
+    assert row["status"] == "ok", row["error"] and row["stages"] == "80x56>128x88>196x130"
+    canvases = {c for c, _, _ in seen}
+    assert {(7, 10), (11, 16), (17, 25)} <= canvases  # the base and both stages' latent canvases
+    assert len(canvases) > 3  # and the dilated views' own sizes
+    for c in canvases:
+        assert {p for cc, p, _ in seen if cc == c} == {0, 1, 2}, c
+
+
+def test_bootstrapping_predicts_each_prompt_on_its_own_part_early_and_never_a_lone_prompts_tile():
+    """MultiDiffusion's bootstrapping: while t >= until, a tile under several prompts is predicted under each with
+    the rest of the tile replaced by noise at the step's level; later, and for a tile under one prompt, the input
+    as it is."""
+    from tiling.regions import Bootstrap
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    grid = layout(8, 64, 8, 0)
+    tiles = (grid[0], grid[2])  # inside the box; across its (hard) edge at 0.3 (pixel centres: columns 0..18 inside)
+    seen = []
+
+    def record(batches, t):
+        seen.extend((b.prompt, tile, xi.clone()) for b in batches for tile, xi in zip(b.tiles, b.x))
+        return [b.x.clone() for b in batches]
+
+    wrapped = region_predict(record, [Region((0.0, 0.0, 0.3, 1.0), feather=0.0)], 4,
+                             Bootstrap(until=500, levels=lambda t: (0.6, 0.8)))
+    wrapped([TileBatch(x, tiles, (8, 64))], torch.tensor(700))
+    inputs = {(p, tile): xi for p, tile, xi in seen}
+    assert torch.equal(inputs[(1, grid[0])], x[0])  # one prompt: untouched
+    edge = grid[2]  # columns 16..23: 16..18 in the box (prompt 1), 19..23 outside (prompt 0)
+    inside, outside = (..., slice(0, 3)), (..., slice(3, 8))
+    assert torch.equal(inputs[(1, edge)][inside], x[1][inside]) and not torch.equal(inputs[(1, edge)][outside],
+                                                                                    x[1][outside])
+    assert torch.equal(inputs[(0, edge)][outside], x[1][outside]) and not torch.equal(inputs[(0, edge)][inside],
+                                                                                      x[1][inside])
+    assert 0.5 < inputs[(0, edge)][inside].std() < 1.1  # noise at the level's 0.8
+    seen.clear()
+    wrapped([TileBatch(x, tiles, (8, 64))], torch.tensor(400))
+    assert all(torch.equal(xi, x[list(tiles).index(tile)]) for _, tile, xi in seen)  # after: inputs as they are
+
+
+def test_noise_levels_follow_the_schedulers():
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from tiling.regions import noise_levels
+
+    ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    a, s = noise_levels(ddim)(999)
+    assert abs(a * a + s * s - 1) < 1e-9 and s > 0.99
+    assert noise_levels(FlowMatchEulerDiscreteScheduler())(250) == (0.75, 0.25)

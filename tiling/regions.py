@@ -17,7 +17,7 @@ resolution (`TileBatch.canvas` is the view's size), so the same fractions mask t
 """
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,7 +58,48 @@ def region_masks(regions: Sequence[Region], h: int, w: int) -> torch.Tensor:
     return torch.stack([background] + [r.weight * m for r, m in zip(regions, boxes)]).float()
 
 
-def region_predict(predict, regions: Sequence[Region], batch: int):
+def noise_levels(scheduler) -> Callable[[float], Tuple[float, float]]:
+    """(a, s) with the model's input at timestep t equal to a * clean + s * noise: sqrt(alpha_bar_t) and
+    sqrt(1 - alpha_bar_t) for the noise-prediction schedulers (their scaled input is in that form), 1 - sigma and
+    sigma for flow matching (t = sigma * num_train_timesteps)."""
+    if getattr(scheduler, "alphas_cumprod", None) is not None:
+        ac = scheduler.alphas_cumprod.double()
+        return lambda t: (float(ac[int(t)].sqrt()), float((1 - ac[int(t)]).sqrt()))
+    T = float(scheduler.config.num_train_timesteps)
+    return lambda t: (1 - float(t) / T, float(t) / T)
+
+
+class Bootstrap(NamedTuple):
+    """MultiDiffusion's bootstrapping (sec. 4.2): while t >= `until`, a tile under several prompts is predicted
+    under each on its own part only, the rest of the tile replaced by a flat latent at the step's noise level
+    (`levels(t)`), so that no prompt's first strokes are drawn from its neighbours' colours."""
+
+    until: float
+    levels: Callable[[float], Tuple[float, float]]
+
+
+BOOTSTRAP = 0.2  # MultiDiffusion's: the first 20% of the schedule (by timestep)
+
+
+def region_bootstrap(scheduler, share: float = BOOTSTRAP) -> Optional[Bootstrap]:
+    """Bootstrapping for the timesteps in the first `share` of the scheduler's training range (t >= (1 - share) T):
+    a base from noise gets it; an img2img stage that starts below that, none."""
+    if share <= 0:
+        return None
+    return Bootstrap((1 - share) * scheduler.config.num_train_timesteps, noise_levels(scheduler))
+
+
+def _isolated(x: torch.Tensor, keep: torch.Tensor, tile, prompt: int, t, levels) -> torch.Tensor:
+    """A tile's input [C, h, w] kept where `keep` is 1, elsewhere noise at t's level around a flat zero latent;
+    the noise seeded by the timestep, the tile's place and the prompt (never by the batch it lands in)."""
+    _, s = levels(t)
+    g = torch.Generator().manual_seed((int(t) * 1_000_003 + tile.y * 10_007 + tile.x * 101 + prompt) % 2**63)
+    noise = torch.randn(x.shape, generator=g).to(x.device, x.dtype)
+    k = keep.to(x.device, x.dtype)
+    return k * x + (1 - k) * s * noise
+
+
+def region_predict(predict, regions: Sequence[Region], batch: int, bootstrap: Optional[Bootstrap] = None):
     """`predict` (the denoise loop's: batches of prompt 0's tiles -> predictions) under regions: each tile is
     predicted under every prompt whose contribution is non-zero on it, in batches of at most `batch` tiles of
     one prompt (`TileBatch.prompt`, the index: 0 the image's prompt, r the r-th region's), and the predictions
@@ -75,11 +116,20 @@ def region_predict(predict, regions: Sequence[Region], batch: int):
             for j, tile in enumerate(b.tiles):
                 c = crop(masks[b.canvas], tile)
                 jobs += [(bi, j, p, c[p]) for p in range(c.shape[0]) if c[p].max() > 0]
+        shared = _shared(jobs)
+        boot = bootstrap is not None and float(t) >= bootstrap.until
+
+        def tile_input(bi, j, p, c):
+            x = batches[bi].x[j]
+            if boot and (bi, j) in shared:
+                return _isolated(x, c.clamp(max=1.0), batches[bi].tiles[j], p, t, bootstrap.levels)
+            return x
+
         calls, order = [], []
         for key in sorted({(p, batches[bi].canvas) for bi, _, p, _ in jobs}):
             mine = [job for job in jobs if (job[2], batches[job[0]].canvas) == key]
             for g in batches_of(mine, batch):
-                calls.append(TileBatch(torch.stack([batches[bi].x[j] for bi, j, _, _ in g]),
+                calls.append(TileBatch(torch.stack([tile_input(*job) for job in g]),
                                        tuple(batches[bi].tiles[j] for bi, j, _, _ in g), key[1], key[0]))
                 order += g
         preds = [p for out in predict(calls, t) for p in out]
@@ -100,3 +150,11 @@ def region_predict(predict, regions: Sequence[Region], batch: int):
         return outs
 
     return call
+
+
+def _shared(jobs) -> set:
+    """(batch, row) of the tiles predicted under more than one prompt."""
+    seen, shared = set(), set()
+    for bi, j, _, _ in jobs:
+        (shared if (bi, j) in seen else seen).add((bi, j))
+    return shared
