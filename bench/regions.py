@@ -109,7 +109,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--variants", nargs="+", default=["regions", "none"],
                     help="regions (feather 0.05), regions-f<feather> (e.g. regions-f0), none (background only); "
-                         "a suffix -latent: job.upscale=latent, tiling.vae_passes=1, tiling.vae_tile=32")
+                         "-direct: job.strategy=direct; a suffix -latent: job.upscale=latent, tiling.vae_passes=1, "
+                         "tiling.vae_tile=32")
     ap.add_argument("--images", default="outputs/bench-regions")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -120,6 +121,8 @@ def main() -> None:
     for variant in args.variants:
         extra = [] if variant.startswith("none") else \
             [regions_override(float(variant.split("-f")[1].split("-")[0]) if "-f" in variant else 0.05)]
+        if "-direct" in variant:  # every tile from noise at full size (one scene per tile)
+            extra += ["job.strategy=direct"]
         if variant.endswith("-latent"):  # no VAE round trip between stages; the final decode per-tile statistics
             extra += ["job.upscale=latent", "tiling.vae_passes=1", "tiling.vae_tile=32"]
         for seed in args.seeds:
@@ -147,11 +150,18 @@ def main() -> None:
                                                                                   "max_suns_per_third")}})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "thirds"}),
                   [(t["want"], t["nearest"], t["suns"]) for t in s["thirds"]], flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"bench": "regions", "date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-                   "threads": torch.get_num_threads(), "command": " ".join(sys.argv),
-                   "palette_means": {k: [round(float(x), 1) for x in v] for k, v in means.items()}, "rows": rows},
+            save(args.out, means, rows)  # after every picture: a long run stopped keeps what it measured
+
+
+def save(out: str, means: dict, rows: list) -> None:
+    """The results file: rows of earlier runs into the same file (their commands kept) and this run's."""
+    old = json.load(open(out)) if os.path.isfile(out) else {}
+    runs = [r for r in old.get("runs", []) if r["command"] != " ".join(sys.argv)]
+    runs.append({"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows})
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"bench": "regions", "machine": platform.platform(), "threads": torch.get_num_threads(),
+                   "palette_means": {k: [round(float(x), 1) for x in v] for k, v in means.items()}, "runs": runs},
                   f, indent=1)
 
 

@@ -5,8 +5,8 @@
 
 `run.py` writes both at the end of every job. Each image is a card: its thumbnail (``thumbs/<id>-<sha8>.webp``,
 at most THUMB pixels, made once per file), which links to the file itself, and its prompt, seed, size, strategy
-and stages, timings and seam scores; a failed image shows its error. A box filters by prompt text (the regions' too, and image id),
-a menu sorts by finish time, render time or seam score; the state lives in the URL's fragment
+and stages, timings and seam scores; a failed image shows its error. A box filters by prompt text (the regions'
+too, and image id), a menu sorts by finish time, render time or seam score; the state lives in the URL's fragment
 (``gallery.html#q=dusk&sort=seam&status=failed``), so a view can be bookmarked. Everything is inline (CSS, JS,
 data attributes): the page works opened from disk, with no network.
 
@@ -85,7 +85,8 @@ def _fields(row: dict) -> List[tuple]:
         out.insert(0, ("negative", row["negative_prompt"]))
     if row.get("regions"):
         boxes = "; ".join(f"{r['prompt']} [{', '.join(f'{v:.2g}' for v in r['box'])}]"
-                          + (f" x{r['weight']:g}" if r.get("weight", 1) != 1 else "") for r in json.loads(row["regions"]))
+                          + (f" x{r['weight']:g}" if r.get("weight", 1) != 1 else "")
+                          for r in json.loads(row["regions"]))
         out.insert(0, ("regions", boxes))
     if row.get("status") == "ok":
         out += [("time", f"denoise {_num(row.get('seconds_denoise'), '.1f')} s, decode "
@@ -160,8 +161,8 @@ const q=document.getElementById('q'),st=document.getElementById('status'),so=doc
 function num(el,key){const v=el.dataset[key];return v===''||v===undefined?NaN:parseFloat(v);}
 function apply(){
   const words=q.value.toLowerCase().split(/\\s+/).filter(Boolean);let shown=0;
-  for(const el of items){const ok=words.every(w=>el.dataset.text.includes(w))&&(!st.value||el.dataset.status===st.value);
-    el.hidden=!ok;if(ok)shown++;}
+  for(const el of items){const ok=words.every(w=>el.dataset.text.includes(w))
+      &&(!st.value||el.dataset.status===st.value);el.hidden=!ok;if(ok)shown++;}
   const [key,dir]=so.value.split(':'),sign=dir==='desc'?-1:1,order=items.slice();
   order.sort((a,b)=>{let x,y;if(key.startsWith('swept')){x=a.dataset[key];y=b.dataset[key];
       const nx=parseFloat(x),ny=parseFloat(y);if(!isNaN(nx)&&!isNaN(ny)){x=nx;y=ny;}

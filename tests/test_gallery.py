@@ -83,7 +83,8 @@ def test_gallery_has_a_small_webp_thumbnail_per_written_image_and_the_failed_one
         assert (tmp_path / i["imgs"][0]).stat().st_size < 5000
     text = page.read_text()
     assert "RuntimeError: out of memory" in text and "a broken &lt;b&gt;prompt&lt;/b&gt;" in text  # escaped
-    for needle in ("a moonlit lake [0, 0, 0.33, 1]", "a dusk landscape", "344x192&gt;592x336&gt;1024x576", "1.300", "denoise 30.0 s", "1024x576"):
+    for needle in ("a moonlit lake [0, 0, 0.33, 1]", "a dusk landscape", "344x192&gt;592x336&gt;1024x576", "1.300",
+                   "denoise 30.0 s", "1024x576"):
         assert needle in text
     # nothing from a network: no external URL, no stylesheet or script file
     assert not [u for u in p.urls if re.match(r"[a-z]+://|//", u)] and "link" not in p.tags

@@ -194,7 +194,8 @@ def test_regions_hold_through_the_base_every_stage_and_the_dilated_views(tmp_pat
     enlarged stages (batches the size of a view, not of a tile), predict under all three prompts."""
     from cluster.renderer import Renderer
 
-    cfg = compose(*SMALL, "job.base_size=64", "job.dilation=1", "job.steps=6", "job.strength=0.5", f"output.dir={tmp_path}",
+    cfg = compose(*SMALL, "job.base_size=64", "job.dilation=1", "job.steps=6", "job.strength=0.5",
+                  f"output.dir={tmp_path}",
                   "job.regions=[{box:[0,0,0.3,1],prompt:'a red sky'},{box:[0.6,0,1,1],prompt:'blue'}]")
     renderer = Renderer(cfg.model, cfg.output, threads=1)
     seen, plain = set(), renderer._predict
