@@ -161,7 +161,7 @@ def run_tile_parallel(workers, requests: Sequence[ImageRequest], cfg: TesseraCon
         def predict(batches, t):
             pairs = req.prompt_pairs()  # the image's prompt, then its regions' (TileBatch.prompt)
             refs = [workers[k % len(workers)].predict.remote(b, t, *pairs[b.prompt], req.guidance,
-                                                             len(batches[0].tiles))
+                                                             max(len(c.tiles) for c in batches))
                     for k, b in enumerate(batches)]
             return ray.get(refs)
 
