@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub, ever
 
@@ -23,6 +25,24 @@ from jobs import ConfigError, Manifest, OutputLock, Plan, TesseraConfig, Tessera
 
 ConfigStore.instance().store(name="tessera_schema", node=TesseraConfig)
 log = logging.getLogger("tessera")
+CONF = Path(__file__).resolve().parent / "conf"
+
+
+def size_presets() -> list:
+    """The `size=` presets: the files of conf/size/."""
+    return sorted(p.stem for p in (CONF / "size").glob("*.yaml"))
+
+
+def check_size_overrides(args) -> None:
+    """Every `size=NAME` (or a sweep's `size=a,b`) on the command line names a preset, or one ConfigError naming
+    it, before Hydra composes anything (Hydra's own message is clear too, but exits 1 like a failed render)."""
+    known = size_presets()
+    for arg in args:
+        m = re.fullmatch(r"\+{0,2}size=([\w.,-]*)", arg)
+        for value in m.group(1).split(",") if m else ():
+            if value not in known and value != "null":
+                raise ConfigError("size", value, f"no such size preset; one of {', '.join(known)} (conf/size/), "
+                                  "or job.width / job.height")
 
 
 def check_output_dir(path: str) -> None:
@@ -133,6 +153,7 @@ def render_job(cfg: TesseraConfig, show_progress: bool = True) -> dict:
                 manifest.compact()
             except OSError as e:  # the parts are whole; the next run compacts them
                 log.warning("manifest not compacted (%s); the next run will", e)
+        gallery = write_gallery_of(cfg.output.dir)
     seconds = time.time() - t0
     return {"images": night.images - night.duplicates, "written": tally.written, "failed": tally.failed,
             "skipped": tally.skipped, "recovered": tally.recovered, "warnings": tally.warned,
@@ -140,7 +161,36 @@ def render_job(cfg: TesseraConfig, show_progress: bool = True) -> dict:
             "start_seconds": start_s,
             "seconds_per_image": seconds / tally.written if tally.written else 0.0,
             "images_per_hour": tally.written / seconds * 3600 if tally.written else 0.0,
-            "date": night.date, "manifest": str(manifest.dir), **info}
+            "date": night.date, "manifest": str(manifest.dir), "gallery": gallery, "plan": night, **info}
+
+
+def write_gallery_of(output_dir: str):
+    """`<output.dir>/gallery.html` (jobs.gallery); a failure to write it is reported, never fatal to the job."""
+    from jobs.gallery import write_gallery
+
+    try:
+        return str(write_gallery(output_dir))
+    except Exception as e:  # noqa: BLE001 - the images and the manifest are written; say what the page lacks
+        print(f"warning: gallery not written: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+def record_sweep(summary: dict, cfg: TesseraConfig) -> None:
+    """Under `-m`, this job's overrides, output folder and ids into its Hydra job folder, and the sweep's one
+    gallery over all its jobs so far (`<sweep dir>/gallery.html`, the swept values as columns)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from jobs.gallery import record_sweep_job, write_sweep_gallery
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    try:
+        record_sweep_job(hc.runtime.output_dir, list(hc.overrides.task), cfg.output.dir, [r.image_id for r in summary["plan"]])
+        summary["sweep_gallery"] = str(write_sweep_gallery(hc.sweep.dir))
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: sweep gallery not written: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def print_summary(s: dict) -> None:
@@ -161,6 +211,9 @@ def print_summary(s: dict) -> None:
     for p in s.get("torn", []):
         print(f"  an unreadable manifest part was moved aside: {p}", file=sys.stderr)
     print(f"manifest: {s['manifest']}")
+    for key in ("gallery", "sweep_gallery"):
+        if s.get(key):
+            print(f"{key.replace('_', ' ')}: {s[key]}")
 
 
 def _terminate(signum, frame):  # SIGTERM (a scheduler's stop) runs the finally blocks: rows compacted, lock freed
@@ -171,14 +224,21 @@ def _terminate(signum, frame):  # SIGTERM (a scheduler's stop) runs the finally 
 def main(dcfg: DictConfig) -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        summary = render_job(OmegaConf.to_object(dcfg))
+        cfg = OmegaConf.to_object(dcfg)
+        summary = render_job(cfg)
     except TesseraError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    record_sweep(summary, cfg)
     print_summary(summary)
     if summary["failed"]:
         sys.exit(1)
 
 
 if __name__ == "__main__":
+    try:
+        check_size_overrides(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -29,6 +29,7 @@ from tiling import (TileBatch, border_lines, decode_tiled, decoder_sweeps, denoi
                     padded_size, scale_tiles, seam_score, step_layouts, to_uint8)
 from tiling.progressive import (Dilation, dilation_stride, first_step, noised, resize, skip_residual,
                                 stage_sizes)
+from tiling.regions import Region, region_bootstrap, region_predict
 from tiling.seams import gradients
 from tiling.vae import DecodeError
 
@@ -146,10 +147,13 @@ def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: Til
     by stage; `predict` is the local model or a fan-out to workers, `reference` gives each later stage (and an
     img2img render's first) the canvases it starts from."""
     gens = [torch.Generator("cpu").manual_seed(req.seed) for req in reqs]
-    zs = None
+    regions = [Region(r.box, r.weight, r.feather) for r in reqs[0].regions]
+    zs, plain = None, predict
     for number, stage in enumerate(stages_of(reqs[0], info)):
         begun = [start_canvas(info, req, stage, g) for req, g in zip(reqs, gens)]
         schedulers = [s for s, _, _ in begun]
+        if regions:  # every tile under each prompt whose box it touches, the base, every stage, the views
+            predict = region_predict(plain, regions, batch, region_bootstrap(schedulers[0]))
         guide = dilation = None
         if stage.refine:
             if reference is None:
@@ -185,7 +189,7 @@ def group_key(req: ImageRequest) -> tuple:
     """Images with equal keys can be stepped together: one prompt pair, guidance, size, schedule and stages."""
     return (req.prompt, req.negative_prompt, req.guidance, req.width, req.height, req.steps, req.scheduler,
             req.strategy, req.strength, req.stage_factor, req.base_size, req.upscale, req.skip_residual,
-            req.dilation, req.strength_decay, req.guide_clock, req.init_size)
+            req.dilation, req.strength_decay, req.guide_clock, req.init_size, req.regions)
 
 
 def iter_groups(reqs, size: int) -> Iterator[List[ImageRequest]]:
@@ -365,8 +369,9 @@ class Renderer:
         return [self.write(req, tiling, d, started, seconds, notes) for req, d in zip(reqs, decoded)]
 
     def _denoise(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int, tick) -> List[torch.Tensor]:
-        cond = self.model.encode(reqs[0].prompt, reqs[0].negative_prompt)
-        return denoise_group(lambda bs, t: [self._predict(b, t, cond, reqs[0].guidance, len(bs[0].tiles))
+        conds = [self.model.encode(*pair) for pair in reqs[0].prompt_pairs()]  # TileBatch.prompt's
+        return denoise_group(lambda bs, t: [self._predict(b, t, conds[b.prompt], reqs[0].guidance,
+                                                          max(len(c.tiles) for c in bs))
                                             for b in bs], self.info(), reqs, tiling, batch, self.model.device, tick,
                              lambda k, zs, stage: self._reference(reqs, tiling, k, zs, stage))
 

@@ -166,8 +166,9 @@ def run_tile_parallel(workers, requests: Iterable[ImageRequest], cfg: TesseraCon
         progress.expect_tiles(tile_steps(req, cfg.tiling, info))
 
         def predict(batches, t):
-            refs = [workers[k % len(workers)].predict.remote(b, t, req.prompt, req.negative_prompt, req.guidance,
-                                                             len(batches[0].tiles))
+            pairs = req.prompt_pairs()  # the image's prompt, then its regions' (TileBatch.prompt)
+            refs = [workers[k % len(workers)].predict.remote(b, t, *pairs[b.prompt], req.guidance,
+                                                             max(len(c.tiles) for c in batches))
                     for k, b in enumerate(batches)]
             return ray.get(refs)
 

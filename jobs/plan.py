@@ -6,12 +6,34 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 from . import sources
 from .images import EXTENSIONS, sha256_file
 from .spec import (ModelConfig, TesseraConfig, check_init_image, effective_prompt, init_images, partition_date,
                    scheduler_of, validate)
+
+
+class RegionPrompt(NamedTuple):
+    """A region of an image (`job.regions`): its box in fractions, its effective prompt and negative prompt (the
+    job's where the region names none), weight and feather."""
+
+    box: Tuple[float, float, float, float]
+    prompt: str
+    negative_prompt: str
+    weight: float
+    feather: float
+
+    def as_dict(self) -> dict:
+        return {"box": list(self.box), "prompt": self.prompt, "negative_prompt": self.negative_prompt,
+                "weight": self.weight, "feather": self.feather}
+
+
+def regions_of(job) -> Tuple[RegionPrompt, ...]:
+    """`job.regions` as the renderer takes them: prompts through `job.prompt_template`, negatives defaulted."""
+    return tuple(RegionPrompt(tuple(float(v) for v in r.box), effective_prompt(job, r.prompt),
+                              job.negative_prompt if r.negative_prompt is None else r.negative_prompt,
+                              float(r.weight), float(r.feather)) for r in job.regions)
 
 
 @dataclass(frozen=True)
@@ -47,6 +69,14 @@ class ImageRequest:
     init_image: Optional[str] = None  # the picture an img2img render starts from
     init_sha256: Optional[str] = None
     init_size: Optional[Tuple[int, int]] = None  # its (width, height)
+    regions: Tuple[RegionPrompt, ...] = ()  # region prompts over `prompt`, the background
+
+    def prompt_pairs(self) -> Tuple[Tuple[str, str], ...]:
+        """(prompt, negative) of the background and of each region: what `TileBatch.prompt` indexes."""
+        return ((self.prompt, self.negative_prompt),) + tuple((r.prompt, r.negative_prompt) for r in self.regions)
+
+    def regions_json(self) -> Optional[str]:
+        return json.dumps([r.as_dict() for r in self.regions], ensure_ascii=False) if self.regions else None
 
     def stage_path(self, number: int) -> str:
         """Where `output.keep_stages` writes stage `number`'s picture: beside the image."""
@@ -78,6 +108,8 @@ class ImageRequest:
             fields.append(f"Denoising strength: {self.strength:g}")
         if stages and ">" in stages:
             fields.append(f"Stages: {stages}")
+        if self.regions:
+            fields.append(f"Regions: {self.regions_json()}")
         lines.append(", ".join(fields + [f"Tessera image id: {self.image_id}"]))
         return "\n".join(lines)
 
@@ -87,6 +119,7 @@ class ImageRequest:
             "image_id", "job", "prompt", "negative_prompt", "seed", "model", "width", "height",
             "steps", "guidance", "scheduler", "tiling_method", "tile", "overlap", "path", "wrap", "strategy",
             "strength", "init_image", "init_sha256")}
+        row["regions"] = self.regions_json()
         row.update(extra)
         return row
 
@@ -132,6 +165,8 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
             key["guide_clock"] = j.guide_clock
     if m.config:
         key["model_config"] = _real(m.config)
+    if j.regions:  # no regions: the ids they had before
+        key["regions"] = [r.as_dict() for r in regions_of(j)]
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -184,7 +219,8 @@ class Plan:
                         strategy=j.strategy, strength=float(j.strength), stage_factor=float(j.stage_factor),
                         base_size=int(j.base_size), upscale=j.upscale, skip_residual=float(j.skip_residual),
                         dilation=float(j.dilation), strength_decay=float(j.strength_decay),
-                        guide_clock=j.guide_clock, init_image=init, init_sha256=sha, init_size=size)
+                        guide_clock=j.guide_clock, init_image=init, init_sha256=sha, init_size=size,
+                        regions=regions_of(j))
 
 
 def plan(cfg: TesseraConfig) -> list[ImageRequest]:

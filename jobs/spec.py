@@ -101,6 +101,17 @@ class ModelConfig:
 
 
 @dataclass
+class RegionConfig:
+    """A region prompt over part of the picture (`job.regions`), the job's prompt being the background."""
+
+    box: List[float] = field(default_factory=lambda: [0.0, 0.0, 1.0, 1.0])  # x0, y0, x1, y1 in fractions
+    prompt: str = ""
+    negative_prompt: Optional[str] = None  # None: the job's negative_prompt
+    weight: float = 1.0  # >= 0: 1 replaces the background inside the box, 0 does nothing
+    feather: float = 0.05  # the soft edge's width, a fraction of the picture's side, centred on the box's edge
+
+
+@dataclass
 class JobConfig:
     name: str = "default"
     prompts: List[str] = field(default_factory=lambda: ["a vast mountain lake at dawn, wallpaper"])
@@ -129,6 +140,9 @@ class JobConfig:
     init_image: Optional[str] = None  # img2img / upscaling: a picture, a folder of them, or a Parquet file whose
     #                                   `init_image` (or `path`) column lists them; the stages start from it
     date: Optional[str] = None  # null: no partition; "today" or YYYY-MM-DD: images/ and manifest/ under date=<day>/
+    # Region prompts over the job's prompt (the background), MultiDiffusion's region-based fusion at every stage:
+    # [{box: [x0, y0, x1, y1], prompt: ..., negative_prompt: ..., weight: 1.0, feather: 0.05}], box in fractions.
+    regions: List[RegionConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -270,6 +284,9 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
         _check(os.path.exists(os.path.expanduser(j.init_image)), "job.init_image", j.init_image,
                "no such file or folder")
 
+    for k, r in enumerate(j.regions):
+        validate_region(f"job.regions[{k}]", r)
+
     _one_of("tiling.method", t.method, TILING_METHODS)
     _one_of("tiling.wrap", t.wrap, WRAPS)
     _int_in("tiling.tile", t.tile, 8, 512)
@@ -294,6 +311,25 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
         _check(max(j.width, j.height) <= 16383, "output.format", o.format, "WebP holds at most 16383 px a side")
     _check(bool(o.dir), "output.dir", o.dir, "must be a folder path")
     return cfg
+
+
+def validate_region(name: str, r: RegionConfig) -> None:
+    """One region prompt: a box of four fractions with x0 < x1 and y0 < y1, a prompt, a weight >= 0, a feather
+    from 0 to 0.5."""
+    box = list(r.box) if isinstance(r.box, (list, tuple)) or hasattr(r.box, "__len__") else r.box
+    _check(isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box), f"{name}.box", box,
+           "must be four numbers [x0, y0, x1, y1], fractions of the picture")
+    _check(all(0.0 <= v <= 1.0 for v in box), f"{name}.box", box, "must lie in [0, 1] (fractions of the picture)")
+    _check(box[0] < box[2], f"{name}.box", box, "x0 must be less than x1")
+    _check(box[1] < box[3], f"{name}.box", box, "y0 must be less than y1")
+    _check(isinstance(r.prompt, str) and r.prompt.strip() != "", f"{name}.prompt", r.prompt,
+           "must be a non-empty string")
+    _check(r.negative_prompt is None or isinstance(r.negative_prompt, str), f"{name}.negative_prompt",
+           r.negative_prompt, "must be a string (unset: the job's negative_prompt)")
+    _check(_number(r.weight) and 0.0 <= r.weight <= 100.0, f"{name}.weight", r.weight,
+           "must be a number from 0 (off) to 100")
+    _check(_number(r.feather) and 0.0 <= r.feather <= 0.5, f"{name}.feather", r.feather,
+           "must be a number from 0 (a hard edge) to 0.5 (a fraction of the picture's side)")
 
 
 def validate_model(m: ModelConfig) -> None:

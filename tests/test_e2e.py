@@ -1,4 +1,5 @@
 """End to end on an embedded Ray: Hydra composition, rendering, manifest, resume, worker independence."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ def test_a_job_renders_every_image_records_it_and_resumes(ray_local, tmp_path):
         assert Image.open(tmp_path / r["path"]).size == (196, 130)
         assert sha256_file(tmp_path / r["path"]) == r["sha256"] and r["finished_at"] > r["started_at"]
     assert len({r["worker"] for r in rows}) == 2  # both workers were kept busy
+    assert s["gallery"] == str(tmp_path / "gallery.html") and len(list((tmp_path / "thumbs").glob("*.webp"))) == 3
 
     again = render_job(cfg, show_progress=False)
     assert (again["written"], again["skipped"]) == (0, 3)
@@ -95,6 +97,26 @@ def test_run_py_renders_and_sweeps_with_multirun(tmp_path):
     assert sorted((r["seed"], r["tiling_method"]) for r in rows) == [
         (1, "gaussian"), (1, "uniform"), (2, "gaussian"), (2, "uniform")]
     assert len(list(tmp_path.glob("sweeps/*/multirun.yaml"))) == 1
+    page = next(tmp_path.glob("sweeps/*/gallery.html")).read_text()  # one gallery over the sweep's four jobs
+    assert page.count('<tr class="item ok"') == 4 and (tmp_path / "gallery.html").is_file()
+    assert re.findall(r"<th>([^<]*)</th>", page)[:3] == ["job", "job.seeds", "tiling.method"]
+    assert 'data-swept-1="[2]" data-swept-2="gaussian"' in page
+
+
+def test_regions_render_the_same_bytes_in_bulk_and_tile_parallel(ray_local, tmp_path):
+    """The region prompts reach every worker: tile-parallel's driver sends each batch's own prompt."""
+    regions = "job.regions=[{box:[0,0,0.4,1],prompt:'a red sky'},{box:[0.5,0.2,1,1],prompt:'blue',weight:0.8}]"
+    images = {}
+    for name, extra in (("bulk", ["cluster.workers=1"]), ("tile_parallel", ["cluster.workers=2"]),
+                        ("none", ["cluster.workers=1"])):
+        out = tmp_path / name
+        cfg = compose(*SMALL, f"output.dir={out}", *extra, *([] if name == "none" else [regions]))
+        s = render_job(cfg, show_progress=False)
+        assert s["written"] == 1 and s["mode"] == ("bulk" if name == "none" else name)
+        (row,) = Manifest(out).rows()
+        assert (row["regions"] is None) == (name == "none")
+        images[name] = (out / row["path"]).read_bytes()
+    assert images["bulk"] == images["tile_parallel"] != images["none"]
 
 
 def test_run_py_cfg_job_shows_the_resolved_job():

@@ -170,7 +170,7 @@ def test_manifest_row():
         "model": "demo", "width": 1024, "height": 512, "steps": 20, "guidance": 7.0,
         "scheduler": "euler", "tiling_method": "gaussian", "tile": 64, "overlap": 16,
         "path": r.path, "wrap": "none", "status": "ok", "worker": "w0", "strategy": "progressive",
-        "strength": 0.3, "init_image": None, "init_sha256": None}
+        "strength": 0.3, "init_image": None, "init_sha256": None, "regions": None}
 
 
 def test_request_is_frozen():

@@ -13,11 +13,13 @@ from .progressive import Dilation, cosine_weight, dilated_views, gaussian_blur, 
 
 
 class TileBatch(NamedTuple):
-    """Tiles cut from canvases of size (H, W) [n, C, h, w], where they lie, and (H, W): one model call."""
+    """Tiles cut from canvases of size (H, W) [n, C, h, w], where they lie, and (H, W): one model call; `prompt`
+    the image's prompt it is predicted under (0 its own; r its r-th region's: tiling.regions)."""
 
     x: torch.Tensor
     tiles: Tuple[Tile, ...]
     canvas: Tuple[int, int]
+    prompt: int = 0
 
 
 # predict(batches, t) -> one prediction [n, C, h, w] per batch, batches in tile-index order.
