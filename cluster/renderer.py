@@ -72,6 +72,11 @@ class Stage(NamedTuple):
         return Stage(*latent_hw(width, height, factor), first, (width, height), refine)
 
 
+def native_side(req: ImageRequest, info: dict) -> int:
+    """The side (pixels) whose square is the base's area: `job.base_size`, else the model's native size."""
+    return req.base_size or info["native_size"]
+
+
 def stages_of(req: ImageRequest, info: dict) -> List[Stage]:
     """The image's denoise loops, smallest first, the last at its own size. `direct`: one loop at full size;
     `progressive`: a base at the model's native area (`job.base_size`, else `info["native_size"]`), or the
@@ -80,7 +85,7 @@ def stages_of(req: ImageRequest, info: dict) -> List[Stage]:
     if req.strategy == "direct" and not req.init_image:
         return [Stage.of(req.width, req.height, f)]
     align = f * (info.get("patch_size") or 1)
-    sizes = stage_sizes(req.width, req.height, req.base_size or info["native_size"], req.stage_factor, align,
+    sizes = stage_sizes(req.width, req.height, native_side(req, info), req.stage_factor, align,
                         start=req.init_size if req.init_image else None)
     later = [Stage.of(w, h, f, first_step(req.steps, req.strength * req.strength_decay ** k), True)
              for k, (w, h) in enumerate(sizes[1:])]
@@ -123,7 +128,7 @@ def stage_tile(req: ImageRequest, stage: Stage, info: dict) -> int:
     long side passes twice the native side (an extreme aspect) stays tiled, and so does a picture no larger
     than the base (one stage: the direct render)."""
     base = req.strategy == "progressive" and not stage.refine and stage.size != (req.width, req.height)
-    if base and max(stage.h, stage.w) <= 2 * (req.base_size or info["native_size"]) // info["vae_scale_factor"]:
+    if base and max(stage.h, stage.w) <= 2 * native_side(req, info) // info["vae_scale_factor"]:
         return max(stage.h, stage.w, req.tile)
     return req.tile
 
@@ -165,8 +170,7 @@ def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: Til
             start = float(t0) if reqs[0].guide_clock == "stage" else None
             if reqs[0].skip_residual:
                 guide = skip_residual(schedulers, refs, [n for _, n, _ in begun], reqs[0].skip_residual, start)
-            native = (reqs[0].base_size or info["native_size"]) // info["vae_scale_factor"]
-            stride = dilation_stride(stage.h, stage.w, native)
+            stride = dilation_stride(stage.h, stage.w, native_side(reqs[0], info) // info["vae_scale_factor"])
             if reqs[0].dilation and stride > 1:
                 dilation = Dilation(stride, reqs[0].dilation, info.get("patch_size") or 1, start)
         else:

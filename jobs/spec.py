@@ -294,6 +294,7 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     _int_in("tiling.batch", t.batch, 0, 256)
     _check(t.vae_tile == 0 or (isinstance(t.vae_tile, int) and 8 <= t.vae_tile <= 512), "tiling.vae_tile",
            t.vae_tile, "must be 0 (auto: the largest tile the worker's free memory holds) or an integer from 8 to 512")
+    # auto may go down to 16-latent tiles (tiling.vae.LADDER's smallest; jobs/ does not import tiling/)
     _int_in("tiling.vae_overlap", t.vae_overlap, 0, (t.vae_tile or 16) // 2)
     _int_in("tiling.vae_passes", t.vae_passes, 1, 5)
     _check_patches(cfg)
