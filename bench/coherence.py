@@ -1,4 +1,5 @@
-"""Coherence at large sizes on a model that was really trained (tests/assets: scenes-sd, its zoom-aware sibling).
+"""Coherence at large sizes on a model that was really trained (models/scenes-sd, the demo model; tests/assets:
+its zoom-aware sibling).
 
 Each variant renders every prompt x seed through the renderer's own path (`cluster.renderer.Renderer.render`,
 no Ray) and is scored with the test bed's measures (`scenes.py`): `count_suns` (1 as trained), `horizon_jumps`
@@ -6,7 +7,7 @@ no Ray) and is scored with the test bed's measures (`scenes.py`): `count_suns` (
 and a bicubic enlargement of the base, are measured beside). Rows go to a JSON file; a contact sheet of one seed
 of each variant to a PNG.
 
-    python3 bench/coherence.py --model tests/assets/scenes-sd --sizes 1920x1080 --seeds 1 2 \
+    python3 bench/coherence.py --model models/scenes-sd --sizes 1920x1080 --seeds 1 2 \
         --variants direct p0.5 p0.5s3 --out bench/results/coherence.json
 
 A variant is `direct`, or `p<strength>` with optional suffixes `s<skip residual power>`, `f<stage factor>`,

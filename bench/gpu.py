@@ -72,7 +72,7 @@ def reset_peak() -> None:
 def cfg_for(model: str, method: str, tile: int, overlap: int, batch: int, out: str, steps: int) -> TesseraConfig:
     cfg = TesseraConfig()
     cfg.model.name, cfg.model.dtype = model, "fp16" if model == "sd15" else "bf16"
-    if model == "demo":  # --smoke on a CPU
+    if model == "demo_random":  # --smoke on a CPU
         cfg.model.dtype = "fp32"
     else:
         cfg.model.weights = "random"
@@ -312,7 +312,7 @@ def emit(results: list, row: dict) -> dict:
 
 def run_sd15(steps: int, tmp: str, panoramas, env, compile_too: bool) -> list:
     """Tessera on SD 1.5 (64-latent tiles, 16 a call) against the panorama pipeline on the very same modules."""
-    name = "demo" if SMOKE else "sd15"
+    name = "demo_random" if SMOKE else "sd15"
     cfg = cfg_for(name, "gaussian", 64, 16, 16, tmp, steps)
     r = Renderer(cfg.model, cfg.output)
     results = []
@@ -357,7 +357,7 @@ def compiled(r: Renderer, results: list, env: dict, name: str, runs, tmp: str, s
 def run_sdxl(steps: int, tmp: str, env, compile_too: bool, quick: bool) -> list:
     """Tessera on SDXL (128-latent tiles): each method one image at a time, bulk, compiled, 8K memory, the VAE
     decode alone, and the plain diffusers pipeline on the whole frame."""
-    name, T, O = ("demo", 32, 8) if SMOKE else ("sdxl", 128, 32)  # --smoke: the demo model, several tiles
+    name, T, O = ("demo_random", 32, 8) if SMOKE else ("sdxl", 128, 32)  # --smoke: the random demo, several tiles
     cfg = cfg_for(name, "gaussian", T, O, 8, tmp, steps)
     r = Renderer(cfg.model, cfg.output)
     if DECODE_ONLY:
@@ -396,7 +396,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=["quick", "full"], default="quick")
     ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--smoke", action="store_true", help="the demo model at 512x256 on any device: checks the script")
+    ap.add_argument("--smoke", action="store_true", help="the random demo model at 512x256 on any device: checks the script")
     ap.add_argument("--only", choices=["sd15", "sdxl"], help="one family (each fits in one device call)")
     ap.add_argument("--compile", action="store_true", help="also the compiled denoiser (adds its compile time)")
     ap.add_argument("--skip-panorama-defaults", action="store_true")

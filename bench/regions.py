@@ -1,4 +1,4 @@
-"""Region prompts on the test bed (tests/assets/scenes-sd, whose palettes follow the prompt's word).
+"""Region prompts on the test bed (`model=demo`, models/scenes-sd, whose palettes follow the prompt's word).
 
 Background "a day landscape", a "dusk" box over the left third and a "night" box over the right third, through
 the renderer's own path (`cluster.renderer.Renderer.render`, no Ray; the default progressive strategy). Each
@@ -41,9 +41,8 @@ from jobs.spec import TesseraConfig  # noqa: E402
 from scenes import PALETTES, count_suns, scenes  # noqa: E402
 from tiling.seams import seam_score  # noqa: E402
 
-TESTBED = ["model=sd15", f"model.path={os.path.join(ROOT, 'tests', 'assets', 'scenes-sd')}", "model.dtype=fp32",
-           "tiling.tile=32", "tiling.overlap=8", "tiling.batch=8", "tiling.vae_tile=128", "tiling.vae_passes=1",
-           "job.guidance=4", "job.steps=25"]
+TESTBED = ["model=demo", "model.dtype=fp32", "tiling.tile=32", "tiling.overlap=8", "tiling.batch=8",
+           "tiling.vae_tile=128", "tiling.vae_passes=1", "job.guidance=4", "job.steps=25"]
 THIRDS = ("dusk", "day", "night")  # what each third of the picture should be
 
 

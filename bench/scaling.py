@@ -34,13 +34,14 @@ from jobs import plan  # noqa: E402
 from jobs.spec import TesseraConfig  # noqa: E402
 
 
-SMOKE = False  # --smoke: the demo model at 512x256 on CPU workers, to check the script
+SMOKE = False  # --smoke: the random-weight demo model at 512x256 on CPU workers, to check the script
 
 
 def config(out: str, steps: int, seeds, batch: int = 8) -> TesseraConfig:
     cfg = TesseraConfig()
     cfg.job.strategy = "direct"  # one loop a step over the full canvas: what the workers share
     if SMOKE:
+        cfg.model.name = "demo_random"
         cfg.job.width, cfg.job.height, cfg.tiling.tile, cfg.cluster.cpus_per_worker = 512, 256, 32, 1
     else:
         cfg.model.name, cfg.model.weights, cfg.model.dtype = "sdxl", "random", "bf16"

@@ -1,4 +1,4 @@
-"""Seam scores of the tiling methods on the demo model, CPU, next to a naive baseline.
+"""Seam scores of the tiling methods on the random-weight demo model (model=demo_random), CPU, next to a naive baseline.
 
     python3 bench/seams_cpu.py --width 3840 --height 2160 --steps 20 --images /tmp/seams4k-img \
         --out bench/results/seams-cpu-4k.json        # ~15 min on 2 idle cores; BENCHMARKS.md "Seams"
@@ -89,6 +89,7 @@ def main() -> None:
     renderer, rows = None, []
     for label, method, overlap, wrap, decodes in (r for r in RUNS if r[0] in args.runs):
         cfg = TesseraConfig()
+        cfg.model.name = "demo_random"  # what BENCHMARKS.md "Seams" measured (textured pictures)
         cfg.job.strategy = "direct"  # the seams of one denoise over the full canvas
         cfg.job.width, cfg.job.height, cfg.job.steps, cfg.job.seeds = args.width, args.height, args.steps, [args.seed]
         cfg.tiling.method, cfg.tiling.overlap, cfg.tiling.wrap = method, overlap * args.tile // 64, wrap
@@ -127,7 +128,7 @@ def main() -> None:
                  "seconds_denoise": seconds_denoise, "seconds_decode": seconds_decode}
             rows.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\n{args.width}x{args.height}, {args.steps} steps, demo model, seed {args.seed}, "
+    print(f"\n{args.width}x{args.height}, {args.steps} steps, random demo model, seed {args.seed}, "
           f"tile {args.tile}, VAE tile {args.vae_tile}\n")
     print("| case | seam score (denoise tiles) | seam score (VAE tiles) | edge laid beside itself x / y "
           "| one line's sd, cols / rows |")

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY = ["job.width=64", "job.height=64", "job.steps=2", "tiling.tile=8", "tiling.overlap=2", "tiling.vae_tile=8",
-        "tiling.vae_overlap=2", "job.strategy=direct"]
+TINY = ["model=demo_random", "job.width=64", "job.height=64", "job.steps=2", "tiling.tile=8", "tiling.overlap=2",
+        "tiling.vae_tile=8", "tiling.vae_overlap=2", "job.strategy=direct"]
 
 
 def rss_mib() -> float:
@@ -120,7 +120,7 @@ def main():
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     cfg = compose("job=nightly", *TINY, f"job.prompt_file={source}", "job.date=2026-12-01", f"output.dir={out}",
                   f"cluster.workers={args.workers}")
-    result = {"what": "nightly soak, demo model, 64x64, 2 steps", "date": date.today().isoformat(),
+    result = {"what": "nightly soak, random demo model, 64x64, 2 steps", "date": date.today().isoformat(),
               "images": args.images, "workers": args.workers, "cpus": os.cpu_count()}
     result["rss_start_mib"] = round(rss_mib(), 1)
     peak = Peak()

@@ -3,7 +3,7 @@
     python3 bench/vae_cpu.py --out vae_cpu.json
     python3 bench/vae_cpu.py --models demo --sizes 1024 2048 --out demo.json
 
-Models: `demo` (the demo pipeline's VAE) and `sd` (a full-size SD 1.x VAE, random weights, seed 0).
+Models: `demo` (the random demo's VAE, model=demo_random) and `sd` (a full-size SD 1.x VAE, random weights, seed 0).
 The latent is random normal (seed 0), 1/8 of the image side. Variants:
 
 - `full`: `vae.decode(z).sample`, the reference;

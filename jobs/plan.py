@@ -10,8 +10,8 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 
 from . import sources
 from .images import EXTENSIONS, sha256_file
-from .spec import (ModelConfig, TesseraConfig, check_init_image, effective_prompt, init_images, partition_date,
-                   scheduler_of, validate)
+from .spec import (DEMO_WEIGHTS, ModelConfig, TesseraConfig, check_init_image, effective_prompt, init_images,
+                   partition_date, scheduler_of, validate)
 
 
 class RegionPrompt(NamedTuple):
@@ -133,6 +133,17 @@ def _real(path) -> str:
     return os.path.realpath(os.path.expanduser(path))
 
 
+def model_path_key(m: ModelConfig) -> Optional[str]:
+    """What the image id knows of the weights' place: the real path of a folder or file, the shipped demo's
+    weights by name (its folder moves with the install), nothing for random weights built in code (the random
+    demo's cache folder holds what its builder makes wherever it is)."""
+    if m.weights != "pretrained" or m.name == "demo_random":
+        return None
+    if m.name == "demo":
+        return f"tessera:{DEMO_WEIGHTS}"
+    return _real(m.path)
+
+
 def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[str] = None) -> str:
     """First 16 hex chars of sha256 over everything that changes the pixels, and nothing else.
 
@@ -143,7 +154,7 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
     pretrained = m.weights == "pretrained"
     key = {
         "model": m.name, "dtype": m.dtype,
-        "model_path": _real(m.path) if pretrained and m.name != "demo" else None,
+        "model_path": model_path_key(m),
         "prompt": effective_prompt(j, prompt), "negative_prompt": j.negative_prompt, "seed": int(seed),
         "width": int(j.width), "height": int(j.height), "steps": int(j.steps),
         "guidance": float(j.guidance), "scheduler": scheduler_of(cfg),

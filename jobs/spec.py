@@ -25,10 +25,15 @@ MAX_SIDE = 16384  # pixels; 16K is already 256 Mpx
 MAX_STEPS = 1000
 MAX_GUIDANCE = 50.0
 
-# model.name -> family; models/ holds one adapter per family (models.FAMILIES).
-MODEL_FAMILIES = {"demo": "sd", "sd15": "sd", "sdxl": "sdxl", "z_image": "z_image", "lumina2": "lumina2",
-                  "newbie": "newbie"}
+# model.name -> family; models/ holds one adapter per family (models.FAMILIES).  `demo` is the trained landscape model
+# shipped in the package (models/scenes-sd); `demo_random` a tiny random-weight SD 1.x pipeline built in code (tests).
+MODEL_FAMILIES = {"demo": "sd", "demo_random": "sd", "sd15": "sd", "sdxl": "sdxl", "z_image": "z_image",
+                  "lumina2": "lumina2", "newbie": "newbie"}
 MODEL_NAMES = tuple(MODEL_FAMILIES)
+DEMO_MODELS = ("demo", "demo_random")  # weights that come with Tessera: no model.path, no model.config
+# What the shipped demo's weights are, for image ids (its folder's place on disk depends on the install, its pixels
+# do not): change it with the weights.
+DEMO_WEIGHTS = "scenes-sd-2026-12-01"
 # The pipeline class a family's diffusers folder holds (model_index.json's _class_name); NewbiePipeline is not in
 # diffusers, models/newbie.py holds it.
 FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
@@ -87,8 +92,9 @@ class ConfigError(TesseraError, ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "demo"  # demo | sd15 | sdxl | z_image | lumina2 | newbie: picks the family (MODEL_FAMILIES)
-    path: Optional[str] = None  # a local diffusers folder or one .safetensors file; demo: its cache folder
+    name: str = "demo"  # demo | demo_random | sd15 | sdxl | z_image | lumina2 | newbie: the family (MODEL_FAMILIES)
+    path: Optional[str] = None  # a local diffusers folder or one .safetensors file; demo: none (shipped);
+    #                             demo_random: its cache folder (None: $TESSERA_CACHE/demo-v1)
     config: Optional[str] = None  # for a single-file path: a local diffusers folder with the pipeline's configs
     #                               (for a DiT's transformer-only file, its other components' weights too)
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -342,9 +348,10 @@ def validate_model(m: ModelConfig) -> None:
     _one_of("model.offload", m.offload, OFFLOADS)
     family = MODEL_FAMILIES[m.name]
     if m.weights == "random":
-        _check(m.name != "demo", "model.weights", m.weights,
-               "the demo model is random already; random builds a full-size family (model="
-               f"{' or '.join(n for n in MODEL_NAMES if n != 'demo')})")
+        _check(m.name not in DEMO_MODELS, "model.weights", m.weights,
+               "random builds a family's full-size architecture (model="
+               f"{' or '.join(n for n in MODEL_NAMES if n not in DEMO_MODELS)}); the small random-weight demo is "
+               "model=demo_random")
         for name, value in (("model.path", m.path), ("model.config", m.config)):
             _check(not value, name, value, "not used with model.weights=random (the architecture is built in code); "
                    "unset it")
@@ -353,7 +360,10 @@ def validate_model(m: ModelConfig) -> None:
         _check(m.trust_remote_code, "model.trust_remote_code", m.trust_remote_code,
                f"model={m.name} runs code shipped with its weights; set it to true only for weights you trust")
     if m.name == "demo":
-        _check(not m.config, "model.config", m.config, "only for a single-file model.path; not for the demo model")
+        _check(not m.path, "model.path", m.path, "the demo model's weights ship with Tessera (models/scenes-sd); "
+               "for other weights of its layout use model=sd15 model.path=...")
+    if m.name in DEMO_MODELS:
+        _check(not m.config, "model.config", m.config, "only for a single-file model.path; not for the demo models")
         return
     _check(bool(m.path), "model.path", m.path,
            f"model={m.name} needs a local diffusers folder or a .safetensors file")

@@ -1,5 +1,12 @@
-"""A tiny random-weight Stable-Diffusion-1.x-style pipeline for tests and demos.
+"""The demo models: the trained landscape model shipped with Tessera, and a tiny random-weight pipeline for tests.
 
+``model=demo`` is ``models/scenes-sd/`` (package data, 25 MB, :func:`shipped_demo_path`): the test bed of
+``../shared/testbed``, a small pipeline in the Stable Diffusion 1.x layout (8.7 M-parameter UNet, 4-channel 8x VAE,
+a CLIP text encoder over a character vocabulary, DDIM) trained on procedural landscapes at 256x256.  It draws one
+sun (or moon), one horizon with mountains, and the palette its prompt names: ``a dusk landscape``, ``a day
+landscape``, ``a night landscape``.  It loads like any local SD 1.x folder.
+
+``model=demo_random`` is the random-weight pipeline below, for tests where what a picture shows does not matter.
 Nothing here reaches a model hub.  ``build_demo_pipeline`` builds every component in code (the
 tokenizer from a vocabulary written to a temporary folder), ``ensure_demo`` saves it once with
 ``save_pretrained`` into a cache folder, and ``load_demo_pipeline`` loads it back with
@@ -41,6 +48,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 __all__ = [
     "DEMO_VERSION",
+    "SHIPPED_DEMO",
+    "shipped_demo_path",
     "default_demo_path",
     "build_demo_pipeline",
     "ensure_demo",
@@ -69,8 +78,25 @@ _MERGES = [
 ]
 
 
+# The trained demo's folder, package data of `models` (pyproject.toml's package-data), so an editable install, a
+# wheel and a plain checkout all carry it.
+SHIPPED_DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenes-sd")
+
+
+def shipped_demo_path() -> str:
+    """The folder of the trained demo model (``model=demo``), or an error saying the install lacks it."""
+    if not os.path.isfile(os.path.join(SHIPPED_DEMO, "model_index.json")):
+        from jobs.spec import ConfigError
+
+        raise ConfigError(
+            "model.name", "demo", f"its weights are missing from {SHIPPED_DEMO} (package data of Tessera's "
+            "`models`); reinstall Tessera (python3 -m pip install -e .), or use model=demo_random (random weights)"
+        )
+    return SHIPPED_DEMO
+
+
 def default_demo_path() -> str:
-    """``$TESSERA_CACHE/demo-v<version>``, or ``~/.cache/tessera/demo-v<version>``."""
+    """The random demo's cache folder: ``$TESSERA_CACHE/demo-v<version>``, or ``~/.cache/tessera/demo-v<version>``."""
     root = os.environ.get("TESSERA_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "tessera"
     )

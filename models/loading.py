@@ -37,8 +37,12 @@ def pick_device_dtype(dtype: str):
 
 
 def resolve_path(model_cfg) -> str:
-    """The local folder or file of the model's weights (building the demo model on first use)."""
+    """The local folder or file of the model's weights: the shipped demo's package folder, the random demo's
+    cache folder (built on first use), or `model.path`."""
     if model_cfg.name == "demo":
+        from .demo import shipped_demo_path
+        return shipped_demo_path()
+    if model_cfg.name == "demo_random":
         from .demo import ensure_demo
         return ensure_demo(os.path.expanduser(model_cfg.path) if model_cfg.path else None)
     return os.path.expanduser(model_cfg.path)

@@ -1,4 +1,5 @@
-"""Shared fixtures: one demo model per session (built in code, loaded from disk), one Ray per module."""
+"""Shared fixtures: one random-weight demo model per session (built in code, loaded from disk), one Ray per module;
+`compose`, the job as run.py sees it (with model=demo_random unless a test names a model)."""
 import os
 
 import pytest
@@ -8,7 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session", autouse=True)
 def demo_cache(tmp_path_factory):
-    """Every test's demo model lives in one session cache, built once, never in the user's ~/.cache."""
+    """Every test's random demo model (model=demo_random) lives in one session cache, built once, never in the
+    user's ~/.cache."""
     path = tmp_path_factory.mktemp("tessera-cache")
     old = os.environ.get("TESSERA_CACHE")
     os.environ["TESSERA_CACHE"] = str(path)
@@ -42,15 +44,22 @@ def ray_local():
     ray.shutdown()
 
 
+RANDOM = "model=demo_random"  # the random-weight demo: fast, for tests where what a picture shows does not matter
+
+
 def compose(*overrides):
-    """The job as `python run.py <overrides>` would see it, as a validated-type TesseraConfig."""
+    """The job as `python run.py model=demo_random <overrides>` would see it, as a validated-type TesseraConfig.
+
+    Tests run the random-weight demo (and the default job and tiling) unless the overrides name a model:
+    `compose("model=demo")` is the README's first command, the trained demo model with its own job and tiling."""
     from hydra import compose as hydra_compose, initialize
     from omegaconf import OmegaConf
 
     import run  # noqa: F401  registers the schema
 
+    named = any(o.lstrip("+~").startswith("model=") for o in overrides)
     with initialize(config_path="../conf", version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose("config", overrides=list(overrides)))
+        return OmegaConf.to_object(hydra_compose("config", overrides=([] if named else [RANDOM]) + list(overrides)))
 
 
 SMALL = ["job.width=196", "job.height=130", "job.steps=3", "tiling.tile=16", "tiling.overlap=4",

@@ -1,4 +1,5 @@
-"""Tests for models/demo.py: the tiny random-weight SD 1.x-style pipeline, saved and loaded offline."""
+"""Tests for models/demo.py: the shipped trained demo model (model=demo, package data), and the tiny random-weight
+SD 1.x-style pipeline (model=demo_random), saved and loaded offline."""
 
 import logging
 import os
@@ -13,10 +14,12 @@ import torch  # noqa: E402
 from models import demo  # noqa: E402
 from models.demo import (  # noqa: E402
     DEMO_VERSION,
+    SHIPPED_DEMO,
     build_demo_pipeline,
     default_demo_path,
     ensure_demo,
     load_demo_pipeline,
+    shipped_demo_path,
 )
 
 
@@ -257,3 +260,55 @@ def test_pipeline_generates_deterministic_image(pipe):
     np.testing.assert_array_equal(img, again)
     other = _generate(pipe, seed=1)
     assert not np.array_equal(img, other)
+
+
+# ------------------------------------------------------------------------ the shipped demo model (model=demo)
+
+
+def test_the_shipped_demo_is_package_data_of_models():
+    """Every file of models/scenes-sd matches pyproject.toml's package-data, so a wheel and an editable install
+    carry the whole folder (a file the globs miss would be left out of a wheel)."""
+    import fnmatch
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "models" in project["tool"]["setuptools"]["packages"]
+    globs = project["tool"]["setuptools"]["package-data"]["models"]
+    pkg = root / "models"
+    assert Path(SHIPPED_DEMO) == pkg / "scenes-sd" and shipped_demo_path() == SHIPPED_DEMO
+    files = [p.relative_to(pkg).as_posix() for p in (pkg / "scenes-sd").rglob("*") if p.is_file()]
+    assert len(files) == 10 and "scenes-sd/unet/diffusion_pytorch_model.safetensors" in files
+    # fnmatch's * also crosses "/", setuptools' does not: match part by part
+    def matches(f, g):
+        return len(f.split("/")) == len(g.split("/")) and all(map(fnmatch.fnmatchcase, f.split("/"), g.split("/")))
+    assert [f for f in files if not any(matches(f, g) for g in globs)] == []
+
+
+def test_a_missing_shipped_demo_is_one_clear_error(monkeypatch, tmp_path):
+    from jobs.spec import ConfigError
+
+    monkeypatch.setattr(demo, "SHIPPED_DEMO", str(tmp_path / "scenes-sd"))
+    with pytest.raises(ConfigError, match=r"^model.name='demo': its weights are missing from .*reinstall Tessera"):
+        shipped_demo_path()
+
+
+def test_model_demo_is_the_trained_landscape_model_with_its_own_job_and_tiling():
+    """`python3 run.py`'s defaults: the shipped model, its prompt and guidance, 256-px tiles; another model gets
+    the default job and tiling, and the command line still picks groups."""
+    from conftest import compose
+    from models import load_model
+
+    cfg = compose("model=demo")
+    assert (cfg.model.name, cfg.job.name, cfg.job.prompts, cfg.job.guidance) == ("demo", "demo", ["a dusk landscape"],
+                                                                                 4.0)
+    assert (cfg.tiling.tile, cfg.tiling.overlap) == (32, 8) and (cfg.job.width, cfg.job.height) == (3840, 2160)
+    assert cfg.job.strategy == "progressive"
+    other = compose("model=sd15")
+    assert (other.job.name, other.job.guidance, other.tiling.tile) == ("default", 7.0, 64)
+    assert compose("model=demo", "job=smoke").job.name == "smoke"
+    assert compose("model=demo", "tiling=default").tiling.tile == 64
+    m = load_model(cfg.model)
+    assert (m.family, m.native_size, m.weights_kind, m.latent_channels) == ("sd", 256, "pretrained", 4)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import SMALL, compose
+from conftest import RANDOM, SMALL, compose
 from jobs import SCHEMA, Manifest, sha256_file
 from run import render_job
 
@@ -89,7 +89,7 @@ def run_py(*args, timeout=300):
 
 
 def test_run_py_renders_and_sweeps_with_multirun(tmp_path):
-    p = run_py("-m", *SMALL, f"output.dir={tmp_path}", "job.seeds=[1],[2]", "tiling.method=uniform,gaussian",
+    p = run_py("-m", RANDOM, *SMALL, f"output.dir={tmp_path}", "job.seeds=[1],[2]", "tiling.method=uniform,gaussian",
                "cluster.workers=1")
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("1 image(s) written, 0 failed") == 4

@@ -95,7 +95,7 @@ def test_every_model_name_has_a_family_with_an_adapter_and_schedulers():
     assert family("sdxl").adapter.__name__ == "SDXLModel" and family("sd15").adapter.__name__ == "SDModel"
 
 
-@pytest.mark.parametrize("model", ["demo", "sd15", "sdxl"])
+@pytest.mark.parametrize("model", ["demo", "demo_random", "sd15", "sdxl"])
 def test_each_model_config_group_composes(model):
     cfg = compose(f"model={model}")
     assert cfg.model.name == model and cfg.model.weights == "pretrained" and cfg.model.offload == "none"
@@ -278,7 +278,7 @@ def test_options_that_need_a_gpu_or_a_package_fail_clearly_on_this_worker():
 
 def test_remote_code_families_need_trust(monkeypatch):
     monkeypatch.setattr(spec, "REMOTE_CODE_FAMILIES", ("sd",))
-    with pytest.raises(ConfigError, match=r"^model.trust_remote_code=False: model=demo runs code shipped"):
+    with pytest.raises(ConfigError, match=r"^model.trust_remote_code=False: model=demo_random runs code shipped"):
         validate(compose())
     validate(compose("model.trust_remote_code=true"))
 
@@ -352,7 +352,7 @@ def test_a_single_safetensors_file_loads_with_a_local_config_folder(tmp_path):
     """The demo model written as one original-layout .safetensors file, its configs in a weightless folder."""
     from safetensors.torch import save_file
 
-    demo_dir = resolve_path(spec.ModelConfig())
+    demo_dir = resolve_path(spec.ModelConfig(name="demo_random"))
     ref = load_demo_pipeline(demo_dir)
     ckpt = {"model.diffusion_model." + k: v for k, v in _ldm_unet(ref.unet.state_dict(), ref.unet.config).items()}
     ckpt.update({"first_stage_model." + k: v for k, v in _ldm_vae(ref.vae.state_dict(), ref.vae.config).items()})
@@ -494,5 +494,7 @@ def test_random_weights_load_through_load_model_and_are_marked(monkeypatch):
 def test_random_weights_take_no_path_and_not_the_demo(tmp_path):
     with pytest.raises(ConfigError, match=r"^model.path=.*not used with model.weights=random"):
         validate(compose("model=sdxl", "model.weights=random", f"model.path={tmp_path}"))
-    with pytest.raises(ConfigError, match=r"^model.weights='random': the demo model is random already"):
-        validate(compose("model.weights=random"))
+    for demo in ("demo", "demo_random"):
+        with pytest.raises(ConfigError, match=r"^model.weights='random': random builds a family's full-size "
+                           r"architecture \(model=sd15 or sdxl.*\); the small random-weight demo is model=demo_random"):
+            validate(compose(f"model={demo}", "model.weights=random"))

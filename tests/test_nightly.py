@@ -23,8 +23,8 @@ from jobs import Manifest, OutputBusyError, OutputLock, TesseraError, plan, sha2
 from run import render_job
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["job.width=64", "job.height=64", "job.steps=2", "tiling.tile=8", "tiling.overlap=2", "tiling.vae_tile=8",
-        "tiling.vae_overlap=2", "job.strategy=direct"]
+TINY = ["model=demo_random", "job.width=64", "job.height=64", "job.steps=2", "tiling.tile=8", "tiling.overlap=2",
+        "tiling.vae_tile=8", "tiling.vae_overlap=2", "job.strategy=direct"]
 DATE = "2026-12-01"
 PART = f"date={DATE}"
 

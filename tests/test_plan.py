@@ -63,7 +63,7 @@ def test_id_is_16_hex_and_repeatable():
 
 
 CHANGES_PIXELS = [
-    ("model", "name", "demo"), ("model", "path", "OTHER"), ("model", "dtype", "fp16"),
+    ("model", "name", "demo"), ("model", "name", "demo_random"), ("model", "path", "OTHER"), ("model", "dtype", "fp16"),
     ("job", "prompts", ["another prompt"]), ("job", "negative_prompt", "blurry"),
     ("job", "seeds", [1]), ("job", "width", 1032), ("job", "height", 520), ("job", "steps", 21),
     ("job", "guidance", 7.5), ("job", "scheduler", "ddim"),
@@ -107,9 +107,20 @@ def test_id_ignores(tmp_path, section, name, value):
     assert plan(changed)[0].image_id == plan(base)[0].image_id
 
 
-def test_demo_model_id_ignores_its_cache_folder(tmp_path):
-    a, b = make_cfg(model=dict(path=str(tmp_path / "x"))), make_cfg(model=dict(path=str(tmp_path / "y")))
+def test_random_demo_model_id_ignores_its_cache_folder(tmp_path):
+    a, b = (make_cfg(model=dict(name="demo_random", path=str(tmp_path / d))) for d in "xy")
     assert plan(a)[0].image_id == plan(b)[0].image_id
+
+
+def test_the_shipped_demo_takes_no_path_and_its_id_names_its_weights(monkeypatch):
+    """The demo's folder is where the install put it; its id says which weights it holds (so a manifest of the
+    random-weight demo, once `demo` too, is never taken for the trained one's)."""
+    with pytest.raises(ConfigError, match=r"^model.path='/w': the demo model's weights ship with Tessera"):
+        plan(make_cfg(model=dict(path="/w")))
+    ids = {plan(make_cfg(model=dict(name=n)))[0].image_id for n in ("demo", "demo_random")}
+    monkeypatch.setattr("jobs.plan.DEMO_WEIGHTS", "other-weights")
+    ids.add(plan(make_cfg())[0].image_id)
+    assert len(ids) == 3
 
 
 def test_id_of_a_pair_does_not_depend_on_the_other_prompts_or_seeds():

@@ -61,8 +61,8 @@ def head(demo_cache):
 def test_a_job_submitted_to_a_head_node_renders(head, tmp_path):
     env, address = head
     out = tmp_path / "out"
-    p = submit(env, address, "python", "run.py", "cluster=ray", "job=smoke", "job.width=128", "job.height=96",
-               "job.steps=2", f"output.dir={out}")
+    p = submit(env, address, "python", "run.py", "cluster=ray", "model=demo_random", "job=smoke", "job.width=128",
+               "job.height=96", "job.steps=2", f"output.dir={out}")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "1 image(s) written, 0 failed" in p.stdout
     (row,) = Manifest(out).rows()

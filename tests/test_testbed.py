@@ -1,5 +1,6 @@
-"""Pictures that mean something: the trained test-bed model (tests/assets/scenes-sd: one sun and one horizon in
-every scene it was trained on) through the real loader and renderer, held to its measures at 4x its width.
+"""Pictures that mean something: the trained test-bed model (`model=demo`, shipped as models/scenes-sd: one sun and
+one horizon in every scene it was trained on) through the real loader and renderer, held to its measures at 4x its
+width.
 
 Direct tiled txt2img gives one sun per tile; the progressive strategy (the default) must keep the base's one sun
 and one horizon. The VAE runs as one tile (tiling.vae_tile=128 covers these canvases), which is the full-frame
@@ -22,9 +23,9 @@ from scenes import count_suns, horizon_jumps, sun_edge_width  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TESTBED = ["model=sd15", f"model.path={ASSETS / 'scenes-sd'}", "model.dtype=fp32", "tiling.tile=32", "tiling.overlap=8",
-           "tiling.batch=8", "tiling.vae_tile=128", "tiling.vae_passes=1", "job.guidance=4", "job.steps=25",
-           "job.width=1024", "job.height=576", "job.seeds=[1]"]
+TESTBED = ["model=demo", "model.dtype=fp32", "tiling.tile=32", "tiling.overlap=8", "tiling.batch=8",
+           "tiling.vae_tile=128", "tiling.vae_passes=1", "job.guidance=4", "job.steps=25", "job.width=1024",
+           "job.height=576", "job.seeds=[1]"]
 
 
 @pytest.fixture(scope="module")
