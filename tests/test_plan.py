@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from conftest import compose
 from jobs import ConfigError, ImageRequest, TesseraConfig, image_id, plan, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +50,17 @@ def test_path_extension(fmt, ext):
 def test_default_id_is_pinned():
     # Changing how ids are computed orphans every manifest on disk: do it on purpose only.
     # Session 5: the progressive base drawn whole, the guide clock, and tiling.vae_tile=0 (auto) by default.
+    # Session 6: the random-weight demo became demo_random (its ids were ef0443b88a0a4cd7, 12586ca1c66aba3f and
+    # b79a9ac34f12103c as `demo`), and `demo` the shipped trained model, whose ids name its weights.
     cfg = TesseraConfig()
-    assert plan(cfg)[0].image_id == "ef0443b88a0a4cd7"
+    cfg.model.name = "demo_random"
+    assert plan(cfg)[0].image_id == "ad9fd443dbc42989"
     cfg.job.strategy = "direct"
-    assert plan(cfg)[0].image_id == "12586ca1c66aba3f"
-    cfg.tiling.vae_tile = 64  # a direct render with session 4's defaults keeps its id
-    assert plan(cfg)[0].image_id == "b79a9ac34f12103c"
+    assert plan(cfg)[0].image_id == "5399da7a7ec461f1"
+    cfg.tiling.vae_tile = 64
+    assert plan(cfg)[0].image_id == "699813879b103c2e"
+    assert plan(TesseraConfig())[0].image_id == "233c0fbc3a1417cc"  # the shipped demo with the default job
+    assert plan(compose("model=demo"))[0].image_id == README_FIRST_ID  # `python3 run.py`: the demo's own job
 
 
 def test_id_is_16_hex_and_repeatable():
