@@ -119,6 +119,26 @@ def test_regions_render_the_same_bytes_in_bulk_and_tile_parallel(ray_local, tmp_
     assert images["bulk"] == images["tile_parallel"] != images["none"]
 
 
+def test_the_default_job_draws_one_landscape_with_the_shipped_demo(ray_local, tmp_path):
+    """`python3 run.py`'s job (model=demo: the trained model with its own job and tiling) at 512x288 instead of
+    3840x2160: the demo's prompt and seed, a base at the model's own area and one enlarged stage, one sun and one
+    horizon (at 3840x2160: BENCHMARKS.md "CPU: the default job")."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tests" / "assets"))
+    from scenes import count_suns, horizon_jumps
+
+    s = render_job(compose("model=demo", "job.width=512", "job.height=288", f"output.dir={tmp_path}"),
+                   show_progress=False)
+    assert (s["written"], s["failed"]) == (1, 0)
+    (row,) = Manifest(tmp_path).rows()
+    assert (row["model"], row["job"], row["prompt"], row["seed"], row["guidance"], row["tiling_method"], row["tile"]) \
+        == ("demo", "demo", "a dusk landscape", 1, 4.0, "shifted", 32)
+    assert row["stages"] == "344x192>512x288" and row["path"] == f"images/demo/{row['image_id']}.png"
+    pixels = np.asarray(Image.open(tmp_path / row["path"]).convert("RGB"))
+    assert pixels.shape == (288, 512, 3) and count_suns(pixels) == 1 and horizon_jumps(pixels) < 0.05
+
+
 def test_run_py_cfg_job_shows_the_resolved_job():
     p = run_py("--cfg", "job", "job.width=1920", "model.dtype=fp16", timeout=60)
     assert p.returncode == 0 and "width: 1920" in p.stdout and "dtype: fp16" in p.stdout

@@ -60,7 +60,7 @@ def test_default_id_is_pinned():
     cfg.tiling.vae_tile = 64
     assert plan(cfg)[0].image_id == "699813879b103c2e"
     assert plan(TesseraConfig())[0].image_id == "233c0fbc3a1417cc"  # the shipped demo with the default job
-    assert plan(compose("model=demo"))[0].image_id == README_FIRST_ID  # `python3 run.py`: the demo's own job
+    assert plan(compose("model=demo"))[0].image_id == "8ba4849d66c9fac3"  # `python3 run.py`: the demo's own job
 
 
 def test_id_is_16_hex_and_repeatable():
@@ -102,6 +102,8 @@ def test_id_changes_with(tmp_path, section, name, value):
     base = _base(tmp_path)
     changed = _base(tmp_path)
     setattr(getattr(changed, section), name, str(tmp_path / value) if value == "OTHER" else value)
+    if (section, name, value) == ("model", "name", "demo"):
+        changed.model.path = None  # the shipped demo takes none
     assert plan(changed)[0].image_id != plan(base)[0].image_id
 
 
@@ -124,7 +126,7 @@ def test_the_shipped_demo_takes_no_path_and_its_id_names_its_weights(monkeypatch
     with pytest.raises(ConfigError, match=r"^model.path='/w': the demo model's weights ship with Tessera"):
         plan(make_cfg(model=dict(path="/w")))
     ids = {plan(make_cfg(model=dict(name=n)))[0].image_id for n in ("demo", "demo_random")}
-    monkeypatch.setattr("jobs.plan.DEMO_WEIGHTS", "other-weights")
+    monkeypatch.setattr(sys.modules["jobs.plan"], "DEMO_WEIGHTS", "other-weights")
     ids.add(plan(make_cfg())[0].image_id)
     assert len(ids) == 3
 
