@@ -30,9 +30,9 @@ MAX_GUIDANCE = 50.0
 MODEL_FAMILIES = {"demo": "sd", "demo_random": "sd", "sd15": "sd", "sdxl": "sdxl", "z_image": "z_image",
                   "lumina2": "lumina2", "newbie": "newbie"}
 MODEL_NAMES = tuple(MODEL_FAMILIES)
-DEMO_MODELS = ("demo", "demo_random")  # weights that come with Tessera: no model.path, no model.config
-# What the shipped demo's weights are, for image ids (its folder's place on disk depends on the install, its pixels
-# do not): change it with the weights.
+DEMO_MODELS = ("demo", "demo_random")  # weights that come with Tessera (no model.config; demo: no model.path either)
+# Which weights the shipped demo holds, for image ids (its folder's place on disk depends on the install, its pixels
+# do not): the test bed of ../shared/testbed as copied into the project on 2026-12-01; a new name with new weights.
 DEMO_WEIGHTS = "scenes-sd-2026-12-01"
 # The pipeline class a family's diffusers folder holds (model_index.json's _class_name); NewbiePipeline is not in
 # diffusers, models/newbie.py holds it.

@@ -1,4 +1,5 @@
-"""The progressive strategy: stage geometry, the img2img start, dilated views, and the stages on the demo model."""
+"""The progressive strategy: stage geometry, the img2img start, dilated views, and the stages on the random-weight
+demo model."""
 import math
 
 import pytest
@@ -124,7 +125,7 @@ from conftest import SMALL, compose  # noqa: E402
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """One demo-model renderer for the module, writing under one folder, keeping every stage's picture."""
+    """One random-demo renderer for the module, writing under one folder, keeping every stage's picture."""
     from cluster.renderer import Renderer
 
     out = tmp_path_factory.mktemp("progressive")

@@ -1,5 +1,5 @@
 """The seam score, the heat map and the inspect command, on images whose seams are known; the score's
-bounds on demo-model renders (a naive tiler scores clearly above 1, Tessera's methods within 5% of 1)."""
+bounds on random-demo renders (a naive tiler scores clearly above 1, Tessera's methods within 5% of 1)."""
 import math
 import os
 import re
@@ -196,7 +196,7 @@ def test_border_lines_of_a_wrapped_grid_take_edges_modulo_the_side():
     assert border_lines(tiles, 40, 100)[0].tolist() == [20, 32]  # unwrapped, the wrapped ends are lost
 
 
-# ------------------------------------------------------------------ seam-score bounds on demo-model renders
+# ------------------------------------------------------------------ seam-score bounds on random-demo renders
 # 768 x 512 px, 10 steps: a 96 x 64 latent in denoise tiles of 16 (128 px; 6 x 4 side by side) and VAE
 # tiles of 32 (256 px). The bounds' margins over seeds 0-7 are in BENCHMARKS.md ("Seams").
 
@@ -206,7 +206,8 @@ DEMO = ["job.width=768", "job.height=512", "job.steps=10", "tiling.tile=16", "ti
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """A renderer of the demo model, and the config of a demo render with the given overrides."""
+    """A renderer of the random-weight demo model (textured pictures), and the config of a render with the given
+    overrides."""
     from cluster.renderer import Renderer
     from conftest import compose
 
