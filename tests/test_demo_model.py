@@ -313,3 +313,19 @@ def test_model_demo_is_the_trained_landscape_model_with_its_own_job_and_tiling()
     assert compose("model=demo", "tiling=default").tiling.tile == 64
     m = load_model(cfg.model)
     assert (m.family, m.native_size, m.weights_kind, m.latent_channels) == ("sd", 256, "pretrained", 4)
+
+
+@pytest.mark.parametrize("model", ["demo", "demo_random"])
+def test_every_job_and_tiling_option_composes_under_either_demo(model):
+    from pathlib import Path
+
+    from conftest import compose
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for group in ("job", "tiling"):
+        for option in sorted(p.stem for p in (conf / group).glob("*.yaml")):
+            cfg = compose(f"model={model}", f"{group}={option}")
+            assert cfg.model.name == model
+            if group == "job":
+                assert cfg.job.name == option
+    assert compose("model=demo", "tiling=default").job.name == "demo"  # a group chosen alone leaves the other
