@@ -66,6 +66,8 @@ class ImageRequest:
     dilation: float = 0.5
     strength_decay: float = 1.0
     guide_clock: str = "stage"
+    anchor: float = 0.0
+    anchor_sigma: float = 1.0
     init_image: Optional[str] = None  # the picture an img2img render starts from
     init_sha256: Optional[str] = None
     init_size: Optional[Tuple[int, int]] = None  # its (width, height)
@@ -101,7 +103,10 @@ class ImageRequest:
                                                 ("Skip residual", self.skip_residual, 0.0),
                                                 ("Dilation", self.dilation, 0.0),
                                                 ("Strength decay", self.strength_decay, 1.0),
-                                                ("Guide clock", self.guide_clock, "stage")) if value != off]
+                                                ("Guide clock", self.guide_clock, "stage"),
+                                                ("Anchor", self.anchor, 0.0)) if value != off]
+            if self.anchor:
+                fields.append(f"Anchor sigma: {self.anchor_sigma:g}")
         if self.init_image:
             fields.append(f"Init image: {os.path.basename(self.init_image)} sha256 {self.init_sha256}")
         if self.strategy == "progressive" or self.init_image:
@@ -163,6 +168,8 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
             key["strength_decay"] = float(j.strength_decay)
         if j.guide_clock != "schedule":
             key["guide_clock"] = j.guide_clock
+        if j.anchor:
+            key["anchor"] = [float(j.anchor), float(j.anchor_sigma)]
     if m.config:
         key["model_config"] = _real(m.config)
     if j.regions:  # no regions: the ids they had before
@@ -219,7 +226,8 @@ class Plan:
                         strategy=j.strategy, strength=float(j.strength), stage_factor=float(j.stage_factor),
                         base_size=int(j.base_size), upscale=j.upscale, skip_residual=float(j.skip_residual),
                         dilation=float(j.dilation), strength_decay=float(j.strength_decay),
-                        guide_clock=j.guide_clock, init_image=init, init_sha256=sha, init_size=size,
+                        guide_clock=j.guide_clock, anchor=float(j.anchor), anchor_sigma=float(j.anchor_sigma),
+                        init_image=init, init_sha256=sha, init_size=size,
                         regions=regions_of(j))
 
 

@@ -137,6 +137,9 @@ class JobConfig:
     strength_decay: float = 1.0  # the k-th enlarged stage runs strength * strength_decay ** (k - 1) of its schedule
     guide_clock: str = "stage"  # the skip residual's and dilation's cosine weights run over the whole schedule
     #                                (DemoFusion's, whose stages start from noise) or over each stage's own steps
+    anchor: float = 0.0  # each enlarged stage's predicted clean canvas keeps its reference's low frequencies by this
+    #                      weight (0: off, 1: exactly; tiling.progressive.low_pass_anchor)
+    anchor_sigma: float = 1.0  # that low-pass Gaussian's sigma, in the previous stage's latent pixels
     init_image: Optional[str] = None  # img2img / upscaling: a picture, a folder of them, or a Parquet file whose
     #                                   `init_image` (or `path`) column lists them; the stages start from it
     date: Optional[str] = None  # null: no partition; "today" or YYYY-MM-DD: images/ and manifest/ under date=<day>/
@@ -280,6 +283,10 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     _check(_number(j.strength_decay) and 0.0 < j.strength_decay <= 1.0, "job.strength_decay", j.strength_decay,
            "must be a number in (0, 1]: each enlarged stage's strength over the one before")
     _one_of("job.guide_clock", j.guide_clock, GUIDE_CLOCKS)
+    _check(_number(j.anchor) and 0.0 <= j.anchor <= 1.0, "job.anchor", j.anchor,
+           "must be a number in [0, 1]: how much of the reference's low frequencies each enlarged stage keeps")
+    _check(_number(j.anchor_sigma) and 0.1 <= j.anchor_sigma <= 8.0, "job.anchor_sigma", j.anchor_sigma,
+           "must be a number from 0.1 to 8: the low-pass blur's sigma in the previous stage's latent pixels")
     if j.init_image is not None:  # what it lists is read once, when the job is planned (init_images)
         _check(os.path.exists(os.path.expanduser(j.init_image)), "job.init_image", j.init_image,
                "no such file or folder")
