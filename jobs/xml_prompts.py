@@ -89,17 +89,13 @@ def is_xml(text: str) -> bool:
     return isinstance(text, str) and _START.match(text) is not None
 
 
-def _bad(field: str, tag: str, why: str) -> ConfigError:
-    return ConfigError(field, tag, why)
-
-
 def tags_of(text: str) -> List[str]:
     """A field's comma-separated tags, stripped, empty ones dropped."""
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _norm(tag: str) -> str:
-    return re.sub(r"[\s]+", "_", tag.strip().lower())
+    return re.sub(r"\s+", "_", tag.strip().lower())
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -125,15 +121,14 @@ def _malformed(text: str, error: ET.ParseError, field: str) -> ConfigError:
     the parser stopped inside."""
     found = _unbalanced(text)
     if found:
-        return _bad(field, found[0], f"malformed XML: {found[1]}")
+        return ConfigError(field, found[0], f"malformed XML: {found[1]}")
     line, column = error.position
     column -= len(_WRAP) + 2 if line == 1 else 0
     offset = sum(len(s) + 1 for s in text.split("\n")[:line - 1]) + column
     inside = _unbalanced(text[:offset], at_end=False)
     why = str(error).split(":")[0]
-    return _bad(field, inside or "(between the sections)",
-                f"malformed XML at line {line}, column {column + 1}: {why} (write &, < and > in a tag as &amp;, "
-                "&lt; and &gt;)")
+    return ConfigError(field, inside or "(between the sections)", f"malformed XML at line {line}, column "
+                       f"{column + 1}: {why} (write &, < and > in a tag as &amp;, &lt; and &gt;)")
 
 
 def _unbalanced(text: str, at_end: bool = True):
@@ -159,29 +154,29 @@ def _unbalanced(text: str, at_end: bool = True):
 
 def _no_loose_text(text: Optional[str], where: str, field: str) -> None:
     if text and text.strip():
-        raise _bad(field, text.strip()[:40], f"text outside the sections (after {where}): an XML prompt is "
-                   "<character_1> ... <character_4>, <general_tags> and <caption> elements, nothing between them")
+        raise ConfigError(field, text.strip()[:40], f"text outside the sections (after {where}): an XML prompt "
+                          "is <character_1> ... <character_4>, <general_tags> and <caption> elements, nothing between")
 
 
 def _section(el: ET.Element, field: str) -> Section:
     """One top-level element as a Section: a known section, no attributes, fields of text only, each once."""
     if el.tag not in GENERAL and not _CHARACTER.match(el.tag):
-        raise _bad(field, f"<{el.tag}>", "unknown section: an XML prompt holds <character_1> ... <character_4>, "
-                   "<general_tags> and <caption>")
+        raise ConfigError(field, f"<{el.tag}>", "unknown section: an XML prompt holds <character_1> ... "
+                          "<character_4>, <general_tags> and <caption>")
     _no_attributes(el, f"<{el.tag}>", field)
     if el.tag == "caption":
         _leaf(el, f"<{el.tag}>", field)
         return Section("caption", (("caption", (el.text or "").strip()),))
     if el.text and el.text.strip():
-        raise _bad(field, f"<{el.tag}>", f"holds text outside its fields ({el.text.strip()[:40]!r}): put it in a "
-                   "field such as <appearance> or <other>")
+        raise ConfigError(field, f"<{el.tag}>", f"holds text outside its fields ({el.text.strip()[:40]!r}): put it "
+                          "in a field such as <appearance> or <other>")
     fields, seen = [], set()
     for child in el:
         name = f"<{el.tag}><{child.tag}>"
         _no_attributes(child, name, field)
         _leaf(child, name, field)
         if child.tag in seen:
-            raise _bad(field, name, "given twice: write each field once, its tags comma-separated")
+            raise ConfigError(field, name, "given twice: write each field once, its tags comma-separated")
         seen.add(child.tag)
         _no_loose_text(child.tail, f"</{child.tag}> in <{el.tag}>", field)
         fields.append((child.tag, (child.text or "").strip()))
@@ -190,13 +185,14 @@ def _section(el: ET.Element, field: str) -> Section:
 
 def _no_attributes(el: ET.Element, name: str, field: str) -> None:
     if el.attrib:
-        raise _bad(field, name, f"XML attributes ({', '.join(el.attrib)}) are not read: write values as fields")
+        raise ConfigError(field, name, f"XML attributes ({', '.join(el.attrib)}) are not read: write values as "
+                          "fields")
 
 
 def _leaf(el: ET.Element, name: str, field: str) -> None:
     if len(el):
-        raise _bad(field, f"{name}<{el[0].tag}>", "nesting deeper than two levels: a section (<character_N>, "
-                   "<general_tags>) holds fields, and a field holds text (comma-separated tags)")
+        raise ConfigError(field, f"{name}<{el[0].tag}>", "nesting deeper than two levels: a section "
+                          "(<character_N>, <general_tags>) holds fields, and a field holds text (comma-separated tags)")
 
 
 def _check_sections(sections: List[Section], field: str) -> None:
@@ -205,20 +201,21 @@ def _check_sections(sections: List[Section], field: str) -> None:
     seen, places = set(), {}
     for s in sections:
         if s.tag in seen:
-            raise _bad(field, f"<{s.tag}>", "given twice: write each section once")
+            raise ConfigError(field, f"<{s.tag}>", "given twice: write each section once")
         seen.add(s.tag)
         if s.tag in GENERAL:
             continue
         number = int(_CHARACTER.match(s.tag).group(1))
         if number > MAX_CHARACTERS:
-            raise _bad(field, f"<{s.tag}>", f"more than four characters: NewBie's XML prompts hold "
-                       f"<character_1> ... <character_{MAX_CHARACTERS}>")
+            raise ConfigError(field, f"<{s.tag}>", f"more than four characters: NewBie's XML prompts hold "
+                              f"<character_1> ... <character_{MAX_CHARACTERS}>")
         if number < 1:
-            raise _bad(field, f"<{s.tag}>", f"characters are numbered <character_1> ... <character_{MAX_CHARACTERS}>")
+            raise ConfigError(field, f"<{s.tag}>",
+                              f"characters are numbered <character_1> ... <character_{MAX_CHARACTERS}>")
         place = position_of(s, field)
         if place and place in places:
-            raise _bad(field, f"<{s.tag}><position>", f"{place!r} is <{places[place]}>'s position too: give each "
-                       "character its own")
+            raise ConfigError(field, f"<{s.tag}><position>", f"{place!r} is <{places[place]}>'s position too: give "
+                              "each character its own")
         if place:
             places[place] = s.tag
         _check_conflicts(s, field)
@@ -231,9 +228,9 @@ def position_of(s: Section, field: str = "prompt") -> Optional[str]:
         return None
     place = re.sub(r"[\s-]+", "_", raw.strip().lower()).replace("centre", "center")
     if place not in POSITIONS:
-        raise _bad(field, f"<{s.tag}><position>", f"unknown position {raw!r}: a column ({', '.join(COLUMNS)}), "
-                   f"optionally after a row ({', '.join(r + '_' for r in ROWS if r)}), or a row alone "
-                   "(README: the position table)")
+        raise ConfigError(field, f"<{s.tag}><position>", f"unknown position {raw!r}: a column "
+                          f"({', '.join(COLUMNS)}), optionally after a row ({', '.join(r + '_' for r in ROWS if r)}), "
+                          "or a row alone (README: the position table)")
     return place
 
 
@@ -262,8 +259,8 @@ def _check_conflicts(s: Section, field: str) -> None:
         if attribute in seen and seen[attribute][0] != value:
             _, first, where = seen[attribute]
             exempt = EXEMPT.get(attribute)
-            raise _bad(field, f"<{s.tag}>", f"conflicting {attribute}s: {first} (<{where}>) and {t} (<{name}>)"
-                       + (f"; one a character, or add {exempt[0]}" if exempt else "; one a character"))
+            raise ConfigError(field, f"<{s.tag}>", f"conflicting {attribute}s: {first} (<{where}>) and {t} "
+                              f"(<{name}>); one a character" + (f", or add {exempt[0]}" if exempt else ""))
         seen.setdefault(attribute, (value, t, name))
 
 

@@ -42,7 +42,8 @@ TWO = """<character_1>
 <background>city, night &amp; rain</background>
 </general_tags>"""
 
-GENERAL_XML = "<general_tags>\n<style>anime_style</style>\n<background>city, night &amp; rain</background>\n</general_tags>"
+GENERAL_XML = ("<general_tags>\n<style>anime_style</style>\n<background>city, night &amp; rain</background>\n"
+               "</general_tags>")
 
 
 def newbie_cfg(*prompts, **job) -> TesseraConfig:
@@ -186,15 +187,17 @@ def test_all_placed_leaves_the_general_tags_as_background_and_count_and_caption_
     p = ("<character_1><n>a</n><position>left</position></character_1>"
          "<general_tags><count>1girl</count><caption>A girl.</caption></general_tags><caption>A girl.</caption>")
     split = xp.expand(p, "newbie")
-    assert split.background == "" and split.regions == ((xp.POSITIONS["left"], "<character_1>\n<n>a</n>\n</character_1>"),)
+    assert split.background == ""
+    assert split.regions == ((xp.POSITIONS["left"], "<character_1>\n<n>a</n>\n</character_1>"),)
 
 
 def test_other_families_get_tags():
     split = xp.expand(TWO, "sdxl")
     assert split.format == "tags"
     assert split.background == "len, 1boy, anime style, city, night & rain"
-    assert [t for _, t in split.regions] == ["miku, 1girl, blue hair, blue eyes, twintails, anime style, city, night & rain",
-                                             "rin, 1girl, blonde hair, anime style, city, night & rain"]
+    assert [t for _, t in split.regions] == [
+        "miku, 1girl, blue hair, blue eyes, twintails, anime style, city, night & rain",
+        "rin, 1girl, blonde hair, anime style, city, night & rain"]
     whole = xp.expand("<character_1><n>hatsune_miku</n><position></position></character_1>"
                       "<general_tags><count>1girl</count><other>^_^</other></general_tags>", "sd")
     assert whole == xp.XmlSplit("tags", "hatsune miku, 1girl, ^_^", ())  # not split: <count> stays
