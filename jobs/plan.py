@@ -8,10 +8,10 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional, Tuple
 
-from . import sources
+from . import sources, xml_prompts
 from .images import EXTENSIONS, sha256_file
-from .spec import (ModelConfig, TesseraConfig, check_init_image, effective_prompt, init_images, partition_date,
-                   scheduler_of, validate)
+from .spec import (MODEL_FAMILIES, ModelConfig, RegionConfig, TesseraConfig, check_init_image, effective_prompt,
+                   init_images, partition_date, scheduler_of, validate)
 
 
 class RegionPrompt(NamedTuple):
@@ -36,13 +36,31 @@ def regions_of(job) -> Tuple[RegionPrompt, ...]:
                               float(r.weight), float(r.feather)) for r in job.regions)
 
 
+def xml_split(cfg: TesseraConfig, prompt: str) -> Optional[xml_prompts.XmlSplit]:
+    """The effective prompt `prompt` split by its characters' positions if it is an XML prompt (jobs.xml_prompts:
+    XML for model=newbie, tags for the other families), else None."""
+    return xml_prompts.expand(prompt, MODEL_FAMILIES[cfg.model.name])
+
+
+def prompts_of_row(cfg: TesseraConfig, job, prompt: str) -> Tuple[str, Tuple[RegionPrompt, ...]]:
+    """(the background prompt as encoded, the regions: `job.regions`, then an XML prompt's placed characters, each
+    weight 1 and feather 0.05 under the job's negative prompt) of the raw prompt `prompt`."""
+    effective = effective_prompt(job, prompt)
+    split = xml_split(cfg, effective)
+    if split is None:
+        return effective, regions_of(job)
+    default = RegionConfig()
+    return split.background, regions_of(job) + tuple(
+        RegionPrompt(box, text, job.negative_prompt, default.weight, default.feather) for box, text in split.regions)
+
+
 @dataclass(frozen=True)
 class ImageRequest:
     """One image to render: what the renderer and the manifest need to know of it."""
 
     image_id: str
     job: str
-    prompt: str  # the effective prompt (job.prompt_template applied): what the model encodes
+    prompt: str  # the effective prompt (job.prompt_template applied; an XML prompt's background): what is encoded
     negative_prompt: str
     seed: int
     model: str  # model.name; "<name>+random" for model.weights=random (model_label)
@@ -71,7 +89,8 @@ class ImageRequest:
     init_image: Optional[str] = None  # the picture an img2img render starts from
     init_sha256: Optional[str] = None
     init_size: Optional[Tuple[int, int]] = None  # its (width, height)
-    regions: Tuple[RegionPrompt, ...] = ()  # region prompts over `prompt`, the background
+    regions: Tuple[RegionPrompt, ...] = ()  # region prompts over `prompt`, the background (an XML prompt's
+    #                                         placed characters after job.regions)
 
     def prompt_pairs(self) -> Tuple[Tuple[str, str], ...]:
         """(prompt, negative) of the background and of each region: what `TileBatch.prompt` indexes."""
@@ -174,6 +193,9 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
         key["model_config"] = _real(m.config)
     if j.regions:  # no regions: the ids they had before
         key["regions"] = [r.as_dict() for r in regions_of(j)]
+    split = xml_split(cfg, key["prompt"])
+    if split is not None:  # what an XML prompt is encoded as: its format, background and placed characters
+        key["xml"] = split.key()
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -209,6 +231,7 @@ class Plan:
         self.duplicates = 0
         for prompt, j in sources.prompt_rows(cfg.job):
             row_cfg = cfg if j is cfg.job else dataclasses.replace(cfg, job=j)
+            encoded, regions = prompts_of_row(cfg, j, prompt)
             for init, sha, size in self.inits:
                 for seed in j.seeds:
                     iid = image_id(row_cfg, prompt, seed, sha)
@@ -218,7 +241,7 @@ class Plan:
                         continue
                     seen.add(key)
                     yield ImageRequest(
-                        image_id=iid, job=j.name, prompt=effective_prompt(j, prompt),
+                        image_id=iid, job=j.name, prompt=encoded,
                         negative_prompt=j.negative_prompt, seed=int(seed), model=model_label(cfg.model),
                         width=int(j.width), height=int(j.height), steps=int(j.steps), guidance=float(j.guidance),
                         scheduler=scheduler_of(row_cfg), tiling_method=t.method, tile=int(t.tile),
@@ -227,8 +250,7 @@ class Plan:
                         base_size=int(j.base_size), upscale=j.upscale, skip_residual=float(j.skip_residual),
                         dilation=float(j.dilation), strength_decay=float(j.strength_decay),
                         guide_clock=j.guide_clock, anchor=float(j.anchor), anchor_sigma=float(j.anchor_sigma),
-                        init_image=init, init_sha256=sha, init_size=size,
-                        regions=regions_of(j))
+                        init_image=init, init_sha256=sha, init_size=size, regions=regions)
 
 
 def plan(cfg: TesseraConfig) -> list[ImageRequest]:

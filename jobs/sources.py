@@ -24,7 +24,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, List, Tuple
 
-from .spec import ConfigError, JobConfig, check_job_values
+from . import xml_prompts
+from .spec import ConfigError, JobConfig, check_job_values, effective_prompt
 
 ROW_KEYS = ("prompt", "negative_prompt", "seeds", "width", "height", "steps", "guidance", "strategy")
 OVERRIDES = ROW_KEYS[1:]
@@ -93,11 +94,17 @@ def rows(source: str) -> Iterator[PromptRow]:
 
 
 def count(source: str, base: JobConfig) -> Tuple[int, int]:
-    """(rows, images before duplicates: each row's seeds) of `source`, every row read and checked once."""
+    """(rows, images before duplicates: each row's seeds) of `source`, every row read and checked once (an XML
+    prompt too: jobs.xml_prompts)."""
     n = images = 0
     for row in rows(source):
         n += 1
-        images += len(row.job(base, source).seeds)
+        j = row.job(base, source)
+        try:
+            xml_prompts.check(effective_prompt(j, row.prompt), "prompt")
+        except ConfigError as e:
+            raise _bad(source, row.where, str(e)) from None
+        images += len(j.seeds)
     if not n:
         raise _bad(source, "", "holds no prompt (only blank lines or comments)")
     return n, images

@@ -229,6 +229,15 @@ def check_job_values(j: JobConfig) -> None:
                "seeds must be integers from 0 to 2**63-1")
 
 
+def check_xml_prompts(j: JobConfig) -> None:
+    """Every XML prompt of `job.prompts` (after the template) parses and checks (jobs.xml_prompts), or one
+    ConfigError of `job.prompts[k]` naming the tag; `job.prompt_file`'s rows are checked as they are counted."""
+    from .xml_prompts import check
+
+    for k, p in enumerate(j.prompts):
+        check(effective_prompt(j, p), f"job.prompts[{k}]")
+
+
 def partition_date(value: str) -> str:
     """`job.date` as the day of its partition, YYYY-MM-DD ("today": this machine's local date, read once)."""
     import datetime as dt
@@ -267,6 +276,7 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     for p in j.prompts:
         _check(isinstance(p, str) and p.strip() != "", "job.prompts", list(j.prompts),
                "prompts must be non-empty strings")
+    check_xml_prompts(j)
     if j.date is not None:
         partition_date(j.date)
     _one_of("job.upscale", j.upscale, UPSCALES)
