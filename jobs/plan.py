@@ -81,10 +81,10 @@ class ImageRequest:
     base_size: int = 0  # 0: the model's native size
     upscale: str = "pixel"
     skip_residual: float = 0.0
-    dilation: float = 0.5
+    dilation: float = 0.0
     strength_decay: float = 1.0
     guide_clock: str = "stage"
-    anchor: float = 0.0
+    anchor: float = 1.0
     anchor_sigma: float = 1.0
     init_image: Optional[str] = None  # the picture an img2img render starts from
     init_sha256: Optional[str] = None
@@ -123,7 +123,7 @@ class ImageRequest:
                                                 ("Dilation", self.dilation, 0.0),
                                                 ("Strength decay", self.strength_decay, 1.0),
                                                 ("Guide clock", self.guide_clock, "stage"),
-                                                ("Anchor", self.anchor, 0.0)) if value != off]
+                                                ("Anchor", self.anchor, -1.0)) if value != off]
             if self.anchor:
                 fields.append(f"Anchor sigma: {self.anchor_sigma:g}")
         if self.init_image:

@@ -133,12 +133,12 @@ class JobConfig:
     base_size: int = 0  # the base's side in pixels (its area is base_size squared); 0: the model's native size
     upscale: str = "pixel"  # between stages: pixel (decode, bicubic, encode) or latent (bicubic on the latents)
     skip_residual: float = 0.0  # DemoFusion's skip residual, the power of its cosine weight (3 in the paper); 0: off
-    dilation: float = 0.5  # DemoFusion's dilated sampling, the power of its cosine weight (1 in the paper); 0: off
+    dilation: float = 0.0  # DemoFusion's dilated sampling, the power of its cosine weight (1 in the paper); 0: off
     strength_decay: float = 1.0  # the k-th enlarged stage runs strength * strength_decay ** (k - 1) of its schedule
     guide_clock: str = "stage"  # the skip residual's and dilation's cosine weights run over the whole schedule
     #                                (DemoFusion's, whose stages start from noise) or over each stage's own steps
-    anchor: float = 0.0  # each enlarged stage's predicted clean canvas keeps its reference's low frequencies by this
-    #                      weight (0: off, 1: exactly; tiling.progressive.low_pass_anchor)
+    anchor: float = 1.0  # each enlarged stage's predicted clean canvas keeps its reference's low frequencies by this
+    #                      weight (1: exactly, 0: off; tiling.progressive.low_pass_anchor)
     anchor_sigma: float = 1.0  # that low-pass Gaussian's sigma, in the previous stage's latent pixels
     init_image: Optional[str] = None  # img2img / upscaling: a picture, a folder of them, or a Parquet file whose
     #                                   `init_image` (or `path`) column lists them; the stages start from it

@@ -48,9 +48,10 @@ def test_path_extension(fmt, ext):
 
 def test_default_id_is_pinned():
     # Changing how ids are computed orphans every manifest on disk: do it on purpose only.
-    # Session 5: the progressive base drawn whole, the guide clock, and tiling.vae_tile=0 (auto) by default.
+    # Session 5: the progressive base drawn whole, the guide clock, and tiling.vae_tile=0 (auto) by default;
+    # session 6: the stages' low-frequency anchor on, dilated sampling off (was ef0443b88a0a4cd7).
     cfg = TesseraConfig()
-    assert plan(cfg)[0].image_id == "ef0443b88a0a4cd7"
+    assert plan(cfg)[0].image_id == "1e55594e8375e94a"
     cfg.job.strategy = "direct"
     assert plan(cfg)[0].image_id == "12586ca1c66aba3f"
     cfg.tiling.vae_tile = 64  # a direct render with session 4's defaults keeps its id
@@ -72,7 +73,8 @@ CHANGES_PIXELS = [
     ("tiling", "wrap", "x"),
     ("job", "prompt_template", "archer style, {prompt}"),
     ("job", "strategy", "direct"), ("job", "strength", 0.5), ("job", "stage_factor", 1.5), ("job", "base_size", 384),
-    ("job", "upscale", "latent"), ("job", "skip_residual", 3.0), ("job", "dilation", 0.0),
+    ("job", "upscale", "latent"), ("job", "skip_residual", 3.0), ("job", "dilation", 0.5), ("job", "anchor", 0.0),
+    ("job", "anchor_sigma", 2.0),
 ]
 KEEPS_PIXELS = [
     ("job", "name", "other_job"), ("output", "dir", "/elsewhere"), ("output", "format", "webp"),
@@ -150,8 +152,8 @@ def test_plan_validates():
 def test_parameters_text():
     r = plan(make_cfg(job=dict(prompts=["a lake"], negative_prompt="blurry, text", seeds=[1],
                                width=3840, height=2160)))[0]
-    tail = (f"Tiling: gaussian 64/16, Strategy: progressive x2 from native, Dilation: 0.5, Denoising strength: 0.3, "
-            f"Tessera image id: {r.image_id}")
+    tail = ("Tiling: gaussian 64/16, Strategy: progressive x2 from native, Anchor: 1, Anchor sigma: 1, "
+            f"Denoising strength: 0.3, Tessera image id: {r.image_id}")
     assert r.parameters_text() == (
         "a lake\nNegative prompt: blurry, text\n"
         f"Steps: 20, Sampler: euler, CFG scale: 7.0, Seed: 1, Size: 3840x2160, Model: demo, {tail}")
@@ -215,6 +217,7 @@ BAD = [
     ("job", "strength", 1.01, "job.strength"), ("job", "stage_factor", 1.0, "job.stage_factor"),
     ("job", "base_size", 10, "job.base_size"), ("job", "upscale", "nearest", "job.upscale"),
     ("job", "skip_residual", -1.0, "job.skip_residual"), ("job", "dilation", -0.5, "job.dilation"),
+    ("job", "anchor", 1.5, "job.anchor"), ("job", "anchor_sigma", 0.0, "job.anchor_sigma"),
     ("job", "init_image", "/no/such/picture.png", "job.init_image"),
 ]
 

@@ -208,7 +208,8 @@ def test_a_progressive_render_runs_its_stages_and_keeps_them(demo):
     assert Image.open(out / row["path"]).size == (196, 130)
     assert [Image.open(out / req.stage_path(k)).size for k in (0, 1)] == [(80, 56), (128, 88)]
     assert not (out / req.stage_path(2)).exists()
-    assert "Strategy: progressive x2 from 64, Dilation: 0.5, Denoising strength: 0.3, Stages: 80x56>128x88>196x130, " \
+    assert "Strategy: progressive x2 from 64, Anchor: 1, Anchor sigma: 1, Denoising strength: 0.3, " \
+        "Stages: 80x56>128x88>196x130, " \
         in read_parameters(out / row["path"])
     again = renderer.render(req, compose(*SMALL).tiling)
     assert again["sha256"] == row["sha256"]
@@ -216,12 +217,12 @@ def test_a_progressive_render_runs_its_stages_and_keeps_them(demo):
     assert direct["stages"] == "196x130" and direct["sha256"] != row["sha256"]
 
 
-@pytest.mark.parametrize("extra", [["job.upscale=latent"], ["job.skip_residual=3"], ["job.dilation=0"],
+@pytest.mark.parametrize("extra", [["job.upscale=latent"], ["job.skip_residual=3"], ["job.dilation=0.5"],
                                    ["job.skip_residual=3", "job.dilation=1", "tiling.method=shifted"],
-                                   ["job.guide_clock=schedule"], ["job.strength_decay=0.5", "job.steps=10"],
-                                   ["job.anchor=1"]],
-                         ids=["latent", "skip", "no-dilation", "skip-dilation-shifted", "schedule-clock", "decay",
-                              "anchor"])
+                                   ["job.guide_clock=schedule", "job.dilation=0.5"], ["job.strength_decay=0.5", "job.steps=10"],
+                                   ["job.anchor=0"], ["job.anchor_sigma=2"]],
+                         ids=["latent", "skip", "dilation", "skip-dilation-shifted", "schedule-clock", "decay",
+                              "no-anchor", "anchor-sigma"])
 def test_each_option_of_the_stages_renders_its_own_picture(demo, extra):
     base = _render(demo, "job.base_size=64", *[e for e in extra if e.startswith("job.steps")])[1]
     req, row = _render(demo, "job.base_size=64", *extra)
