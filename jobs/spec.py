@@ -215,7 +215,7 @@ def read_prompt_file(path: str) -> List[str]:
 
 def check_job_values(j: JobConfig) -> None:
     """The job fields a prompt source's row may set too (jobs.sources.ROW_KEYS): size, steps, guidance, strategy,
-    negative prompt and seeds."""
+    negative prompt, seeds and region prompts."""
     _int_in("job.width", j.width, 8, MAX_SIDE)
     _int_in("job.height", j.height, 8, MAX_SIDE)
     _int_in("job.steps", j.steps, 1, MAX_STEPS)
@@ -227,6 +227,8 @@ def check_job_values(j: JobConfig) -> None:
     for s in j.seeds:
         _check(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63, "job.seeds", list(j.seeds),
                "seeds must be integers from 0 to 2**63-1")
+    for k, r in enumerate(j.regions):
+        validate_region(f"job.regions[{k}]", r)
 
 
 def check_xml_prompts(j: JobConfig) -> None:
@@ -300,9 +302,6 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     if j.init_image is not None:  # what it lists is read once, when the job is planned (init_images)
         _check(os.path.exists(os.path.expanduser(j.init_image)), "job.init_image", j.init_image,
                "no such file or folder")
-
-    for k, r in enumerate(j.regions):
-        validate_region(f"job.regions[{k}]", r)
 
     _one_of("tiling.method", t.method, TILING_METHODS)
     _one_of("tiling.wrap", t.wrap, WRAPS)
