@@ -10,8 +10,8 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 
 from . import sources, xml_prompts
 from .images import EXTENSIONS, sha256_file
-from .spec import (MODEL_FAMILIES, ModelConfig, RegionConfig, TesseraConfig, check_init_image, effective_prompt,
-                   init_images, partition_date, scheduler_of, validate)
+from .spec import (FAMILY_STAGE_GUIDES, MODEL_FAMILIES, ModelConfig, RegionConfig, TesseraConfig, check_init_image,
+                   effective_prompt, init_images, partition_date, scheduler_of, validate)
 
 
 class RegionPrompt(NamedTuple):
@@ -123,7 +123,7 @@ class ImageRequest:
                                                 ("Dilation", self.dilation, 0.0),
                                                 ("Strength decay", self.strength_decay, 1.0),
                                                 ("Guide clock", self.guide_clock, "stage"),
-                                                ("Anchor", self.anchor, -1.0)) if value != off]
+                                                ("Anchor", self.anchor, 0.0)) if value != off]
             if self.anchor:
                 fields.append(f"Anchor sigma: {self.anchor_sigma:g}")
         if self.init_image:
@@ -157,6 +157,13 @@ def _real(path) -> str:
     return os.path.realpath(os.path.expanduser(path))
 
 
+def stage_guides(cfg: TesseraConfig) -> Tuple[float, float]:
+    """(job.anchor, job.dilation), each null one the model family's (spec.FAMILY_STAGE_GUIDES)."""
+    anchor, dilation = FAMILY_STAGE_GUIDES[MODEL_FAMILIES[cfg.model.name]]
+    j = cfg.job
+    return (anchor if j.anchor is None else float(j.anchor)), (dilation if j.dilation is None else float(j.dilation))
+
+
 def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[str] = None) -> str:
     """First 16 hex chars of sha256 over everything that changes the pixels, and nothing else.
 
@@ -164,6 +171,7 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
     and a prompt that spells it out give the same id.  Keys added after the first release appear only when
     they differ from their default, so older ids stay valid."""
     m, j, t = cfg.model, cfg.job, cfg.tiling
+    anchor, dilation = stage_guides(cfg)
     pretrained = m.weights == "pretrained"
     key = {
         "model": m.name, "dtype": m.dtype,
@@ -178,7 +186,7 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
         key["weights"] = m.weights
     if j.strategy == "progressive":  # `direct`, the one strategy before, keeps the ids it had
         key["strategy"] = [j.strategy, float(j.strength), float(j.stage_factor), int(j.base_size), j.upscale,
-                           float(j.skip_residual)] + ([float(j.dilation)] if j.dilation else [])
+                           float(j.skip_residual)] + ([dilation] if dilation else [])
         key["base"] = "whole"  # drawn as one tile (session 5); the ids of tiled bases are not reused
     if init_sha256:
         key["init"] = [init_sha256, float(j.strength)]
@@ -187,8 +195,8 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
             key["strength_decay"] = float(j.strength_decay)
         if j.guide_clock != "schedule":
             key["guide_clock"] = j.guide_clock
-        if j.anchor:
-            key["anchor"] = [float(j.anchor), float(j.anchor_sigma)]
+        if anchor:
+            key["anchor"] = [anchor, float(j.anchor_sigma)]
     if m.config:
         key["model_config"] = _real(m.config)
     if j.regions:  # no regions: the ids they had before
@@ -232,6 +240,7 @@ class Plan:
         for prompt, j in sources.prompt_rows(cfg.job):
             row_cfg = cfg if j is cfg.job else dataclasses.replace(cfg, job=j)
             encoded, regions = prompts_of_row(cfg, j, prompt)
+            anchor, dilation = stage_guides(row_cfg)
             for init, sha, size in self.inits:
                 for seed in j.seeds:
                     iid = image_id(row_cfg, prompt, seed, sha)
@@ -248,8 +257,8 @@ class Plan:
                         overlap=int(t.overlap), format=fmt, path=f"{folder}/{iid}.{EXTENSIONS[fmt]}", wrap=t.wrap,
                         strategy=j.strategy, strength=float(j.strength), stage_factor=float(j.stage_factor),
                         base_size=int(j.base_size), upscale=j.upscale, skip_residual=float(j.skip_residual),
-                        dilation=float(j.dilation), strength_decay=float(j.strength_decay),
-                        guide_clock=j.guide_clock, anchor=float(j.anchor), anchor_sigma=float(j.anchor_sigma),
+                        dilation=dilation, strength_decay=float(j.strength_decay),
+                        guide_clock=j.guide_clock, anchor=anchor, anchor_sigma=float(j.anchor_sigma),
                         init_image=init, init_sha256=sha, init_size=size, regions=regions)
 
 
