@@ -13,6 +13,7 @@ tile-step costs; writes dit.json. `--strategies direct progressive` times both s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -41,8 +42,9 @@ def main() -> None:
     ap.add_argument("--offload", default="none", choices=["none", "model", "sequential"], help="model.offload")
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="model.attention")
     ap.add_argument("--compile", action="store_true", help="model.compile (compile time counted in the denoise)")
-    ap.add_argument("--strategies", nargs="+", default=["direct"], choices=["direct", "progressive"],
-                    help="job.strategy: each renders the same image, after a warm-up render of the first")
+    ap.add_argument("--strategies", nargs="+", default=["direct"],
+                    help="job.strategy, each optionally with job fields: direct, progressive, "
+                         "progressive:anchor=1,dilation=0; each renders the same image, after a warm-up of the first")
     ap.add_argument("--method", default="gaussian", choices=["uniform", "gaussian", "shifted"])
     args = ap.parse_args()
     out = Path(args.out)
@@ -70,8 +72,10 @@ def main() -> None:
                 m.predict(torch.zeros(4, m.latent_channels, 128, 128), torch.tensor(999.0), cond, guidance)
             flops = fc.get_total_flops() / 4
         for k, strategy in enumerate(args.strategies):
-            cfg.job.strategy = strategy
-            req = plan(cfg)[0]
+            job = dataclasses.replace(cfg.job, strategy=strategy.partition(":")[0],
+                                      **{key: float(v) for key, _, v in (kv.partition("=") for kv in
+                                                                          strategy.partition(":")[2].split(",") if kv)})
+            req = plan(dataclasses.replace(cfg, job=job))[0]
             if k == 0 and len(args.strategies) > 1:  # warm-up: kernels chosen, allocator grown
                 r.render(req, cfg.tiling)
             torch.cuda.reset_peak_memory_stats()

@@ -27,8 +27,8 @@ from models.schedulers import tile_seq_len, timestep_kwargs
 from tiling import (TileBatch, border_lines, decode_tiled, decoder_sweeps, denoise_canvases, encode_tiled,
                     fitting_tile, free_memory, layout,
                     padded_size, scale_tiles, seam_score, step_layouts, to_uint8)
-from tiling.progressive import (Dilation, dilation_stride, first_step, noised, resize, skip_residual,
-                                stage_sizes)
+from tiling.progressive import (Dilation, dilation_stride, first_step, low_pass_anchor, noised, resize,
+                                skip_residual, stage_sizes)
 from tiling.regions import Region, region_bootstrap, region_predict
 from tiling.seams import gradients
 from tiling.vae import DecodeError
@@ -154,12 +154,13 @@ def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: Til
     gens = [torch.Generator("cpu").manual_seed(req.seed) for req in reqs]
     regions = [Region(r.box, r.weight, r.feather) for r in reqs[0].regions]
     zs, plain = None, predict
-    for number, stage in enumerate(stages_of(reqs[0], info)):
+    stages = stages_of(reqs[0], info)
+    for number, stage in enumerate(stages):
         begun = [start_canvas(info, req, stage, g) for req, g in zip(reqs, gens)]
         schedulers = [s for s, _, _ in begun]
         if regions:  # every tile under each prompt whose box it touches, the base, every stage, the views
             predict = region_predict(plain, regions, batch, region_bootstrap(schedulers[0]))
-        guide = dilation = None
+        guide = dilation = correct = None
         if stage.refine:
             if reference is None:
                 raise ValueError("a progressive or img2img render needs a reference (the model's VAE) for its stages")
@@ -173,12 +174,16 @@ def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: Til
             stride = dilation_stride(stage.h, stage.w, native_side(reqs[0], info) // info["vae_scale_factor"])
             if reqs[0].dilation and stride > 1:
                 dilation = Dilation(stride, reqs[0].dilation, info.get("patch_size") or 1, start)
+            if reqs[0].anchor:  # the blur's side in the previous stage's (or the init picture's) pixels
+                before = stages[number - 1].size if number else reqs[0].init_size
+                sigma = reqs[0].anchor_sigma * stage.size[0] / before[0]
+                correct = low_pass_anchor(schedulers, refs, reqs[0].anchor, sigma)
         else:
             xs = [x.to(device) for _, x, _ in begun]
         steps = len(schedulers[0].timesteps) - stage.first
         layouts = [stage_layouts(req, tiling, stage, number, steps, info) for req in reqs]
         zs = denoise_canvases(predict, xs, schedulers, layouts, tiling.method, batch, gens, callback,
-                              stage.first, guide, dilation)
+                              stage.first, guide, dilation, correct)
     return zs
 
 
@@ -193,7 +198,8 @@ def group_key(req: ImageRequest) -> tuple:
     """Images with equal keys can be stepped together: one prompt pair, guidance, size, schedule and stages."""
     return (req.prompt, req.negative_prompt, req.guidance, req.width, req.height, req.steps, req.scheduler,
             req.strategy, req.strength, req.stage_factor, req.base_size, req.upscale, req.skip_residual,
-            req.dilation, req.strength_decay, req.guide_clock, req.init_size, req.regions)
+            req.dilation, req.strength_decay, req.guide_clock, req.anchor, req.anchor_sigma, req.init_size,
+            req.regions)
 
 
 def iter_groups(reqs, size: int) -> Iterator[List[ImageRequest]]:

@@ -8,10 +8,10 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional, Tuple
 
-from . import sources
+from . import sources, xml_prompts
 from .images import EXTENSIONS, sha256_file
-from .spec import (DEMO_WEIGHTS, ModelConfig, TesseraConfig, check_init_image, effective_prompt, init_images,
-                   partition_date, scheduler_of, validate)
+from .spec import (DEMO_WEIGHTS, FAMILY_STAGE_GUIDES, MODEL_FAMILIES, ModelConfig, RegionConfig, TesseraConfig,
+                   check_init_image, effective_prompt, init_images, partition_date, scheduler_of, validate)
 
 
 class RegionPrompt(NamedTuple):
@@ -36,13 +36,31 @@ def regions_of(job) -> Tuple[RegionPrompt, ...]:
                               float(r.weight), float(r.feather)) for r in job.regions)
 
 
+def xml_split(cfg: TesseraConfig, prompt: str) -> Optional[xml_prompts.XmlSplit]:
+    """The effective prompt `prompt` split by its characters' positions if it is an XML prompt (jobs.xml_prompts:
+    XML for model=newbie, tags for the other families), else None."""
+    return xml_prompts.expand(prompt, MODEL_FAMILIES[cfg.model.name])
+
+
+def prompts_of_row(cfg: TesseraConfig, job, prompt: str) -> Tuple[str, Tuple[RegionPrompt, ...]]:
+    """(the background prompt as encoded, the regions: `job.regions`, then an XML prompt's placed characters, each
+    weight 1 and feather 0.05 under the job's negative prompt) of the raw prompt `prompt`."""
+    effective = effective_prompt(job, prompt)
+    split = xml_split(cfg, effective)
+    if split is None:
+        return effective, regions_of(job)
+    default = RegionConfig()
+    return split.background, regions_of(job) + tuple(
+        RegionPrompt(box, text, job.negative_prompt, default.weight, default.feather) for box, text in split.regions)
+
+
 @dataclass(frozen=True)
 class ImageRequest:
     """One image to render: what the renderer and the manifest need to know of it."""
 
     image_id: str
     job: str
-    prompt: str  # the effective prompt (job.prompt_template applied): what the model encodes
+    prompt: str  # the effective prompt (job.prompt_template applied; an XML prompt's background): what is encoded
     negative_prompt: str
     seed: int
     model: str  # model.name; "<name>+random" for model.weights=random (model_label)
@@ -63,13 +81,16 @@ class ImageRequest:
     base_size: int = 0  # 0: the model's native size
     upscale: str = "pixel"
     skip_residual: float = 0.0
-    dilation: float = 0.5
+    dilation: float = 0.0
     strength_decay: float = 1.0
     guide_clock: str = "stage"
+    anchor: float = 1.0
+    anchor_sigma: float = 1.0
     init_image: Optional[str] = None  # the picture an img2img render starts from
     init_sha256: Optional[str] = None
     init_size: Optional[Tuple[int, int]] = None  # its (width, height)
-    regions: Tuple[RegionPrompt, ...] = ()  # region prompts over `prompt`, the background
+    regions: Tuple[RegionPrompt, ...] = ()  # region prompts over `prompt`, the background (an XML prompt's
+    #                                         placed characters after job.regions)
 
     def prompt_pairs(self) -> Tuple[Tuple[str, str], ...]:
         """(prompt, negative) of the background and of each region: what `TileBatch.prompt` indexes."""
@@ -101,7 +122,10 @@ class ImageRequest:
                                                 ("Skip residual", self.skip_residual, 0.0),
                                                 ("Dilation", self.dilation, 0.0),
                                                 ("Strength decay", self.strength_decay, 1.0),
-                                                ("Guide clock", self.guide_clock, "stage")) if value != off]
+                                                ("Guide clock", self.guide_clock, "stage"),
+                                                ("Anchor", self.anchor, 0.0)) if value != off]
+            if self.anchor:
+                fields.append(f"Anchor sigma: {self.anchor_sigma:g}")
         if self.init_image:
             fields.append(f"Init image: {os.path.basename(self.init_image)} sha256 {self.init_sha256}")
         if self.strategy == "progressive" or self.init_image:
@@ -144,6 +168,13 @@ def model_path_key(m: ModelConfig) -> Optional[str]:
     return _real(m.path)
 
 
+def stage_guides(cfg: TesseraConfig) -> Tuple[float, float]:
+    """(job.anchor, job.dilation), each null one the model family's (spec.FAMILY_STAGE_GUIDES)."""
+    anchor, dilation = FAMILY_STAGE_GUIDES[MODEL_FAMILIES[cfg.model.name]]
+    j = cfg.job
+    return (anchor if j.anchor is None else float(j.anchor)), (dilation if j.dilation is None else float(j.dilation))
+
+
 def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[str] = None) -> str:
     """First 16 hex chars of sha256 over everything that changes the pixels, and nothing else.
 
@@ -151,6 +182,7 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
     and a prompt that spells it out give the same id.  Keys added after the first release appear only when
     they differ from their default, so older ids stay valid."""
     m, j, t = cfg.model, cfg.job, cfg.tiling
+    anchor, dilation = stage_guides(cfg)
     pretrained = m.weights == "pretrained"
     key = {
         "model": m.name, "dtype": m.dtype,
@@ -165,7 +197,7 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
         key["weights"] = m.weights
     if j.strategy == "progressive":  # `direct`, the one strategy before, keeps the ids it had
         key["strategy"] = [j.strategy, float(j.strength), float(j.stage_factor), int(j.base_size), j.upscale,
-                           float(j.skip_residual)] + ([float(j.dilation)] if j.dilation else [])
+                           float(j.skip_residual)] + ([dilation] if dilation else [])
         key["base"] = "whole"  # drawn as one tile (session 5); the ids of tiled bases are not reused
     if init_sha256:
         key["init"] = [init_sha256, float(j.strength)]
@@ -174,10 +206,15 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
             key["strength_decay"] = float(j.strength_decay)
         if j.guide_clock != "schedule":
             key["guide_clock"] = j.guide_clock
+        if anchor:
+            key["anchor"] = [anchor, float(j.anchor_sigma)]
     if m.config:
         key["model_config"] = _real(m.config)
     if j.regions:  # no regions: the ids they had before
         key["regions"] = [r.as_dict() for r in regions_of(j)]
+    split = xml_split(cfg, key["prompt"])
+    if split is not None:  # what an XML prompt is encoded as: its format, background and placed characters
+        key["xml"] = split.key()
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -213,6 +250,8 @@ class Plan:
         self.duplicates = 0
         for prompt, j in sources.prompt_rows(cfg.job):
             row_cfg = cfg if j is cfg.job else dataclasses.replace(cfg, job=j)
+            encoded, regions = prompts_of_row(cfg, j, prompt)
+            anchor, dilation = stage_guides(row_cfg)
             for init, sha, size in self.inits:
                 for seed in j.seeds:
                     iid = image_id(row_cfg, prompt, seed, sha)
@@ -222,16 +261,16 @@ class Plan:
                         continue
                     seen.add(key)
                     yield ImageRequest(
-                        image_id=iid, job=j.name, prompt=effective_prompt(j, prompt),
+                        image_id=iid, job=j.name, prompt=encoded,
                         negative_prompt=j.negative_prompt, seed=int(seed), model=model_label(cfg.model),
                         width=int(j.width), height=int(j.height), steps=int(j.steps), guidance=float(j.guidance),
                         scheduler=scheduler_of(row_cfg), tiling_method=t.method, tile=int(t.tile),
                         overlap=int(t.overlap), format=fmt, path=f"{folder}/{iid}.{EXTENSIONS[fmt]}", wrap=t.wrap,
                         strategy=j.strategy, strength=float(j.strength), stage_factor=float(j.stage_factor),
                         base_size=int(j.base_size), upscale=j.upscale, skip_residual=float(j.skip_residual),
-                        dilation=float(j.dilation), strength_decay=float(j.strength_decay),
-                        guide_clock=j.guide_clock, init_image=init, init_sha256=sha, init_size=size,
-                        regions=regions_of(j))
+                        dilation=dilation, strength_decay=float(j.strength_decay),
+                        guide_clock=j.guide_clock, anchor=anchor, anchor_sigma=float(j.anchor_sigma),
+                        init_image=init, init_sha256=sha, init_size=size, regions=regions)
 
 
 def plan(cfg: TesseraConfig) -> list[ImageRequest]:

@@ -8,7 +8,9 @@ A source is one of
   .parquet, or a folder      a Parquet file, or a Parquet dataset (every *.parquet under the folder, by name)
 
 Each row holds a `prompt` and may set ROW_KEYS' others: `negative_prompt`, `seeds` (a list, a single integer, or in
-CSV "1 2 3"), and the overrides `width`, `height`, `steps`, `guidance`, `strategy`.  Nothing else: a row that names
+CSV "1 2 3"), the overrides `width`, `height`, `steps`, `guidance`, `strategy`, and `regions` (region prompts as
+`job.regions` takes them: a list of {box, prompt, negative_prompt, weight, feather} objects, in CSV or a string
+column as JSON; they replace the job's).  Nothing else: a row that names
 the model, a path or `trust_remote_code` (or any other key) is an error naming the row, since a prompt list is
 data, often from elsewhere, and must not pick weights or run code.  An empty cell or a null is unset.
 
@@ -24,9 +26,11 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, List, Tuple
 
-from .spec import ConfigError, JobConfig, check_job_values
+from . import xml_prompts
+from .spec import ConfigError, JobConfig, RegionConfig, check_job_values, effective_prompt
 
-ROW_KEYS = ("prompt", "negative_prompt", "seeds", "width", "height", "steps", "guidance", "strategy")
+ROW_KEYS = ("prompt", "negative_prompt", "seeds", "width", "height", "steps", "guidance", "strategy", "regions")
+REGION_KEYS = tuple(f.name for f in dataclasses.fields(RegionConfig))
 OVERRIDES = ROW_KEYS[1:]
 _INTS = ("width", "height", "steps")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -50,6 +54,8 @@ class PromptRow:
         values = dict(self.overrides)
         if "seeds" in values:
             values["seeds"] = list(values["seeds"])
+        if "regions" in values:
+            values["regions"] = [RegionConfig(**dict(r)) for r in values["regions"]]
         j = dataclasses.replace(base, **values)
         try:
             check_job_values(j)
@@ -93,11 +99,17 @@ def rows(source: str) -> Iterator[PromptRow]:
 
 
 def count(source: str, base: JobConfig) -> Tuple[int, int]:
-    """(rows, images before duplicates: each row's seeds) of `source`, every row read and checked once."""
+    """(rows, images before duplicates: each row's seeds) of `source`, every row read and checked once (an XML
+    prompt too: jobs.xml_prompts)."""
     n = images = 0
     for row in rows(source):
         n += 1
-        images += len(row.job(base, source).seeds)
+        j = row.job(base, source)
+        try:
+            xml_prompts.check(effective_prompt(j, row.prompt), "prompt")
+        except ConfigError as e:
+            raise _bad(source, row.where, str(e)) from None
+        images += len(j.seeds)
     if not n:
         raise _bad(source, "", "holds no prompt (only blank lines or comments)")
     return n, images
@@ -168,6 +180,10 @@ def _from_csv(source: str, where: str, key: str, value: str):
             if value.startswith("["):
                 return json.loads(value)
             return [int(s) for s in value.replace(",", " ").replace(";", " ").split()]
+        if key == "regions":
+            return json.loads(value)
+    except json.JSONDecodeError:
+        raise _bad(source, where, f"{key}={value!r}: not JSON") from None
     except ValueError:
         raise _bad(source, where, f"{key}={value!r}: not a number") from None
     return value
@@ -200,12 +216,35 @@ def make_row(source: str, where: str, obj: dict) -> PromptRow:
                                                           for s in seeds):
             raise _bad(source, where, f"seeds={obj['seeds']!r}: a list of integers (or one)")
         obj["seeds"] = tuple(seeds)
+    if "regions" in obj:
+        obj["regions"] = _regions(source, where, obj["regions"])
     for key in _INTS:  # Parquet and JSON may give 1024.0; a fraction is refused by check_job_values
         if isinstance(obj.get(key), float) and obj[key].is_integer():
             obj[key] = int(obj[key])
     if isinstance(obj.get("guidance"), int) and not isinstance(obj["guidance"], bool):
         obj["guidance"] = float(obj["guidance"])
     return PromptRow(where, prompt.strip(), tuple(sorted(obj.items())))
+
+
+def _regions(source: str, where: str, value) -> tuple:
+    """A row's region prompts (a list of objects, or its JSON text) as hashable (key, value) pairs per region,
+    nulls unset; their values are checked with the row's job (`validate_region`)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise _bad(source, where, f"regions={value!r}: not JSON") from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(r, dict) for r in value):
+        raise _bad(source, where, f"regions={value!r}: a list of {{box, prompt, ...}} objects")
+    out = []
+    for k, r in enumerate(value):
+        unknown = sorted(set(r) - set(REGION_KEYS))
+        if unknown:
+            raise _bad(source, where, f"regions[{k}]: unknown key {unknown[0]!r} (a region has "
+                       f"{', '.join(REGION_KEYS)})")
+        out.append(tuple((key, tuple(v) if isinstance(v, list) else v) for key, v in sorted(r.items())
+                         if v is not None))
+    return tuple(out)
 
 
 def _parquet_files(source: str, path: str) -> List[str]:

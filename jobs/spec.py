@@ -67,6 +67,12 @@ FLOW_SCHEDULERS = ("flow_euler",)  # flow-matching families (DiTs): FlowMatchEul
 SCHEDULERS = NOISE_SCHEDULERS + FLOW_SCHEDULERS
 FAMILY_SCHEDULERS = {"sd": NOISE_SCHEDULERS, "sdxl": NOISE_SCHEDULERS, "z_image": FLOW_SCHEDULERS,
                      "lumina2": FLOW_SCHEDULERS, "newbie": FLOW_SCHEDULERS}
+# How a family's enlarged stages hold their composition when job.anchor / job.dilation are null: (anchor, dilated
+# sampling's power), measured on the test beds (BENCHMARKS.md "The low-frequency anchor"). The UNets keep their
+# base's sun at 1920x1080 and 3840x2160 with the anchor, dilated sampling adding nothing; the Z-Image-layout test
+# bed keeps it and sharpens the rim with dilated sampling alone (the anchor left it blurred, 20 px against 4).
+FAMILY_STAGE_GUIDES = {"sd": (1.0, 0.0), "sdxl": (1.0, 0.0), "z_image": (0.0, 0.5), "lumina2": (0.0, 0.5),
+                       "newbie": (0.0, 0.5)}
 TILING_METHODS = ("uniform", "gaussian", "shifted")
 WRAPS = ("none", "x", "y", "both")
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
@@ -139,10 +145,15 @@ class JobConfig:
     base_size: int = 0  # the base's side in pixels (its area is base_size squared); 0: the model's native size
     upscale: str = "pixel"  # between stages: pixel (decode, bicubic, encode) or latent (bicubic on the latents)
     skip_residual: float = 0.0  # DemoFusion's skip residual, the power of its cosine weight (3 in the paper); 0: off
-    dilation: float = 0.5  # DemoFusion's dilated sampling, the power of its cosine weight (1 in the paper); 0: off
+    dilation: Optional[float] = None  # DemoFusion's dilated sampling, the power of its cosine weight (1 in the paper);
+    #                                  0: off; null: the family's (FAMILY_STAGE_GUIDES)
     strength_decay: float = 1.0  # the k-th enlarged stage runs strength * strength_decay ** (k - 1) of its schedule
     guide_clock: str = "stage"  # the skip residual's and dilation's cosine weights run over the whole schedule
     #                                (DemoFusion's, whose stages start from noise) or over each stage's own steps
+    anchor: Optional[float] = None  # each enlarged stage's predicted clean canvas keeps its reference's low
+    #                      frequencies by this weight (1: exactly, 0: off; tiling.progressive.low_pass_anchor); null:
+    #                      the family's (FAMILY_STAGE_GUIDES)
+    anchor_sigma: float = 1.0  # that low-pass Gaussian's sigma, in the previous stage's latent pixels
     init_image: Optional[str] = None  # img2img / upscaling: a picture, a folder of them, or a Parquet file whose
     #                                   `init_image` (or `path`) column lists them; the stages start from it
     date: Optional[str] = None  # null: no partition; "today" or YYYY-MM-DD: images/ and manifest/ under date=<day>/
@@ -218,7 +229,7 @@ def read_prompt_file(path: str) -> List[str]:
 
 def check_job_values(j: JobConfig) -> None:
     """The job fields a prompt source's row may set too (jobs.sources.ROW_KEYS): size, steps, guidance, strategy,
-    negative prompt and seeds."""
+    negative prompt, seeds and region prompts."""
     _int_in("job.width", j.width, 8, MAX_SIDE)
     _int_in("job.height", j.height, 8, MAX_SIDE)
     _int_in("job.steps", j.steps, 1, MAX_STEPS)
@@ -230,6 +241,17 @@ def check_job_values(j: JobConfig) -> None:
     for s in j.seeds:
         _check(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**63, "job.seeds", list(j.seeds),
                "seeds must be integers from 0 to 2**63-1")
+    for k, r in enumerate(j.regions):
+        validate_region(f"job.regions[{k}]", r)
+
+
+def check_xml_prompts(j: JobConfig) -> None:
+    """Every XML prompt of `job.prompts` (after the template) parses and checks (jobs.xml_prompts), or one
+    ConfigError of `job.prompts[k]` naming the tag; `job.prompt_file`'s rows are checked as they are counted."""
+    from .xml_prompts import check
+
+    for k, p in enumerate(j.prompts):
+        check(effective_prompt(j, p), f"job.prompts[{k}]")
 
 
 def partition_date(value: str) -> str:
@@ -270,6 +292,7 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     for p in j.prompts:
         _check(isinstance(p, str) and p.strip() != "", "job.prompts", list(j.prompts),
                "prompts must be non-empty strings")
+    check_xml_prompts(j)
     if j.date is not None:
         partition_date(j.date)
     _one_of("job.upscale", j.upscale, UPSCALES)
@@ -281,17 +304,18 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
            j.base_size, "must be 0 (the model's native size) or an integer from 64 to 4096 pixels")
     _check(_number(j.skip_residual) and 0.0 <= j.skip_residual <= 20.0, "job.skip_residual", j.skip_residual,
            "must be a number from 0 (off) to 20")
-    _check(_number(j.dilation) and 0.0 <= j.dilation <= 20.0, "job.dilation", j.dilation,
+    _check(j.dilation is None or (_number(j.dilation) and 0.0 <= j.dilation <= 20.0), "job.dilation", j.dilation,
            "must be a number from 0 (off) to 20")
     _check(_number(j.strength_decay) and 0.0 < j.strength_decay <= 1.0, "job.strength_decay", j.strength_decay,
            "must be a number in (0, 1]: each enlarged stage's strength over the one before")
     _one_of("job.guide_clock", j.guide_clock, GUIDE_CLOCKS)
+    _check(j.anchor is None or (_number(j.anchor) and 0.0 <= j.anchor <= 1.0), "job.anchor", j.anchor,
+           "must be a number in [0, 1]: how much of the reference's low frequencies each enlarged stage keeps")
+    _check(_number(j.anchor_sigma) and 0.1 <= j.anchor_sigma <= 8.0, "job.anchor_sigma", j.anchor_sigma,
+           "must be a number from 0.1 to 8: the low-pass blur's sigma in the previous stage's latent pixels")
     if j.init_image is not None:  # what it lists is read once, when the job is planned (init_images)
         _check(os.path.exists(os.path.expanduser(j.init_image)), "job.init_image", j.init_image,
                "no such file or folder")
-
-    for k, r in enumerate(j.regions):
-        validate_region(f"job.regions[{k}]", r)
 
     _one_of("tiling.method", t.method, TILING_METHODS)
     _one_of("tiling.wrap", t.wrap, WRAPS)

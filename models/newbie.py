@@ -11,8 +11,10 @@ Lumina 2's adapter (models/lumina2.py, models/flow.py) with these differences, a
   `clip_text_pooled_proj` = RMSNorm + Linear (1024 -> 1024) and `time_text_embed` = SiLU + Linear
   (1024 + 1024 -> 1024), where diffusers' Lumina2Transformer2DModel uses `t_emb` alone;
 * Gemma 3 (Gemma3-4B-it, 2560 wide): the penultimate hidden states of `"<system prompt> <Prompt Start> <prompt>"`,
-  at most 512 tokens, with the attention mask; the system prompt is the one NewBie trained plain prompts with
-  (finetune.py); a non-empty negative prompt goes behind the same system prompt, an empty one is "" (demo.py);
+  at most 512 tokens, with the attention mask; the system prompt is the one NewBie trained plain prompts with, or,
+  for an XML prompt (jobs/xml_prompts.py: one that opens `<character_N>` or `<general_tags>`), the one it trained
+  XML captions with (finetune.py); a non-empty negative prompt goes behind the prompt's system prompt (demo.py
+  puts both behind one), an empty one is "" (demo.py);
 * Jina CLIP v2 (`text_encoder_2`, code shipped with the weights, loaded only with `model.trust_remote_code=true`):
   `get_text_features(input_ids=...)` of the *raw* prompt (and raw negative), at most 2048 tokens: its pooled,
   1024-wide text embedding (demo.py unpacks `(pooled, sequence)`; Jina's own code returns the pooled tensor; both
@@ -47,6 +49,7 @@ from diffusers.models.normalization import RMSNorm
 from torch import nn
 
 from jobs.spec import ConfigError
+from jobs.xml_prompts import is_xml
 
 from .base import Family, seeded_build
 from .flow import FLUX_VAE, byte_tokenizer
@@ -66,9 +69,11 @@ GEMMA3_4B = dict(
 JINA_TEXT = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                  intermediate_size=4096, max_position_embeddings=8194, type_vocab_size=1, layer_norm_eps=1e-5)
 NEWBIE_SCHEDULER = dict(num_train_timesteps=1000, shift=6.0, use_dynamic_shifting=False)  # demo.py's time shift
-# finetune.py's system prompt for plain (tag or natural-language) prompts; " <Prompt Start> " follows it.
+# finetune.py's system prompts, for plain (tag or natural-language) prompts and for XML prompts (its
+# "super_high_quality_caption" items); " <Prompt Start> " follows either.
 SYSTEM_PROMPT = ("You are an assistant designed to generate high-quality anime images with the highest degree of "
                  "image-text alignment based on textual prompts.")
+XML_SYSTEM_PROMPT = "You are an assistant designed to generate high-quality anime images based on xml format prompts."
 MAX_SEQUENCE_LENGTH = 512  # Gemma 3 tokens (demo.py, finetune.py)
 JINA_MAX_LENGTH = 2048  # Jina CLIP tokens (demo.py, finetune.py)
 
@@ -234,8 +239,10 @@ class NewbieModel(Lumina2Model):
         self.text_encoder_2, self.tokenizer_2 = pipe.text_encoder_2.eval(), pipe.tokenizer_2
 
     def _texts(self, prompt: str, negative: str) -> Tuple[str, str]:
-        """What Gemma reads: both behind the system prompt, an empty negative as "" (demo.py)."""
-        return self._behind_system_prompt(prompt), self._behind_system_prompt(negative) if negative else ""
+        """What Gemma reads: both behind the prompt's system prompt (XML_SYSTEM_PROMPT for an XML prompt), an empty
+        negative as "" (demo.py)."""
+        system = XML_SYSTEM_PROMPT if is_xml(prompt) else self.system_prompt
+        return f"{system} <Prompt Start> {prompt}", f"{system} <Prompt Start> {negative}" if negative else ""
 
     @torch.no_grad()
     def _pooled(self, text: str) -> torch.Tensor:

@@ -49,18 +49,19 @@ def test_path_extension(fmt, ext):
 
 def test_default_id_is_pinned():
     # Changing how ids are computed orphans every manifest on disk: do it on purpose only.
-    # Session 5: the progressive base drawn whole, the guide clock, and tiling.vae_tile=0 (auto) by default.
-    # Session 6: the random-weight demo became demo_random (its ids were ef0443b88a0a4cd7, 12586ca1c66aba3f and
-    # b79a9ac34f12103c as `demo`), and `demo` the shipped trained model, whose ids name its weights.
+    # Session 5: the progressive base drawn whole, the guide clock, and tiling.vae_tile=0 (auto) by default;
+    # session 6: the stages' low-frequency anchor on, dilated sampling off (was ef0443b88a0a4cd7, then
+    # 1e55594e8375e94a as `demo`); the random-weight demo became demo_random (as `demo` its direct ids were
+    # 12586ca1c66aba3f and b79a9ac34f12103c), and `demo` the shipped trained model, whose ids name its weights.
     cfg = TesseraConfig()
     cfg.model.name = "demo_random"
-    assert plan(cfg)[0].image_id == "ad9fd443dbc42989"
+    assert plan(cfg)[0].image_id == "85723375e79f9df2"
     cfg.job.strategy = "direct"
     assert plan(cfg)[0].image_id == "5399da7a7ec461f1"
     cfg.tiling.vae_tile = 64
     assert plan(cfg)[0].image_id == "699813879b103c2e"
-    assert plan(TesseraConfig())[0].image_id == "233c0fbc3a1417cc"  # the shipped demo with the default job
-    assert plan(compose("model=demo"))[0].image_id == "8ba4849d66c9fac3"  # `python3 run.py`: the demo's own job
+    assert plan(TesseraConfig())[0].image_id == "a88a6df068bbebe1"  # the shipped demo with the default job
+    assert plan(compose("model=demo"))[0].image_id == "b91d5be3f987871e"  # `python3 run.py`: the demo's own job
 
 
 def test_id_is_16_hex_and_repeatable():
@@ -78,7 +79,8 @@ CHANGES_PIXELS = [
     ("tiling", "wrap", "x"),
     ("job", "prompt_template", "archer style, {prompt}"),
     ("job", "strategy", "direct"), ("job", "strength", 0.5), ("job", "stage_factor", 1.5), ("job", "base_size", 384),
-    ("job", "upscale", "latent"), ("job", "skip_residual", 3.0), ("job", "dilation", 0.0),
+    ("job", "upscale", "latent"), ("job", "skip_residual", 3.0), ("job", "dilation", 0.5), ("job", "anchor", 0.0),
+    ("job", "anchor_sigma", 2.0),
 ]
 KEEPS_PIXELS = [
     ("job", "name", "other_job"), ("output", "dir", "/elsewhere"), ("output", "format", "webp"),
@@ -169,8 +171,8 @@ def test_plan_validates():
 def test_parameters_text():
     r = plan(make_cfg(job=dict(prompts=["a lake"], negative_prompt="blurry, text", seeds=[1],
                                width=3840, height=2160)))[0]
-    tail = (f"Tiling: gaussian 64/16, Strategy: progressive x2 from native, Dilation: 0.5, Denoising strength: 0.3, "
-            f"Tessera image id: {r.image_id}")
+    tail = ("Tiling: gaussian 64/16, Strategy: progressive x2 from native, Anchor: 1, Anchor sigma: 1, "
+            f"Denoising strength: 0.3, Tessera image id: {r.image_id}")
     assert r.parameters_text() == (
         "a lake\nNegative prompt: blurry, text\n"
         f"Steps: 20, Sampler: euler, CFG scale: 7.0, Seed: 1, Size: 3840x2160, Model: demo, {tail}")
@@ -234,6 +236,7 @@ BAD = [
     ("job", "strength", 1.01, "job.strength"), ("job", "stage_factor", 1.0, "job.stage_factor"),
     ("job", "base_size", 10, "job.base_size"), ("job", "upscale", "nearest", "job.upscale"),
     ("job", "skip_residual", -1.0, "job.skip_residual"), ("job", "dilation", -0.5, "job.dilation"),
+    ("job", "anchor", 1.5, "job.anchor"), ("job", "anchor_sigma", 0.0, "job.anchor_sigma"),
     ("job", "init_image", "/no/such/picture.png", "job.init_image"),
 ]
 

@@ -118,6 +118,60 @@ def test_the_strength_decays_stage_by_stage():
     assert firsts == [0, 20 - 8, 20 - 4, 20 - 2]  # int(20 * 0.4 * 0.5 ** k)
 
 
+SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+@pytest.mark.parametrize("kind", ["euler-epsilon", "euler-v_prediction", "ddim-epsilon", "flow"])
+@pytest.mark.parametrize("index", [2, 11, 22])
+def test_predicted_x0_is_the_schedulers_own_and_its_map_back_moves_it_exactly(kind, index):
+    """`predicted_x0` reads the clean canvas as the scheduler's own step does (its `pred_original_sample`, or
+    a flow step's x - sigma v), and the prediction `back(delta)` points the step at x0 + delta."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    from tiling.progressive import predicted_x0
+
+    name, _, pt = kind.partition("-")
+    s = {"euler": lambda: EulerDiscreteScheduler(**SD_BETAS, prediction_type=pt),
+         "ddim": lambda: DDIMScheduler(**SD_BETAS, prediction_type=pt, clip_sample=False),
+         "flow": lambda: FlowMatchEulerDiscreteScheduler(shift=3.0)}[name]()
+    s.set_timesteps(25)
+    if hasattr(s, "set_begin_index"):
+        s.set_begin_index(index)
+    t = s.timesteps[index]
+    g = torch.Generator().manual_seed(index)
+    x = torch.randn(1, 4, 8, 8, generator=g) * float(getattr(s, "init_noise_sigma", 1.0))
+    x_in = s.scale_model_input(x, t) if hasattr(s, "scale_model_input") else x
+    pred, delta = torch.randn(1, 4, 8, 8, generator=g), 0.1 * torch.randn(1, 4, 8, 8, generator=g)
+    x0, back = predicted_x0(s, x_in, pred, t)
+    if name == "flow":
+        sigma = s.sigmas[index]
+        assert torch.allclose(x0, x - sigma * pred, atol=1e-5)
+        assert torch.allclose(x - sigma * back(delta), x0 + delta, atol=1e-5)
+    else:
+        assert torch.allclose(s.step(back(delta), t, x).pred_original_sample, x0 + delta, atol=1e-4)
+
+
+def test_the_anchor_gives_the_clean_canvas_its_references_low_frequencies():
+    """At weight 1 the corrected prediction's clean canvas is the prediction's detail (what the blur removes) on
+    the reference's blurred canvas, at 0.5 half-way; at weight 0 nothing changes."""
+    from diffusers import EulerDiscreteScheduler
+
+    from tiling.progressive import low_pass_anchor, predicted_x0
+
+    s = EulerDiscreteScheduler(**SD_BETAS)
+    s.set_timesteps(20)
+    t = s.timesteps[14]
+    g = torch.Generator().manual_seed(3)
+    ref, x_in, pred = (torch.randn(1, 4, 32, 48, generator=g) for _ in range(3))
+    fixed = low_pass_anchor([s], [ref], 1.0, 2.0)(0, 0, t, x_in, pred)
+    x0, y0 = predicted_x0(s, x_in, pred, t)[0], predicted_x0(s, x_in, fixed, t)[0]
+    low = lambda z: gaussian_blur(z, 2.0, 6)  # noqa: E731
+    assert torch.allclose(y0, x0 - low(x0) + low(ref), atol=1e-4)
+    half = predicted_x0(s, x_in, low_pass_anchor([s], [ref], 0.5, 2.0)(0, 0, t, x_in, pred), t)[0]
+    assert torch.allclose(half, x0 + 0.5 * (low(ref) - low(x0)), atol=1e-4)
+    assert torch.equal(low_pass_anchor([s], [ref], 0.0, 2.0)(0, 0, t, x_in, pred), pred)
+
+
 # ------------------------------------------------------------------------------------- through the renderer
 
 from conftest import SMALL, compose  # noqa: E402
@@ -155,7 +209,8 @@ def test_a_progressive_render_runs_its_stages_and_keeps_them(demo):
     assert Image.open(out / row["path"]).size == (196, 130)
     assert [Image.open(out / req.stage_path(k)).size for k in (0, 1)] == [(80, 56), (128, 88)]
     assert not (out / req.stage_path(2)).exists()
-    assert "Strategy: progressive x2 from 64, Dilation: 0.5, Denoising strength: 0.3, Stages: 80x56>128x88>196x130, " \
+    assert "Strategy: progressive x2 from 64, Anchor: 1, Anchor sigma: 1, Denoising strength: 0.3, " \
+        "Stages: 80x56>128x88>196x130, " \
         in read_parameters(out / row["path"])
     again = renderer.render(req, compose(*SMALL).tiling)
     assert again["sha256"] == row["sha256"]
@@ -163,10 +218,12 @@ def test_a_progressive_render_runs_its_stages_and_keeps_them(demo):
     assert direct["stages"] == "196x130" and direct["sha256"] != row["sha256"]
 
 
-@pytest.mark.parametrize("extra", [["job.upscale=latent"], ["job.skip_residual=3"], ["job.dilation=0"],
+@pytest.mark.parametrize("extra", [["job.upscale=latent"], ["job.skip_residual=3"], ["job.dilation=0.5"],
                                    ["job.skip_residual=3", "job.dilation=1", "tiling.method=shifted"],
-                                   ["job.guide_clock=schedule"], ["job.strength_decay=0.5", "job.steps=10"]],
-                         ids=["latent", "skip", "no-dilation", "skip-dilation-shifted", "schedule-clock", "decay"])
+                                   ["job.guide_clock=schedule", "job.dilation=0.5"], ["job.strength_decay=0.5", "job.steps=10"],
+                                   ["job.anchor=0"], ["job.anchor_sigma=2"]],
+                         ids=["latent", "skip", "dilation", "skip-dilation-shifted", "schedule-clock", "decay",
+                              "no-anchor", "anchor-sigma"])
 def test_each_option_of_the_stages_renders_its_own_picture(demo, extra):
     base = _render(demo, "job.base_size=64", *[e for e in extra if e.startswith("job.steps")])[1]
     req, row = _render(demo, "job.base_size=64", *extra)

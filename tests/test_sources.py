@@ -62,6 +62,29 @@ def test_a_row_with_overrides_has_the_id_of_the_job_that_spells_them_out(tmp_pat
     assert row == plan(spelled)[0]
 
 
+def test_a_rows_regions_give_the_plan_of_the_job_that_spells_them_out(tmp_path):
+    """Per-row region prompts (JSONL objects, a CSV cell of JSON, a Parquet list of structs) replace the job's:
+    the same requests, ids included, as `job.regions` written out."""
+    regions = [{"box": [0, 0, 0.33, 1], "prompt": "a dusk landscape"},
+               {"box": [0.67, 0, 1, 1], "prompt": "a night landscape", "weight": 0.8, "feather": 0.1}]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a day landscape", "regions": regions}) + "\n"
+                                      + json.dumps({"prompt": "a lake"}) + "\n")
+    cell = json.dumps(regions).replace('"', '""')
+    (tmp_path / "p.csv").write_text(f'prompt,regions\n"a day landscape","{cell}"\na lake,\n', encoding="utf-8")
+    full = [{"negative_prompt": None, "weight": 1.0, "feather": 0.05, **r} for r in regions]
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a day landscape", "regions": full},
+                                         {"prompt": "a lake", "regions": None}]), tmp_path / "p.parquet")
+    from jobs.spec import RegionConfig
+    spelled = cfg_of(tmp_path / "p.jsonl")
+    spelled.job.prompt_file, spelled.job.prompts = None, ["a day landscape"]
+    spelled.job.regions = [RegionConfig(**r) for r in regions]
+    want = plan(spelled)[0]
+    for name in ("p.jsonl", "p.csv", "p.parquet"):
+        with_regions, plain = plan(cfg_of(tmp_path / name))
+        assert with_regions == want and len(with_regions.regions) == 2, name
+        assert plain.regions == () and plain.image_id != want.image_id
+
+
 def test_the_plan_is_streamed_and_counted_first(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("".join(f"prompt {i}\n" for i in range(1000)) + "prompt 3\n")
@@ -110,6 +133,12 @@ BAD_SOURCES = [
     ("noprompt.jsonl", '{"negative_prompt": "a"}\n', "line 1: prompt=None"),
     ("width.jsonl", '{"prompt": "a"}\n{"prompt": "b", "width": 0}\n', "line 2: width=0: must be an integer"),
     ("seeds.jsonl", '{"prompt": "a", "seeds": "x"}\n', "line 1: seeds='x'"),
+    ("box.jsonl", '{"prompt": "a", "regions": [{"box": [0, 0, 1.5, 1], "prompt": "b"}]}\n',
+     "line 1: regions[0].box=[0, 0, 1.5, 1]: must lie in [0, 1]"),
+    ("region-key.jsonl", '{"prompt": "a", "regions": [{"box": [0, 0, 1, 1], "prompt": "b", "model": "x"}]}\n',
+     "line 1: regions[0]: unknown key 'model'"),
+    ("regions.jsonl", '{"prompt": "a", "regions": {"box": [0, 0, 1, 1]}}\n', "line 1: regions="),
+    ("regions.csv", "prompt,regions\na,[{oops\n", "line 2: regions='[{oops': not JSON"),
     ("path.csv", "prompt,model_path\na,/w\n", "the header: unknown column 'model_path'"),
     ("ragged.csv", "prompt,steps\na,3,4\n", "line 2: 3 fields"),
     ("steps.csv", "prompt,steps\na,many\n", "line 2: steps='many': not a number"),

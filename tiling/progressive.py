@@ -93,6 +93,55 @@ def skip_residual(schedulers: Sequence, references: Sequence[torch.Tensor], nois
     return guide
 
 
+def _input_levels(scheduler, t) -> Tuple[float, float]:
+    """(a, s): the model input at timestep t is a * x0 + s * noise. Noise-prediction schedulers: a = sqrt(alpha_bar),
+    s = sqrt(1 - alpha_bar), with sigma = s / a interpolated over the training timesteps as the Euler schedulers
+    do (fractional timesteps); flow matching: a = 1 - sigma, s = sigma = t / num_train_timesteps."""
+    if not hasattr(scheduler, "alphas_cumprod"):
+        sigma = float(t) / scheduler.config.num_train_timesteps
+        return 1.0 - sigma, sigma
+    ac = scheduler.alphas_cumprod.double()
+    sigmas = ((1 - ac) / ac).sqrt()
+    i = min(max(float(t), 0.0), len(ac) - 1.0)
+    lo = int(math.floor(i))
+    hi = min(lo + 1, len(ac) - 1)
+    sigma = float(sigmas[lo] + (i - lo) * (sigmas[hi] - sigmas[lo]))
+    a = 1.0 / math.sqrt(1.0 + sigma * sigma)
+    return a, sigma * a
+
+
+def predicted_x0(scheduler, x_in: torch.Tensor, pred: torch.Tensor, t) -> Tuple[torch.Tensor, Callable]:
+    """The clean canvas a prediction points at, from the model input `x_in` at timestep t, and the map back:
+    `back(delta)` is the prediction whose clean canvas is x0 + delta for the same input (epsilon, v_prediction
+    or flow velocity, as `Predict` returns them: what the scheduler's `step` takes)."""
+    a, s = _input_levels(scheduler, t)
+    if not hasattr(scheduler, "alphas_cumprod"):  # flow matching: x = (1 - s) x0 + s n, pred = n - x0
+        return x_in - s * pred, lambda delta: pred - delta / max(s, 1e-6)
+    if scheduler.config.get("prediction_type", "epsilon") == "v_prediction":  # v = a n - s x0
+        return a * x_in - s * pred, lambda delta: pred - delta / max(s, 1e-6)
+    return (x_in - s * pred) / a, lambda delta: pred - delta * (a / max(s, 1e-6))
+
+
+def low_pass_anchor(schedulers: Sequence, references: Sequence[torch.Tensor], weight: float,
+                    sigma: float) -> Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A `correct` for the denoise loop that holds an enlarged stage's composition: before canvas k's step, its
+    fused prediction is changed so that the clean canvas it points at (`predicted_x0`), split into its blurred
+    part (a Gaussian of `sigma` latent pixels) and what the blur removes (its detail), has its blurred part moved
+    to its reference's (the previous stage enlarged) by `weight`: x0 + weight * (blur(ref) - blur(x0)). At 1 the
+    stage keeps its own detail on the reference's low frequencies: it cannot repaint a region's tone or paint a
+    new subject larger than the blur. I-Max's projected flow (Du et al. 2024) does this for flow models; here in
+    any scheduler's terms. Elementwise, like `gaussian_blur`: its bits do not depend on the thread count."""
+    radius = max(1, min(math.ceil(3 * sigma), min(references[0].shape[-2:]) - 1))  # reflect padding's limit
+    lows = [gaussian_blur(r.float(), sigma, radius) for r in references]
+
+    def correct(k: int, i: int, t, x_in: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        x0, back = predicted_x0(schedulers[k], x_in.float(), pred.float(), t)
+        low = lows[k].to(x0.device)
+        return back(weight * (low - gaussian_blur(x0, sigma, radius)))
+
+    return correct
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
     """A separable Gaussian blur of [n, C, H, W] (reflect padding), as DemoFusion blurs a dilated view's input so
     that its sub-sampling does not alias. Written as weighted sums of shifted copies: elementwise, so its bits do

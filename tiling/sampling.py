@@ -44,27 +44,33 @@ def _model_input(scheduler, x: torch.Tensor, t) -> torch.Tensor:
 
 # guide(k, i, t, x) -> x: canvas k before step i at timestep t, changed (DemoFusion's skip residual) or as it is.
 Guide = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
+# correct(k, i, t, x_in, pred) -> pred: canvas k's fused prediction at step i, from its model input x_in [1, C, H, W],
+# changed (tiling.progressive.low_pass_anchor) or as it is.
+Correct = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def denoise_canvas(predict: Predict, x: torch.Tensor, scheduler, layouts: Sequence[Sequence[Tile]], method: str,
                    batch: int, generator: Optional[torch.Generator] = None,
                    callback: Optional[Callable[[int, int], None]] = None, first: int = 0,
-                   guide: Optional[Guide] = None, dilation: Optional[Dilation] = None) -> torch.Tensor:
+                   guide: Optional[Guide] = None, dilation: Optional[Dilation] = None,
+                   correct: Optional[Correct] = None) -> torch.Tensor:
     """MultiDiffusion (Bar-Tal et al. 2023) over a [1, C, H, W] canvas; `layouts[i]` are step i's tiles."""
     return denoise_canvases(predict, [x], [scheduler], [layouts], method, batch, [generator], callback, first, guide,
-                            dilation)[0]
+                            dilation, correct)[0]
 
 
 def denoise_canvases(predict: Predict, xs: Sequence[torch.Tensor], schedulers: Sequence, layouts: Sequence,
                      method: str, batch: int, generators: Sequence[Optional[torch.Generator]],
                      callback: Optional[Callable[[int, int], None]] = None, first: int = 0,
-                     guide: Optional[Guide] = None, dilation: Optional[Dilation] = None) -> List[torch.Tensor]:
+                     guide: Optional[Guide] = None, dilation: Optional[Dilation] = None,
+                     correct: Optional[Correct] = None) -> List[torch.Tensor]:
     """MultiDiffusion over a group of same-size canvases [1, C, H, W] that share one prompt and timesteps,
     stepped together: each step, all their tiles (canvas-major, tile-index order) go through `predict` in
     batches of `batch`, each canvas is fused on its own device and stepped by its own scheduler.
     The timesteps run from index `first` (img2img: the caller has set each scheduler's begin index there);
     `layouts[k][i]` are canvas k's tiles at the i-th step run; `guide` may change each canvas before its step;
-    under `dilation` each fused prediction is blended with the dilated views' (`dilated_prediction`).
+    under `dilation` each fused prediction is blended with the dilated views' (`dilated_prediction`), and then
+    `correct` may change it (the enlarged stage's low-frequency anchor).
     A group of one batches exactly as a single image."""
     xs = list(xs)
     canvas = tuple(xs[0].shape[-2:])
@@ -89,6 +95,8 @@ def denoise_canvases(predict: Predict, xs: Sequence[torch.Tensor], schedulers: S
             fused = fuse(eps[k], tiles, *cache[id(tiles)])[None]
             if wide is not None:
                 fused = (1 - c) * fused + c * wide[k]
+            if correct is not None:
+                fused = correct(k, i, t, inputs[k][None], fused)
             kwargs = {"generator": generators[k]} if with_generator else {}
             xs[k] = s.step(fused, t, xs[k], **kwargs).prev_sample
         if callback is not None:
