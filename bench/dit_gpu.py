@@ -8,7 +8,10 @@ call; Z-Image at guidance 0 and 9 steps (as Turbo runs), Lumina2 at guidance 4 a
 each (a timing sample). NewBie guides only while the normalised time is below 0.25 (6 of these 8 steps), so its
 TFLOP/s (counted on a guided call) is left out. A check that the adapters run on a GPU at full size, and what a
 tile-step costs; writes dit.json. `--strategies direct progressive` times both strategies on the same image
-(seconds per whole image, decode and write included, and the tile-steps each took).
+(seconds per whole image, decode and write included, and the tile-steps each took). `--peer hires` (SDXL) adds
+what a user would script with diffusers alone for a coherent 4K picture, on the very same modules:
+`StableDiffusionXLPipeline` at 1344x768, a Lanczos upscale, `StableDiffusionXLImg2ImgPipeline` on the whole frame at
+the job's strength, VAE tiling on, the PNG written (after a warm-up of the same shapes).
 """
 from __future__ import annotations
 
@@ -33,6 +36,68 @@ RUNS = {"z_image": (9, 0.0), "lumina2": (8, 4.0), "newbie": (8, 5.0),
         "sdxl": (8, 7.0)}  # sdxl: not a DiT; here to check its memory under --offload model
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_round_trips(r: Renderer) -> list:
+    """Wraps the renderer's stage references (decode, resize, encode between stages) with a timer: their
+    seconds accumulate in the returned one-element list (inside `seconds_denoise`)."""
+    inner, total = r._reference, [0.0]
+
+    def timed(*args, **kwargs):
+        sync()
+        t0 = time.perf_counter()
+        out = inner(*args, **kwargs)
+        sync()
+        total[0] += time.perf_counter() - t0
+        return out
+
+    r._reference = timed
+    return total
+
+
+def hires_peer(m, size, steps: int, guidance: float, strength: float, out: Path, base_size=(1344, 768)) -> dict:
+    """diffusers' hires fix on the same modules: a 1344x768 base, Lanczos to `size`, img2img of the whole frame at
+    `strength` (VAE tiling on), the PNG written; whole picture timed, the base's share apart."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from PIL import Image
+
+    parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoder_2,
+                 tokenizer=m.tokenizers[0], tokenizer_2=m.tokenizer_2, unet=m.unet)
+    base = StableDiffusionXLPipeline(**parts, scheduler=EulerDiscreteScheduler.from_config(m.scheduler_config))
+    refine = StableDiffusionXLImg2ImgPipeline(**parts, scheduler=EulerDiscreteScheduler.from_config(m.scheduler_config))
+    for p in (base, refine):
+        p.set_progress_bar_config(disable=True)
+    m.vae.enable_tiling()
+    prompt = "a vast mountain lake at dawn, wallpaper"
+
+    def once(n: int) -> dict:
+        sync()
+        t0 = time.perf_counter()
+        small = base(prompt, height=base_size[1], width=base_size[0], num_inference_steps=n, guidance_scale=guidance,
+                     generator=torch.Generator(m.device).manual_seed(1)).images[0]
+        sync()
+        t_base = time.perf_counter() - t0
+        big = refine(prompt, image=small.resize(tuple(size), Image.LANCZOS), strength=strength,
+                     num_inference_steps=n, guidance_scale=guidance,
+                     generator=torch.Generator(m.device).manual_seed(1)).images[0]
+        big.save(out / "peer-hires.png")
+        sync()
+        return {"seconds_image": time.perf_counter() - t0, "seconds_base": t_base}
+
+    once(max(2, round(2 / strength)))  # a warm-up of the same shapes: kernels chosen, allocator grown
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    row = once(steps)
+    m.vae.disable_tiling()
+    return dict(row, model="sdxl", strategy=f"peer: diffusers SDXL {base_size[0]}x{base_size[1]} + Lanczos + img2img whole frame, VAE tiling",
+                stages=f"{base_size[0]}x{base_size[1]}>{size[0]}x{size[1]}", steps=steps, guidance=guidance,
+                strength=strength, refine_steps=int(steps * strength),
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="dit-out")
@@ -44,7 +109,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="model.compile (compile time counted in the denoise)")
     ap.add_argument("--strategies", nargs="+", default=["direct"],
                     help="job.strategy, each optionally with job fields: direct, progressive, "
-                         "progressive:anchor=1,dilation=0; each renders the same image, after a warm-up of the first")
+                         "progressive:anchor=1,dilation=0, progressive:upscale=latent; each renders the same image, after a warm-up of the first")
+    ap.add_argument("--peer", choices=["hires"], help="sdxl: diffusers' hires fix on the same modules, after the strategies")
     ap.add_argument("--method", default="gaussian", choices=["uniform", "gaussian", "shifted"])
     args = ap.parse_args()
     out = Path(args.out)
@@ -65,6 +131,7 @@ def main() -> None:
         r = Renderer(cfg.model, cfg.output)
         load = time.perf_counter() - t0
         m = r.model
+        round_trips = time_round_trips(r)
         cond = m.encode("a vast mountain lake at dawn, wallpaper", "")
         flops = float("nan")
         if not args.compile:  # counted on the eager model (a compiled one would compile in here)
@@ -72,13 +139,14 @@ def main() -> None:
                 m.predict(torch.zeros(4, m.latent_channels, 128, 128), torch.tensor(999.0), cond, guidance)
             flops = fc.get_total_flops() / 4
         for k, strategy in enumerate(args.strategies):
+            fields = dict(kv.partition("=")[::2] for kv in strategy.partition(":")[2].split(",") if kv)
             job = dataclasses.replace(cfg.job, strategy=strategy.partition(":")[0],
-                                      **{key: float(v) for key, _, v in (kv.partition("=") for kv in
-                                                                          strategy.partition(":")[2].split(",") if kv)})
+                                      **{k: v if k == "upscale" else float(v) for k, v in fields.items()})
             req = plan(dataclasses.replace(cfg, job=job))[0]
             if k == 0 and len(args.strategies) > 1:  # warm-up: kernels chosen, allocator grown
                 r.render(req, cfg.tiling)
             torch.cuda.reset_peak_memory_stats()
+            round_trips[0] = 0.0
             t0 = time.perf_counter()
             row = r.render(req, cfg.tiling)
             wall = time.perf_counter() - t0
@@ -89,11 +157,15 @@ def main() -> None:
                             "compile": args.compile, "steps": steps, "guidance": guidance, "seconds_load": load,
                             "seconds_image": wall, "seconds_denoise": row["seconds_denoise"],
                             "seconds_decode_and_write": row["seconds_decode"],
+                            "seconds_round_trips": round_trips[0],
                             "tile_steps": n, "ms_per_tile_step": 1e3 * row["seconds_denoise"] / n,
                             "tflops": flops * n / row["seconds_denoise"] / 1e12
                             if getattr(m, "cfg_trunc", 1.0) >= 1 and strategy == "direct" else None,
                             "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                             "seam_score": row["seam_score"], "seam_score_vae": row["seam_score_vae"]})
+            print(json.dumps(results[-1]), flush=True)
+        if args.peer == "hires" and name == "sdxl":
+            results.append(hires_peer(m, args.size, steps, guidance, cfg.job.strength, out))
             print(json.dumps(results[-1]), flush=True)
         del r, m, cond
         torch.cuda.empty_cache()
