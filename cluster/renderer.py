@@ -177,7 +177,7 @@ def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: Til
             if reqs[0].anchor:  # the blur's side in the previous stage's (or the init picture's) pixels
                 before = stages[number - 1].size if number else reqs[0].init_size
                 sigma = reqs[0].anchor_sigma * stage.size[0] / before[0]
-                correct = low_pass_anchor(schedulers, refs, reqs[0].anchor, sigma)
+                correct = low_pass_anchor(schedulers, refs, reqs[0].anchor, sigma, **wraps(tiling))
         else:
             xs = [x.to(device) for _, x, _ in begun]
         steps = len(schedulers[0].timesteps) - stage.first
@@ -457,10 +457,11 @@ class Renderer:
                         write_image(to_uint8(picture, w * f, h * f), self.output.dir, req.stage_path(number - 1),
                                     self.output.format, self.output.quality, req.parameters_text())
                 if latent:
-                    out.append(resize(zs[k], (stage.h, stage.w)))
+                    out.append(resize(zs[k], (stage.h, stage.w), **wraps(tiling)))
                     continue
                 (w, h), (H, W) = stage.size, (stage.h * f, stage.w * f)
-                picture = F.pad(resize(picture[None], (h, w)), (0, W - w, 0, H - h), mode="replicate").clamp(-1, 1)
+                picture = F.pad(resize(picture[None], (h, w), **wraps(tiling)), (0, W - w, 0, H - h),
+                                mode="replicate").clamp(-1, 1)
                 out.append(m.scale(encode_tiled(m.vae, picture.to(m.device, m.vae_dtype),
                                                 self.vae_tile(tiling, stage.h, stage.w), tiling.vae_overlap,
                                                 passes=passes, **wraps(tiling))))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tiling.progressive import (base_size, dilated_views, dilation_stride, first_step, gaussian_blur, stage_sizes,
+from tiling.progressive import (base_size, dilated_views, dilation_stride, first_step, gaussian_blur, resize, stage_sizes,
                                 undilate)
 
 sides = st.integers(64, 8192).map(lambda v: v // 8 * 8)
@@ -75,6 +75,25 @@ def test_dilation_stride_and_blur():
     const = torch.full((1, 2, 9, 9), 0.7)
     torch.testing.assert_close(gaussian_blur(const, 1.0, 3), const)  # the weights sum to 1
     assert torch.equal(gaussian_blur(x, 0.0, 2), x)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 5), st.sampled_from(["x", "y", "both"]), st.sampled_from([0.5, 2, 3]))
+def test_a_wrapped_axis_is_resized_and_blurred_as_the_periodic_signal_it_is(shift, wrap, factor):
+    """Around a seamless panorama's seam: rolling the input along a wrapped axis rolls the enlarged (or
+    shrunk) picture and the blurred one by the same amount, scaled, which zero, edge or reflect padding breaks."""
+    x = torch.randn(1, 3, 16, 24)
+    flags = {"wrap_y": wrap in ("y", "both"), "wrap_x": wrap in ("x", "both")}
+    dims = [d for d, on in ((-2, flags["wrap_y"]), (-1, flags["wrap_x"])) if on]
+    roll = lambda z, k: torch.roll(z, [k] * len(dims), dims)  # noqa: E731
+    size = (int(16 * factor), int(24 * factor))
+    k = shift * 2  # an even shift: whole output pixels at factor 0.5 too
+    torch.testing.assert_close(resize(roll(x, k), size, **flags), roll(resize(x, size, **flags), int(k * factor)),
+                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(gaussian_blur(roll(x, shift), 1.5, 4, **flags),
+                               roll(gaussian_blur(x, 1.5, 4, **flags), shift), atol=1e-4, rtol=0)
+    assert not torch.allclose(resize(roll(x, k), size), roll(resize(x, size), int(k * factor)), atol=1e-3)
+    assert torch.equal(resize(x, (16, 24), **flags), x)
 
 
 def test_cosine_weight_runs_from_one_to_zero():

@@ -60,12 +60,18 @@ def noised(scheduler, z: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
     return scheduler.add_noise(z, noise, t)
 
 
-def resize(x: torch.Tensor, size: Tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    """A [n, C, H, W] tensor resized to (H', W') = `size` (antialiased when it shrinks)."""
+def resize(x: torch.Tensor, size: Tuple[int, int], mode: str = "bicubic", wrap_y: bool = False,
+           wrap_x: bool = False) -> torch.Tensor:
+    """A [n, C, H, W] tensor resized to (H', W') = `size` (antialiased when it shrinks). Along a wrapped axis (a
+    seamless panorama's) it is resized as the periodic signal it is: three copies side by side, resized to three
+    times the size, the middle kept, so the two edges are interpolated from each other as from any neighbours."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
+    reps = (3 if wrap_y and size[0] != x.shape[-2] else 1, 3 if wrap_x and size[1] != x.shape[-1] else 1)
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x.float(), size=size, mode=mode, align_corners=False, antialias=shrink and mode != "nearest")
+    y = F.interpolate(x.float().repeat(1, 1, *reps), size=(size[0] * reps[0], size[1] * reps[1]), mode=mode,
+                      align_corners=False, antialias=shrink and mode != "nearest")
+    return y[..., size[0] * (reps[0] // 2):size[0] * (reps[0] // 2 + 1), size[1] * (reps[1] // 2):size[1] * (reps[1] // 2 + 1)]
 
 
 def cosine_weight(t, num_train_timesteps: int, power: float) -> float:
@@ -122,38 +128,43 @@ def predicted_x0(scheduler, x_in: torch.Tensor, pred: torch.Tensor, t) -> Tuple[
     return (x_in - s * pred) / a, lambda delta: pred - delta * (a / max(s, 1e-6))
 
 
-def low_pass_anchor(schedulers: Sequence, references: Sequence[torch.Tensor], weight: float,
-                    sigma: float) -> Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def low_pass_anchor(schedulers: Sequence, references: Sequence[torch.Tensor], weight: float, sigma: float,
+                    wrap_y: bool = False, wrap_x: bool = False
+                    ) -> Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """A `correct` for the denoise loop that holds an enlarged stage's composition: before canvas k's step, its
     fused prediction is changed so that the clean canvas it points at (`predicted_x0`), split into its blurred
     part (a Gaussian of `sigma` latent pixels) and what the blur removes (its detail), has its blurred part moved
     to its reference's (the previous stage enlarged) by `weight`: x0 + weight * (blur(ref) - blur(x0)). At 1 the
     stage keeps its own detail on the reference's low frequencies: it cannot repaint a region's tone or paint a
     new subject larger than the blur. I-Max's projected flow (Du et al. 2024) does this for flow models; here in
-    any scheduler's terms. Elementwise, like `gaussian_blur`: its bits do not depend on the thread count."""
+    any scheduler's terms. Elementwise, like `gaussian_blur`: its bits do not depend on the thread count. A
+    wrapped axis is blurred around its seam (`wrap_y`, `wrap_x`)."""
     radius = max(1, min(math.ceil(3 * sigma), min(references[0].shape[-2:]) - 1))  # reflect padding's limit
-    lows = [gaussian_blur(r.float(), sigma, radius) for r in references]
+    wrap = {"wrap_y": wrap_y, "wrap_x": wrap_x}
+    lows = [gaussian_blur(r.float(), sigma, radius, **wrap) for r in references]
 
     def correct(k: int, i: int, t, x_in: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         x0, back = predicted_x0(schedulers[k], x_in.float(), pred.float(), t)
         low = lows[k].to(x0.device)
-        return back(weight * (low - gaussian_blur(x0, sigma, radius)))
+        return back(weight * (low - gaussian_blur(x0, sigma, radius, **wrap)))
 
     return correct
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
-    """A separable Gaussian blur of [n, C, H, W] (reflect padding), as DemoFusion blurs a dilated view's input so
-    that its sub-sampling does not alias. Written as weighted sums of shifted copies: elementwise, so its bits do
-    not depend on the thread count (the driver of a tile-parallel render runs it with its own)."""
+def gaussian_blur(x: torch.Tensor, sigma: float, radius: int, wrap_y: bool = False,
+                  wrap_x: bool = False) -> torch.Tensor:
+    """A separable Gaussian blur of [n, C, H, W] (reflect padding; circular along a wrapped axis), as DemoFusion
+    blurs a dilated view's input so that its sub-sampling does not alias. Written as weighted sums of shifted
+    copies: elementwise, so its bits do not depend on the thread count (the driver of a tile-parallel render runs
+    it with its own)."""
     if sigma <= 0 or radius < 1:
         return x
     k = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2 / 2)
     k = (k / k.sum()).tolist()
     h, w = x.shape[-2:]
-    y = F.pad(x, (0, 0, radius, radius), mode="reflect")
+    y = F.pad(x, (0, 0, radius, radius), mode="circular" if wrap_y else "reflect")
     y = sum(c * y[..., i:i + h, :] for i, c in enumerate(k))
-    y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
+    y = F.pad(y, (radius, radius, 0, 0), mode="circular" if wrap_x else "reflect")
     return sum(c * y[..., :, i:i + w] for i, c in enumerate(k))
 
 
