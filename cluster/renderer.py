@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from jobs import ImageRequest, write_image
-from jobs.spec import ModelConfig, OutputConfig, TilingConfig
+from jobs.spec import ConfigError, ModelConfig, OutputConfig, TilingConfig, stage_model_config
 from models import load_model, make_scheduler
 from models.base import PromptCache
 from models.loading import compile_denoiser
@@ -147,19 +147,21 @@ Reference = Callable[[int, Optional[List[torch.Tensor]], "Stage"], List[torch.Te
 
 def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int,
                   device="cpu", callback: Optional[Callable[[int, int], None]] = None,
-                  reference: Optional[Reference] = None) -> List[torch.Tensor]:
+                  reference: Optional[Reference] = None, stage_predict=None) -> List[torch.Tensor]:
     """The finished latent canvases of images that share a `group_key`, stepped together on `device`, stage
-    by stage; `predict` is the local model or a fan-out to workers, `reference` gives each later stage (and an
-    img2img render's first) the canvases it starts from."""
+    by stage; `predict` is the local model or a fan-out to workers (`stage_predict`, if given, that of the
+    stages which refine a reference: `model.stage_path`'s), `reference` gives each later stage (and an img2img
+    render's first) the canvases it starts from."""
     gens = [torch.Generator("cpu").manual_seed(req.seed) for req in reqs]
     regions = [Region(r.box, r.weight, r.feather) for r in reqs[0].regions]
-    zs, plain = None, predict
+    zs, base_predict = None, predict
     stages = stages_of(reqs[0], info)
     for number, stage in enumerate(stages):
         begun = [start_canvas(info, req, stage, g) for req, g in zip(reqs, gens)]
         schedulers = [s for s, _, _ in begun]
+        predict = stage_predict if stage.refine and stage_predict is not None else base_predict
         if regions:  # every tile under each prompt whose box it touches, the base, every stage, the views
-            predict = region_predict(plain, regions, batch, region_bootstrap(schedulers[0]))
+            predict = region_predict(predict, regions, batch, region_bootstrap(schedulers[0]))
         guide = dilation = correct = None
         if stage.refine:
             if reference is None:
@@ -189,9 +191,10 @@ def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: Til
 
 def denoise_request(predict, info: dict, req: ImageRequest, tiling: TilingConfig,
                     callback: Optional[Callable[[int, int], None]] = None, batch: Optional[int] = None,
-                    device="cpu", reference: Optional[Reference] = None) -> torch.Tensor:
+                    device="cpu", reference: Optional[Reference] = None, stage_predict=None) -> torch.Tensor:
     """The finished latent canvas of one image (a group of one)."""
-    return denoise_group(predict, info, [req], tiling, batch or tiling.batch or 4, device, callback, reference)[0]
+    return denoise_group(predict, info, [req], tiling, batch or tiling.batch or 4, device, callback, reference,
+                         stage_predict)[0]
 
 
 def group_key(req: ImageRequest) -> tuple:
@@ -271,8 +274,29 @@ def failed_row(req: ImageRequest, started_at: datetime, error: BaseException | s
                             warnings=_notes(notes))
 
 
+@contextmanager
+def _in_fp32(m, on: bool):
+    """With `on`, adapter `m`'s modules in float32 for the block (a retry of a non-finite render), then back."""
+    modules = [getattr(m, m.denoiser), m.vae, *m.text_modules()]
+    dtypes = [getattr(mod, "dtype", torch.float32) for mod in modules]
+    if not on or (m.dtype == torch.float32 and all(d == torch.float32 for d in dtypes)):
+        yield
+        return
+    old = m.dtype
+    for mod in modules:
+        mod.to(dtype=torch.float32)
+    m.dtype, m._cache = torch.float32, PromptCache(m._encode_pair)  # embeddings in the new dtype
+    try:
+        yield
+    finally:
+        for mod, d in zip(modules, dtypes):
+            mod.to(dtype=d)
+        m.dtype, m._cache = old, PromptCache(m._encode_pair)
+
+
 class Renderer:
-    """Holds one model for the whole job; `predict` serves tile batches, `render_group` whole images.
+    """Holds one model for the whole job (and its hires checkpoint, `model.stage_path`, for the enlarged
+    stages); `predict` serves tile batches, `render_group` whole images.
 
     Thread-safe for two callers (a Ray actor with max_concurrency=2): the device work (denoise, decode)
     holds a lock, the CPU work (image encoding, seam scores, hashing, the write) does not, so one image's
@@ -282,15 +306,38 @@ class Renderer:
         if threads:
             torch.set_num_threads(threads)
         self.model = load_model(model)
+        # a hires checkpoint (model.stage_path) for the stages that refine a reference; else the model itself
+        self.stage_model = load_model(stage_model_config(model)) if model.stage_path else self.model
+        if self.stage_model is not self.model:
+            differ = [f"{k} {getattr(self.stage_model, k)} against the model's {getattr(self.model, k)}"
+                      for k in ("latent_channels", "vae_scale_factor")
+                      if getattr(self.stage_model, k) != getattr(self.model, k)]
+            if differ:
+                raise ConfigError("model.stage_path", model.stage_path, "does not fit the model: " + ", ".join(differ))
         self.compiled = model.compile
         if model.compile:
-            compile_denoiser(self.model)
+            for m in self.models():
+                compile_denoiser(m)
         self.output = output
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._device = threading.Lock()
         self._batches = {}  # tile size -> automatic batch size
         self._sweeps = {}  # image id -> its tiled decode's Sweeps, while a tile-parallel decode runs
+        self._sweep_models = {}  # image id -> the adapter whose VAE runs them
         self._notes = {}  # prompt -> its truncation warning (or None)
+
+    def models(self) -> list:
+        """The loaded adapters: the model, and the hires checkpoint if it is another."""
+        return [self.model] + ([self.stage_model] if self.stage_model is not self.model else [])
+
+    def model_of(self, refine: bool):
+        """The adapter that runs a stage (or decodes its canvas): the hires checkpoint's for a stage that refines a
+        reference, else the model's."""
+        return self.stage_model if refine else self.model
+
+    def final_model(self, req: ImageRequest):
+        """The adapter whose VAE decodes `req`'s finished canvas: the one that ran its last stage."""
+        return self.model_of(stages_of(req, self.info())[-1].refine)
 
     def info(self) -> dict:
         m = self.model
@@ -316,19 +363,23 @@ class Renderer:
         device = self.model.device
         return fitting_tile(self.model.vae, h, w, free_memory(device, 0.8 if device.type == "cuda" else 0.4))
 
-    def _predict(self, batch: TileBatch, t, cond, guidance: float, pad_to: int = 0) -> torch.Tensor:
-        """The model on one batch, on the model's device. A compiled model sees one batch shape a step: a
-        short batch is padded to the step's first (largest) with copies of its last tile (predictions dropped)."""
+    def _predict(self, batch: TileBatch, t, cond, guidance: float, pad_to: int = 0, model=None) -> torch.Tensor:
+        """`model` (the model's by default) on one batch, on its device. A compiled model sees one batch shape a
+        step: a short batch is padded to the step's first (largest) with copies of its last tile (predictions
+        dropped)."""
         x, tiles, n = batch.x, batch.tiles, batch.x.shape[0]
         if self.compiled and n < pad_to:
             x = torch.cat([x, x[-1:].expand(pad_to - n, -1, -1, -1)])
             tiles = tuple(tiles) + (tiles[-1],) * (pad_to - n)
-        return self.model.predict(x, t, cond, guidance, tiles, batch.canvas)[:n]
+        return (model or self.model).predict(x, t, cond, guidance, tiles, batch.canvas)[:n]
 
-    def predict(self, batch: TileBatch, t, prompt: str, negative: str, guidance: float, pad_to: int = 0):
-        """Tile-parallel mode: one batch from the driver; the prediction goes back on the CPU."""
+    def predict(self, batch: TileBatch, t, prompt: str, negative: str, guidance: float, pad_to: int = 0,
+                refine: bool = False):
+        """Tile-parallel mode: one batch from the driver (`refine`: of a stage that refines a reference); the
+        prediction goes back on the CPU."""
+        m = self.model_of(refine)
         with self._device:
-            return self._predict(batch, t, self.model.encode(prompt, negative), guidance, pad_to).cpu()
+            return self._predict(batch, t, m.encode(prompt, negative), guidance, pad_to, m).cpu()
 
     def render(self, req: ImageRequest, tiling: TilingConfig, progress=None) -> dict:
         """Denoise, decode and write one image; a failure becomes a `failed` row, never an exception."""
@@ -379,31 +430,22 @@ class Renderer:
         return [self.write(req, tiling, d, started, seconds, notes) for req, d in zip(reqs, decoded)]
 
     def _denoise(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int, tick) -> List[torch.Tensor]:
-        conds = [self.model.encode(*pair) for pair in reqs[0].prompt_pairs()]  # TileBatch.prompt's
-        return denoise_group(lambda bs, t: [self._predict(b, t, conds[b.prompt], reqs[0].guidance,
-                                                          max(len(c.tiles) for c in bs))
-                                            for b in bs], self.info(), reqs, tiling, batch, self.model.device, tick,
-                             lambda k, zs, stage: self._reference(reqs, tiling, k, zs, stage))
+        def predict_of(m):
+            conds = [m.encode(*pair) for pair in reqs[0].prompt_pairs()]  # TileBatch.prompt's
+            return lambda bs, t: [self._predict(b, t, conds[b.prompt], reqs[0].guidance,
+                                                max(len(c.tiles) for c in bs), m) for b in bs]
+
+        stage_predict = predict_of(self.stage_model) if self.stage_model is not self.model else None
+        return denoise_group(predict_of(self.model), self.info(), reqs, tiling, batch, self.model.device, tick,
+                             lambda k, zs, stage: self._reference(reqs, tiling, k, zs, stage), stage_predict)
 
     @contextmanager
     def _in_fp32(self, on: bool):
-        """With `on`, the model's modules in float32 for the block (a retry of a non-finite render), then back."""
-        m = self.model
-        modules = [getattr(m, m.denoiser), m.vae, *m.text_modules()]
-        dtypes = [getattr(mod, "dtype", torch.float32) for mod in modules]
-        if not on or (m.dtype == torch.float32 and all(d == torch.float32 for d in dtypes)):
+        """With `on`, the models' modules in float32 for the block (a retry of a non-finite render), then back."""
+        with ExitStack() as stack:
+            for m in self.models():
+                stack.enter_context(_in_fp32(m, on))
             yield
-            return
-        old = m.dtype
-        for mod in modules:
-            mod.to(dtype=torch.float32)
-        m.dtype, m._cache = torch.float32, PromptCache(m._encode_pair)  # embeddings in the new dtype
-        try:
-            yield
-        finally:
-            for mod, d in zip(modules, dtypes):
-                mod.to(dtype=d)
-            m.dtype, m._cache = old, PromptCache(m._encode_pair)
 
     def _prompt_note(self, prompt: str) -> Optional[str]:
         """A warning when the text encoder will cut `prompt` (CLIP: 77 tokens), once per prompt and worker: the
@@ -439,18 +481,22 @@ class Renderer:
         statistics, always: `tiling.vae_passes=1`'s tone shift between tiles would be kept by every stage after),
         resizes the picture (bicubic) to the stage's size, edge-padded to its latent canvas, and encodes it (tiled);
         `latent` resizes the latents. Under `output.keep_stages` each decoded stage is
-        written beside the image."""
-        m, f = self.model, self.model.vae_scale_factor
+        written beside the image. The stage before is decoded by the VAE of the model that ran it, the picture
+        encoded by this stage's (`model.stage_path`: the hires checkpoint's)."""
+        f = self.model.vae_scale_factor
+        m = self.model_of(stage.refine)
+        dec = self.model_of(stages_of(reqs[0], self.info())[number - 1].refine) if zs is not None else m
         latent = zs is not None and reqs[0].upscale == "latent"
         passes = max(3, tiling.vae_passes)  # per-tile statistics would shift a tile's tone, and each stage keeps it
-        out = []
-        m.vae_on_device(True)
+        out, vaes = [], [m] if dec is m else [m, dec]
+        for a in vaes:
+            a.vae_on_device(True)
         try:
             for k, req in enumerate(reqs):
                 if zs is None:
                     picture = read_picture(req.init_image)
                 elif not latent or self.output.keep_stages:
-                    picture = decode_tiled(m.vae, m.unscale(zs[k]), f, self.vae_tile(tiling, *zs[k].shape[-2:]),
+                    picture = decode_tiled(dec.vae, dec.unscale(zs[k]), f, self.vae_tile(tiling, *zs[k].shape[-2:]),
                                            tiling.vae_overlap, passes=passes, **wraps(tiling))
                     if self.output.keep_stages:
                         h, w = zs[k].shape[-2:]
@@ -466,7 +512,8 @@ class Renderer:
                                                 self.vae_tile(tiling, stage.h, stage.w), tiling.vae_overlap,
                                                 passes=passes, **wraps(tiling))))
         finally:
-            m.vae_on_device(False)
+            for a in vaes:
+                a.vae_on_device(False)
         return out
 
     def finish(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor, started_at: datetime,
@@ -479,29 +526,32 @@ class Renderer:
     def _decode(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor):
         """(uint8 pixels, seconds, the VAE tile side it ran with) of a finished canvas, or the exception that
         stopped the decode."""
-        self.model.vae_on_device(True)
+        m = self.final_model(req)
+        m.vae_on_device(True)
         try:
             t0 = time.perf_counter()
             tile = self.vae_tile(tiling, *z.shape[-2:])
-            img = decode_tiled(self.model.vae, self.model.unscale(z), self.model.vae_scale_factor, tile,
+            img = decode_tiled(m.vae, m.unscale(z), m.vae_scale_factor, tile,
                                tiling.vae_overlap, passes=tiling.vae_passes, **wraps(tiling))
             return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tile
         except Exception as e:  # noqa: BLE001
             return e
         finally:
-            self.model.vae_on_device(False)
+            m.vae_on_device(False)
 
-    def decode_begin(self, key: str, tiling: TilingConfig, z: torch.Tensor) -> list:
-        """Tile-parallel decode, on every worker: canvas `z`'s latent-resolution stage run here and its tiles
-        made ready to sweep (`decode_sweep`); returns the tiles' spans (for `tiling.vae.assemble`)."""
+    def decode_begin(self, key: str, tiling: TilingConfig, z: torch.Tensor, refined: bool = False) -> list:
+        """Tile-parallel decode, on every worker: canvas `z`'s latent-resolution stage run here (by the VAE of the
+        model that ran its last stage: `refined`, a stage that refined a reference) and its tiles made ready to
+        sweep (`decode_sweep`); returns the tiles' spans (for `tiling.vae.assemble`)."""
+        m = self.model_of(refined)
         with self._device:
-            self.model.vae_on_device(True)
+            m.vae_on_device(True)
             try:
-                self._sweeps[key] = decoder_sweeps(
-                    self.model.vae, self.model.unscale(z), tiling.vae_tile, tiling.vae_overlap,
-                    **wraps(tiling))
+                self._sweeps[key] = decoder_sweeps(m.vae, m.unscale(z), tiling.vae_tile, tiling.vae_overlap,
+                                                   **wraps(tiling))
+                self._sweep_models[key] = m
             except BaseException:
-                self.model.vae_on_device(False)
+                m.vae_on_device(False)
                 raise
             return self._sweeps[key].spans
 
@@ -522,7 +572,7 @@ class Renderer:
 
     def decode_end(self, key: str) -> None:
         if self._sweeps.pop(key, None) is not None:
-            self.model.vae_on_device(False)
+            self._sweep_models.pop(key).vae_on_device(False)
 
     def write(self, req: ImageRequest, tiling: TilingConfig, decoded, started_at: datetime,
               seconds_denoise: float, notes: Optional[Sequence[str]] = None) -> dict:

@@ -24,7 +24,7 @@ from jobs.spec import TesseraConfig, TesseraError, TilingConfig
 from tiling import assemble, merged, to_uint8
 
 from .progress import Progress
-from .renderer import Renderer, denoise_request, failed_row, iter_groups, now, tile_steps
+from .renderer import Renderer, denoise_request, failed_row, iter_groups, now, stages_of, tile_steps
 
 READY_TIMEOUT_S = 900  # model load on every worker
 
@@ -126,16 +126,17 @@ def run_bulk(workers, requests: Iterable[ImageRequest], cfg: TesseraConfig, on_r
             submit(w)
 
 
-def decode_across(workers, req: ImageRequest, tiling: TilingConfig, z, factor: int):
+def decode_across(workers, req: ImageRequest, tiling: TilingConfig, z, factor: int, refined: bool = False):
     """One canvas's tiled VAE decode spread over `workers`: each runs the latent-resolution stage and sweeps
     every len(workers)-th tile; between sweeps the tiles' GroupNorm moments are merged here in tile order, so
-    the picture is the one a single worker decodes, with the VAE tile worker 0 picks for all (`tiling.vae_tile=0`).
+    the picture is the one a single worker decodes, with the VAE tile worker 0 picks for all (`tiling.vae_tile=0`),
+    by the VAE of the model that ran the last stage (`refined`: the hires checkpoint's, `Renderer.final_model`).
     (uint8 pixels, seconds, that tile side), or the exception that stopped it."""
     t0 = time.perf_counter()
     try:
         tiling = replace(tiling, vae_tile=ray.get(workers[0].vae_tile.remote(tiling, *z.shape[-2:])))  # one for all
         canvas = ray.put(z)  # stored once, read by every worker
-        spans = ray.get([w.decode_begin.remote(req.image_id, tiling, canvas) for w in workers])[0]
+        spans = ray.get([w.decode_begin.remote(req.image_id, tiling, canvas, refined) for w in workers])[0]
         shares = [range(k, len(spans), len(workers)) for k in range(len(workers))]
         applied, passes = None, 1 if len(spans) == 1 else tiling.vae_passes  # as tiling.vae.run_sweeps
         for number in range(1, passes + 1):
@@ -165,23 +166,27 @@ def run_tile_parallel(workers, requests: Iterable[ImageRequest], cfg: TesseraCon
         started = now()
         progress.expect_tiles(tile_steps(req, cfg.tiling, info))
 
-        def predict(batches, t):
-            pairs = req.prompt_pairs()  # the image's prompt, then its regions' (TileBatch.prompt)
-            refs = [workers[k % len(workers)].predict.remote(b, t, *pairs[b.prompt], req.guidance,
-                                                             max(len(c.tiles) for c in batches))
-                    for k, b in enumerate(batches)]
-            return ray.get(refs)
+        def predict_of(refine: bool):  # refine: the stages that refine a reference (model.stage_path's weights)
+            def predict(batches, t):
+                pairs = req.prompt_pairs()  # the image's prompt, then its regions' (TileBatch.prompt)
+                refs = [workers[k % len(workers)].predict.remote(b, t, *pairs[b.prompt], req.guidance,
+                                                                 max(len(c.tiles) for c in batches), refine)
+                        for k, b in enumerate(batches)]
+                return ray.get(refs)
+            return predict
 
         try:
             t0 = time.perf_counter()
-            z = denoise_request(predict, info, req, cfg.tiling, lambda step, n: progress.tiles(n), batch,
+            z = denoise_request(predict_of(False), info, req, cfg.tiling, lambda step, n: progress.tiles(n), batch,
                                 reference=lambda k, zs, stage: ray.get(
-                                    workers[0].reference.remote([req], cfg.tiling, k, zs, stage)))
+                                    workers[0].reference.remote([req], cfg.tiling, k, zs, stage)),
+                                stage_predict=predict_of(True) if cfg.model.stage_path else None)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             on_row(failed_row(req, started, f"worker lost: {type(e).__name__}: {e}"))
             continue
         seconds = time.perf_counter() - t0
-        decoded = decode_across(workers, req, cfg.tiling, z, info["vae_scale_factor"])
+        decoded = decode_across(workers, req, cfg.tiling, z, info["vae_scale_factor"],
+                                stages_of(req, info)[-1].refine)
         if writing is not None:
             on_row(_rows(*writing)[0])
         writing = (workers[i % len(workers)].write.remote(req, cfg.tiling, decoded, started, seconds), [req], started)

@@ -91,6 +91,7 @@ class ImageRequest:
     init_size: Optional[Tuple[int, int]] = None  # its (width, height)
     regions: Tuple[RegionPrompt, ...] = ()  # region prompts over `prompt`, the background (an XML prompt's
     #                                         placed characters after job.regions)
+    stage_model: Optional[str] = None  # model.stage_path's folder name (a hires checkpoint), or None
 
     def prompt_pairs(self) -> Tuple[Tuple[str, str], ...]:
         """(prompt, negative) of the background and of each region: what `TileBatch.prompt` indexes."""
@@ -126,6 +127,8 @@ class ImageRequest:
                                                 ("Anchor", self.anchor, 0.0)) if value != off]
             if self.anchor:
                 fields.append(f"Anchor sigma: {self.anchor_sigma:g}")
+        if self.stage_model:
+            fields.append(f"Hires checkpoint: {self.stage_model}")
         if self.init_image:
             fields.append(f"Init image: {os.path.basename(self.init_image)} sha256 {self.init_sha256}")
         if self.strategy == "progressive" or self.init_image:
@@ -210,6 +213,8 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
             key["anchor"] = [anchor, float(j.anchor_sigma)]
     if m.config:
         key["model_config"] = _real(m.config)
+    if m.stage_path and (j.strategy == "progressive" or init_sha256):  # the weights the enlarged stages ran
+        key["stage_model_path"] = _real(m.stage_path)
     if j.regions:  # no regions: the ids they had before
         key["regions"] = [r.as_dict() for r in regions_of(j)]
     split = xml_split(cfg, key["prompt"])
@@ -253,6 +258,8 @@ class Plan:
             encoded, regions = prompts_of_row(cfg, j, prompt)
             anchor, dilation = stage_guides(row_cfg)
             for init, sha, size in self.inits:
+                stage_model = os.path.basename(os.path.normpath(cfg.model.stage_path)) \
+                    if cfg.model.stage_path and (j.strategy == "progressive" or init) else None
                 for seed in j.seeds:
                     iid = image_id(row_cfg, prompt, seed, sha)
                     key = int(iid, 16)
@@ -270,7 +277,8 @@ class Plan:
                         base_size=int(j.base_size), upscale=j.upscale, skip_residual=float(j.skip_residual),
                         dilation=dilation, strength_decay=float(j.strength_decay),
                         guide_clock=j.guide_clock, anchor=anchor, anchor_sigma=float(j.anchor_sigma),
-                        init_image=init, init_sha256=sha, init_size=size, regions=regions)
+                        init_image=init, init_sha256=sha, init_size=size, regions=regions,
+                        stage_model=stage_model)
 
 
 def plan(cfg: TesseraConfig) -> list[ImageRequest]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
 
 MAX_SIDE = 16384  # pixels; 16K is already 256 Mpx
@@ -110,6 +110,8 @@ class ModelConfig:
     allow_pickle: bool = False  # load .ckpt/.bin/.pt/.pth weights (torch pickles)
     trust_remote_code: bool = False  # for families whose weights ship Python code (REMOTE_CODE_FAMILIES: newbie)
     compile: bool = False  # torch.compile the denoiser for the fixed tile shape (GPU; compile time paid once)
+    stage_path: Optional[str] = None  # a hires checkpoint: a diffusers folder of the same family whose weights run
+    #                                   the enlarged stages (and an init image's); the base stays model.path's
 
 
 @dataclass
@@ -274,6 +276,9 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     validate_model(m)
 
     check_job_values(j)
+    if m.stage_path is not None:
+        _check(j.upscale == "pixel", "job.upscale", j.upscale, "must be pixel with model.stage_path: the stages' "
+               "model has its own VAE, so its latents are not the base's (each stage encodes the picture anew)")
     _one_of("job.scheduler", j.scheduler, ("auto",) + SCHEDULERS)
     fits = FAMILY_SCHEDULERS[MODEL_FAMILIES[m.name]]
     _check(j.scheduler == "auto" or j.scheduler in fits, "job.scheduler", j.scheduler,
@@ -363,6 +368,13 @@ def validate_region(name: str, r: RegionConfig) -> None:
            "must be a number from 0 (a hard edge) to 0.5 (a fraction of the picture's side)")
 
 
+def stage_model_config(m: ModelConfig) -> ModelConfig:
+    """The model section that loads `model.stage_path`: the same family, dtype and options, from that folder (the
+    demo models' family loads it as any SD 1.x folder)."""
+    return replace(m, name="sd15" if m.name in DEMO_MODELS else m.name, path=m.stage_path, config=None,
+                   stage_path=None)
+
+
 def validate_model(m: ModelConfig) -> None:
     """The model section: names, the weights' files (single files need a config folder; pickles are refused)."""
     _one_of("model.name", m.name, MODEL_NAMES)
@@ -371,6 +383,14 @@ def validate_model(m: ModelConfig) -> None:
     _one_of("model.attention", m.attention, ATTENTIONS)
     _one_of("model.offload", m.offload, OFFLOADS)
     family = MODEL_FAMILIES[m.name]
+    if m.stage_path is not None:
+        _check(m.weights == "pretrained", "model.stage_path", m.stage_path, "not used with model.weights=random")
+        _check(isinstance(m.stage_path, str) and os.path.isdir(os.path.expanduser(m.stage_path)), "model.stage_path",
+               m.stage_path, f"must be a local diffusers folder (model_index.json and its component folders) of the "
+               f"{family} family, as model={m.name}")
+        _check_pipeline_folder("model.stage_path", m.stage_path, family)
+        if not m.allow_pickle:
+            _check_no_pickles("model.stage_path", m.stage_path)
     if m.weights == "random":
         _check(m.name not in DEMO_MODELS, "model.weights", m.weights,
                "random builds a family's full-size architecture (model="

@@ -184,3 +184,24 @@ def test_an_unwritable_output_folder_is_one_clear_error(tmp_path):
     p = run_py(f"output.dir={tmp_path / 'file' / 'out'}", timeout=60)
     assert p.returncode == 2 and p.stderr.startswith("error: output.dir=") and "not writable" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_hires_checkpoint_runs_the_stages_alike_in_bulk_and_tile_parallel(ray_local, tmp_path):
+    """`model.stage_path`: the base from the model, the enlarged stage from the other weights (the shipped demo's
+    folder under the random demo), the same bytes whichever mode ran it; the base is the model's own either way."""
+    stage = ["job.base_size=128", "output.keep_stages=true"]
+    images, bases = {}, {}
+    for name, extra in (("bulk", ["cluster.workers=1"]), ("tile_parallel", ["cluster.workers=2"]),
+                        ("none", ["cluster.workers=1"])):
+        out = tmp_path / name
+        cfg = compose(*SMALL, *stage, f"output.dir={out}", *extra,
+                      *([] if name == "none" else [f"model.stage_path={ROOT / 'models' / 'scenes-sd'}"]))
+        s = render_job(cfg, show_progress=False)
+        assert s["written"] == 1 and s["mode"] == ("bulk" if name == "none" else name)
+        (row,) = Manifest(out).rows()
+        assert row["stages"].count(">") == 1
+        images[name] = (out / row["path"]).read_bytes()
+        bases[name] = Image.open(out / row["path"].replace(".png", ".stage0.png")).tobytes()
+        assert ("Hires checkpoint: scenes-sd" in Image.open(out / row["path"]).info["parameters"]) == (name != "none")
+    assert images["bulk"] == images["tile_parallel"] != images["none"]
+    assert bases["bulk"] == bases["tile_parallel"] == bases["none"]

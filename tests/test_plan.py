@@ -10,6 +10,7 @@ from conftest import compose
 from jobs import ConfigError, ImageRequest, TesseraConfig, image_id, plan, validate
 
 ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "tests" / "assets"
 
 
 def make_cfg(**sections) -> TesseraConfig:
@@ -288,3 +289,23 @@ def test_scheduler_auto_is_the_familys_first_and_keeps_ids():
     dit = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="z_image", weights="random"),
                               tiling=dataclasses.replace(cfg.tiling, tile=128, overlap=32))
     assert plan(dit)[0].scheduler == "flow_euler"
+
+
+def test_a_hires_checkpoint_is_checked_and_named_in_the_id_and_parameters(tmp_path):
+    """`model.stage_path`: a diffusers folder of the model's family; only the stages' weights, so a direct render
+    keeps its id; pixel upscale only (the stages' VAE is another's)."""
+    zoom = str(ASSETS / "scenes-sd-zoom")
+    base = plan(compose("model=demo"))[0]
+    hires = plan(compose("model=demo", f"model.stage_path={zoom}"))[0]
+    assert hires.image_id != base.image_id and hires.stage_model == "scenes-sd-zoom"
+    assert "Hires checkpoint: scenes-sd-zoom" in hires.parameters_text() and base.stage_model is None
+    direct = ("model=demo", "job.strategy=direct")
+    assert plan(compose(*direct, f"model.stage_path={zoom}"))[0].image_id == plan(compose(*direct))[0].image_id
+    for overrides, field in (([f"model.stage_path={tmp_path}"], "model.stage_path"),
+                             ([f"model.stage_path={ASSETS / 'scenes-zimage'}"], "model.stage_path"),
+                             ([f"model.stage_path={zoom}", "job.upscale=latent"], "job.upscale"),
+                             ([f"model.stage_path={zoom}", "model.name=sd15", "model.weights=random"],
+                              "model.stage_path")):
+        with pytest.raises(ConfigError) as e:
+            plan(compose("model=demo", *overrides))
+        assert e.value.field_name == field, e.value

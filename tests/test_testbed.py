@@ -89,3 +89,29 @@ def test_the_z_image_test_bed_holds_one_sun_through_the_stages(tmp_path):
     assert count_suns(pictures["direct"]) > 2 and horizon_jumps(pictures["direct"]) > 0.05
     assert pictures["progressive"].shape == (432, 768, 3)
     assert count_suns(pictures["progressive"]) == 1 and horizon_jumps(pictures["progressive"]) < 0.05
+
+
+def test_a_hires_checkpoint_keeps_the_day_sun_that_the_demo_model_repaints(testbed, tmp_path):
+    """`model.stage_path`: the day picture's base (one sun) from the demo model, its enlarged stage from the
+    zoom-aware sibling, which knows large suns: one sun, a rim within twice the sibling's own at 256x256 (about
+    7 px); the demo model refining its own base paints the enlarged disc in pieces (BENCHMARKS.md "A hires
+    checkpoint")."""
+    from cluster.renderer import Renderer
+
+    day = [*TESTBED, "job.prompts=['a day landscape']", "job.stage_factor=4", "output.keep_stages=true"]
+    own, _ = testbed
+    cfg = compose(*day, f"output.dir={tmp_path}", f"model.stage_path={ASSETS / 'scenes-sd-zoom'}")
+    hires = Renderer(cfg.model, cfg.output)
+    pictures = {}
+    for name, r in (("own", own), ("hires", hires)):
+        c = compose(*day, f"output.dir={tmp_path / name}", *([] if name == "own" else
+                                                            [f"model.stage_path={ASSETS / 'scenes-sd-zoom'}"]))
+        r.output = c.output
+        req = plan(c)[0]
+        row = r.render(req, c.tiling)
+        assert row["status"] == "ok" and row["stages"] == "344x192>1024x576", row
+        pictures[name] = np.asarray(Image.open(tmp_path / name / row["path"]).convert("RGB"))
+        assert count_suns(np.asarray(Image.open(tmp_path / name / req.stage_path(0)).convert("RGB"))) == 1
+    assert count_suns(pictures["own"]) > 1
+    assert count_suns(pictures["hires"]) == 1 and horizon_jumps(pictures["hires"]) < 0.05
+    assert sun_edge_width(pictures["hires"]) < 15
