@@ -33,18 +33,14 @@ import tempfile
 import threading
 import uuid
 
-# No machine running Tessera reaches a model hub; set this before diffusers/transformers import
-# huggingface_hub (which reads it at import time).
-os.environ["HF_HUB_OFFLINE"] = "1"
-
-import torch  # noqa: E402
-from diffusers import (  # noqa: E402
+import torch
+from diffusers import (  # the package's __init__ has set HF_HUB_OFFLINE (unless the user set it) before this
     AutoencoderKL,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 __all__ = [
     "DEMO_VERSION",
