@@ -171,6 +171,12 @@ def model_path_key(m: ModelConfig) -> Optional[str]:
     return _real(m.path)
 
 
+def runs_stage_model(m: ModelConfig, job, init) -> bool:
+    """Whether an image's enlarged stages run `model.stage_path` (a hires checkpoint): a progressive render's, or
+    an init image's."""
+    return bool(m.stage_path) and (job.strategy == "progressive" or bool(init))
+
+
 def stage_guides(cfg: TesseraConfig) -> Tuple[float, float]:
     """(job.anchor, job.dilation), each null one the model family's (spec.FAMILY_STAGE_GUIDES)."""
     anchor, dilation = FAMILY_STAGE_GUIDES[MODEL_FAMILIES[cfg.model.name]]
@@ -213,7 +219,7 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
             key["anchor"] = [anchor, float(j.anchor_sigma)]
     if m.config:
         key["model_config"] = _real(m.config)
-    if m.stage_path and (j.strategy == "progressive" or init_sha256):  # the weights the enlarged stages ran
+    if runs_stage_model(m, j, init_sha256):  # the weights the enlarged stages ran
         key["stage_model_path"] = _real(m.stage_path)
     if j.regions:  # no regions: the ids they had before
         key["regions"] = [r.as_dict() for r in regions_of(j)]
@@ -259,7 +265,7 @@ class Plan:
             anchor, dilation = stage_guides(row_cfg)
             for init, sha, size in self.inits:
                 stage_model = os.path.basename(os.path.normpath(cfg.model.stage_path)) \
-                    if cfg.model.stage_path and (j.strategy == "progressive" or init) else None
+                    if runs_stage_model(cfg.model, j, init) else None
                 for seed in j.seeds:
                     iid = image_id(row_cfg, prompt, seed, sha)
                     key = int(iid, 16)
