@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"], help="model.attention")
     ap.add_argument("--compile", action="store_true", help="model.compile (compile time counted in the denoise)")
     ap.add_argument("--strategies", nargs="+", default=["direct"],
-                    help="job.strategy, each optionally with job fields: direct, progressive, "
+                    help="job.strategy, each optionally with job fields (and model.deep_cache): direct, progressive, "
                          "progressive:anchor=1,dilation=0, progressive:upscale=latent; each renders the same image, after a warm-up of the first")
     ap.add_argument("--peer", choices=["hires"], help="sdxl: diffusers' hires fix on the same modules, after the strategies")
     ap.add_argument("--method", default="gaussian", choices=["uniform", "gaussian", "shifted"])
@@ -136,10 +136,12 @@ def main() -> None:
             flops = fc.get_total_flops() / 4
         for k, strategy in enumerate(args.strategies):
             fields = dict(kv.partition("=")[::2] for kv in strategy.partition(":")[2].split(",") if kv)
+            model = dataclasses.replace(cfg.model, deep_cache=int(fields.pop("deep_cache", 0)))
             job = dataclasses.replace(cfg.job, strategy=strategy.partition(":")[0],
                                       **{k: v if k == "upscale" else float(v) for k, v in fields.items()})
-            req = plan(dataclasses.replace(cfg, job=job))[0]
-            if k == 0 and len(args.strategies) > 1:  # warm-up: kernels chosen, allocator grown
+            req = plan(dataclasses.replace(cfg, model=model, job=job))[0]
+            # warm-up: kernels chosen, allocator grown; compiled, each variant's own shapes and calls compiled
+            if len(args.strategies) > 1 and (k == 0 or args.compile and strategy not in args.strategies[:k]):
                 r.render(req, cfg.tiling)
             torch.cuda.reset_peak_memory_stats()
             round_trips[0] = 0.0

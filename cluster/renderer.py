@@ -22,11 +22,13 @@ from jobs import ImageRequest, write_image
 from jobs.spec import ConfigError, ModelConfig, OutputConfig, TilingConfig, stage_model_config
 from models import load_model, make_scheduler
 from models.base import PromptCache
+from models.deepcache import DeepStep
 from models.loading import compile_denoiser
 from models.schedulers import tile_seq_len, timestep_kwargs
 from tiling import (TileBatch, border_lines, decode_tiled, decoder_sweeps, denoise_canvases, encode_tiled,
                     fitting_tile, free_memory, layout,
                     padded_size, scale_tiles, seam_score, step_layouts, to_uint8)
+from tiling.features import FeatureCanvas
 from tiling.progressive import (Dilation, dilation_stride, first_step, low_pass_anchor, noised, resize,
                                 skip_residual, stage_sizes)
 from tiling.regions import Region, region_bootstrap, region_predict
@@ -363,15 +365,32 @@ class Renderer:
         device = self.model.device
         return fitting_tile(self.model.vae, h, w, free_memory(device, 0.8 if device.type == "cuda" else 0.4))
 
-    def _predict(self, batch: TileBatch, t, cond, guidance: float, pad_to: int = 0, model=None) -> torch.Tensor:
+    def _predict(self, batch: TileBatch, t, cond, guidance: float, pad_to: int = 0, model=None,
+                 features: Optional[FeatureCanvas] = None) -> torch.Tensor:
         """`model` (the model's by default) on one batch, on its device. A compiled model sees one batch shape a
         step: a short batch is padded to the step's first (largest) with copies of its last tile (predictions
-        dropped)."""
+        dropped). Under DeepCache (`features`, the group's cache) a batch of tiles from the group's canvases
+        runs the whole UNet on a full step, handing its features to the cache, and in between only its outer
+        level on the cached features under the tiles (the whole UNet where the last full step left a gap)."""
+        m = model or self.model
         x, tiles, n = batch.x, batch.tiles, batch.x.shape[0]
+        deep = None
+        if features is not None and batch.images:
+            keys = [(k, batch.prompt) for k in batch.images]
+            if features.full_step(batch.step):
+                deep = DeepStep(None, lambda f: features.put(keys, batch.step, batch.canvas, batch.tiles, f[:n]))
+            else:
+                cached = features.take(keys, batch.canvas, batch.tiles, m.dtype)
+                deep = DeepStep(cached, lambda f: None) if cached is not None else None
         if self.compiled and n < pad_to:
             x = torch.cat([x, x[-1:].expand(pad_to - n, -1, -1, -1)])
             tiles = tuple(tiles) + (tiles[-1],) * (pad_to - n)
-        return (model or self.model).predict(x, t, cond, guidance, tiles, batch.canvas)[:n]
+            if deep is not None and deep.features is not None:
+                deep = deep._replace(features=torch.cat([deep.features, deep.features[-1:].expand(
+                    pad_to - n, *deep.features.shape[1:])]))
+        if deep is None:
+            return m.predict(x, t, cond, guidance, tiles, batch.canvas)[:n]
+        return m.predict(x, t, cond, guidance, tiles, batch.canvas, deep=deep)[:n]
 
     def predict(self, batch: TileBatch, t, prompt: str, negative: str, guidance: float, pad_to: int = 0,
                 refine: bool = False):
@@ -430,10 +449,12 @@ class Renderer:
         return [self.write(req, tiling, d, started, seconds, notes) for req, d in zip(reqs, decoded)]
 
     def _denoise(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int, tick) -> List[torch.Tensor]:
+        features = FeatureCanvas(reqs[0].deep_cache) if reqs[0].deep_cache > 1 else None  # DeepCache's
+
         def predict_of(m):
             conds = [m.encode(*pair) for pair in reqs[0].prompt_pairs()]  # TileBatch.prompt's
             return lambda bs, t: [self._predict(b, t, conds[b.prompt], reqs[0].guidance,
-                                                max(len(c.tiles) for c in bs), m) for b in bs]
+                                                max(len(c.tiles) for c in bs), m, features) for b in bs]
 
         stage_predict = predict_of(self.stage_model) if self.stage_model is not self.model else None
         return denoise_group(predict_of(self.model), self.info(), reqs, tiling, batch, self.model.device, tick,

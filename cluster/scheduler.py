@@ -208,8 +208,8 @@ def run_job(cfg: TesseraConfig, requests: Iterable[ImageRequest], on_row: Callab
         info = ray.get(workers[0].info.remote())
         mode = cfg.cluster.mode
         head = first + list(itertools.islice(stream, len(workers) - 1))
-        if mode == "auto":
-            mode = "bulk" if len(head) >= len(workers) else "tile_parallel"
+        if mode == "auto":  # DeepCache's features stay on the worker that renders the whole image
+            mode = "bulk" if len(head) >= len(workers) or cfg.model.deep_cache > 1 else "tile_parallel"
         requests = itertools.chain(head, stream)
         own = progress is None
         progress = progress or Progress(len(head), enabled=show_progress, total_known=False)

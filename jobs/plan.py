@@ -92,6 +92,7 @@ class ImageRequest:
     regions: Tuple[RegionPrompt, ...] = ()  # region prompts over `prompt`, the background (an XML prompt's
     #                                         placed characters after job.regions)
     stage_model: Optional[str] = None  # model.stage_path's folder name (a hires checkpoint), or None
+    deep_cache: int = 0  # model.deep_cache: the whole UNet every N-th step (0, 1: every step)
 
     def prompt_pairs(self) -> Tuple[Tuple[str, str], ...]:
         """(prompt, negative) of the background and of each region: what `TileBatch.prompt` indexes."""
@@ -129,6 +130,8 @@ class ImageRequest:
                 fields.append(f"Anchor sigma: {self.anchor_sigma:g}")
         if self.stage_model:
             fields.append(f"Hires checkpoint: {self.stage_model}")
+        if self.deep_cache > 1:
+            fields.append(f"DeepCache: every {self.deep_cache} steps")
         if self.init_image:
             fields.append(f"Init image: {os.path.basename(self.init_image)} sha256 {self.init_sha256}")
         if self.strategy == "progressive" or self.init_image:
@@ -145,7 +148,7 @@ class ImageRequest:
         row = {k: getattr(self, k) for k in (
             "image_id", "job", "prompt", "negative_prompt", "seed", "model", "width", "height",
             "steps", "guidance", "scheduler", "tiling_method", "tile", "overlap", "path", "wrap", "strategy",
-            "strength", "init_image", "init_sha256")}
+            "strength", "init_image", "init_sha256", "deep_cache")}
         row["regions"] = self.regions_json()
         row.update(extra)
         return row
@@ -221,6 +224,8 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
         key["model_config"] = _real(m.config)
     if runs_stage_model(m, j, init_sha256):  # the weights the enlarged stages ran
         key["stage_model_path"] = _real(m.stage_path)
+    if m.deep_cache > 1:  # an approximation of the model's calls: other pixels
+        key["deep_cache"] = int(m.deep_cache)
     if j.regions:  # no regions: the ids they had before
         key["regions"] = [r.as_dict() for r in regions_of(j)]
     split = xml_split(cfg, key["prompt"])
@@ -284,7 +289,7 @@ class Plan:
                         dilation=dilation, strength_decay=float(j.strength_decay),
                         guide_clock=j.guide_clock, anchor=anchor, anchor_sigma=float(j.anchor_sigma),
                         init_image=init, init_sha256=sha, init_size=size, regions=regions,
-                        stage_model=stage_model)
+                        stage_model=stage_model, deep_cache=int(cfg.model.deep_cache))
 
 
 def plan(cfg: TesseraConfig) -> list[ImageRequest]:

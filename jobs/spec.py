@@ -52,6 +52,8 @@ FOLDER_ONLY_WHY = {"newbie": "its transformer is Tessera's own NewbieTransformer
                              "diffusers' single-file converters do not know"}
 # Transformer families: latent pixels per patch side.  A tile (and a canvas side smaller than a tile, which is
 # then the tile) must be whole patches.
+UNET_FAMILIES = ("sd", "sdxl")  # the families whose denoiser is a UNet (model.deep_cache)
+DEEP_CACHE_MAX = 10
 FAMILY_PATCH = {"z_image": 2, "lumina2": 2, "newbie": 2}
 VAE_FACTOR = 8  # image pixels per latent pixel, for every family here
 # Families whose weights come with their own Python code (NewBie: its Jina CLIP v2 text encoder): their folders load
@@ -112,6 +114,8 @@ class ModelConfig:
     compile: bool = False  # torch.compile the denoiser for the fixed tile shape (GPU; compile time paid once)
     stage_path: Optional[str] = None  # a hires checkpoint: a diffusers folder of the same family whose weights run
     #                                   the enlarged stages (and an init image's); the base stays model.path's
+    deep_cache: int = 0  # DeepCache: the whole UNet every N-th step of each loop, its outermost level alone in
+    #                      between on the deep features cached in canvas coordinates (models/deepcache.py); 0, 1: off
 
 
 @dataclass
@@ -339,6 +343,8 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     if c.cpus_per_worker is not None:
         _int_in("cluster.cpus_per_worker", c.cpus_per_worker, 1, 1024)
     _one_of("cluster.mode", c.mode, CLUSTER_MODES)
+    _check(c.mode != "tile_parallel" or cfg.model.deep_cache <= 1, "model.deep_cache", cfg.model.deep_cache,
+           "needs cluster.mode bulk or auto: its features stay on the worker that renders the whole image")
     _int_in("cluster.group", c.group, 1, 64)
 
     _one_of("output.format", o.format, OUTPUT_FORMATS)
@@ -383,6 +389,11 @@ def validate_model(m: ModelConfig) -> None:
     _one_of("model.attention", m.attention, ATTENTIONS)
     _one_of("model.offload", m.offload, OFFLOADS)
     family = MODEL_FAMILIES[m.name]
+    _check(isinstance(m.deep_cache, int) and not isinstance(m.deep_cache, bool)
+           and 0 <= m.deep_cache <= DEEP_CACHE_MAX, "model.deep_cache", m.deep_cache,
+           f"must be an integer from 0 (off) to {DEEP_CACHE_MAX}: the whole UNet every N-th step")
+    _check(m.deep_cache <= 1 or family in UNET_FAMILIES, "model.deep_cache", m.deep_cache,
+           f"caches a UNet's deep features; model={m.name} ({family} family) is a transformer")
     if m.stage_path is not None:
         _check(m.weights == "pretrained", "model.stage_path", m.stage_path, "not used with model.weights=random")
         _check(isinstance(m.stage_path, str) and os.path.isdir(os.path.expanduser(m.stage_path)), "model.stage_path",

@@ -7,6 +7,8 @@ from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
+from . import deepcache
+
 
 @dataclass(frozen=True)
 class Family:
@@ -83,6 +85,21 @@ class Adapter:
         for m in (net, self.vae, *self.text_modules()):
             m.eval()
         self._cache = PromptCache(self._encode_pair)
+        self.deep_calls = (deepcache.full, deepcache.shallow)  # model.compile compiles them too
+
+    def unet_call(self, x: torch.Tensor, t, enc: torch.Tensor, added: Optional[dict] = None, deep=None,
+                  halves: int = 1) -> torch.Tensor:
+        """The UNet's prediction for a model batch x (`halves` tiles' copies: 2 under guidance, negatives first),
+        the whole UNet, or under DeepCache (`deep`, a `models.deepcache.DeepStep`) a full call that hands its deep
+        features to `deep.keep` per tile, or a shallow one on `deep.features`."""
+        if deep is None:
+            return self.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+        full, shallow = self.deep_calls
+        if deep.features is None:
+            out, feats = full(self.unet, x, t, enc, added)
+            deep.keep(deepcache.per_tile(feats, halves))
+            return out
+        return shallow(self.unet, x, t, enc, added, deepcache.per_call(deep.features, halves))
 
     @property
     def native_size(self) -> int:

@@ -84,8 +84,10 @@ class SDModel(Adapter):
         return cond
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, t, cond: torch.Tensor, guidance: float, tiles=None, canvas=None) -> torch.Tensor:
-        """Noise for a batch of latent tiles [n, C, h, w], both halves of guidance in one UNet call.
+    def predict(self, x: torch.Tensor, t, cond: torch.Tensor, guidance: float, tiles=None, canvas=None,
+                deep=None) -> torch.Tensor:
+        """Noise for a batch of latent tiles [n, C, h, w], both halves of guidance in one UNet call (`deep`:
+        under DeepCache, `Adapter.unet_call`).
 
         `tiles` (where each lies) and `canvas` (the latent canvas's size) matter to families with size
         conditioning, not to SD 1.x."""
@@ -93,10 +95,10 @@ class SDModel(Adapter):
         x = x.to(self.device, self.dtype)
         if guidance > 1.0:
             emb = cond.repeat_interleave(n, dim=0)  # n negatives, then n prompts
-            uncond, text = self.unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample.float().chunk(2)
+            uncond, text = self.unet_call(torch.cat([x, x]), t, emb, deep=deep, halves=2).float().chunk(2)
             eps = uncond + guidance * (text - uncond)
         else:
-            eps = self.unet(x, t, encoder_hidden_states=cond[1:].expand(n, -1, -1)).sample.float()
+            eps = self.unet_call(x, t, cond[1:].expand(n, -1, -1), deep=deep).float()
         return eps
 
 

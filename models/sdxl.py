@@ -126,8 +126,9 @@ class SDXLModel(SDModel):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, t, cond: SDXLCond, guidance: float, tiles: Optional[Sequence] = None,
-                canvas: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """Noise for a batch of latent tiles [n, C, h, w], both halves of guidance in one UNet call.
+                canvas: Optional[Tuple[int, int]] = None, deep=None) -> torch.Tensor:
+        """Noise for a batch of latent tiles [n, C, h, w], both halves of guidance in one UNet call (`deep`:
+        under DeepCache, `Adapter.unet_call`).
 
         Without `tiles`, each tile is taken as a whole h x w canvas (diffusers' conditioning of an image)."""
         from tiling.grid import Tile
@@ -140,13 +141,12 @@ class SDXLModel(SDModel):
         if guidance > 1.0:
             emb = cond.embeds.repeat_interleave(n, dim=0)  # n negatives, then n prompts
             added = {"text_embeds": cond.pooled.repeat_interleave(n, dim=0), "time_ids": torch.cat([ids, ids])}
-            out = self.unet(torch.cat([x, x]), t, encoder_hidden_states=emb, added_cond_kwargs=added).sample
+            out = self.unet_call(torch.cat([x, x]), t, emb, added, deep, halves=2)
             uncond, text = out.float().chunk(2)
             eps = uncond + guidance * (text - uncond)
         else:
             added = {"text_embeds": cond.pooled[1:].expand(n, -1), "time_ids": ids}
-            eps = self.unet(x, t, encoder_hidden_states=cond.embeds[1:].expand(n, -1, -1),
-                            added_cond_kwargs=added).sample.float()
+            eps = self.unet_call(x, t, cond.embeds[1:].expand(n, -1, -1), added, deep).float()
         return eps
 
 

@@ -162,6 +162,7 @@ BAD = [
     (["job.strength_decay=0"], "job.strength_decay=0"),
     (["job.guide_clock=sundial"], "job.guide_clock='sundial'"),
     (["job.init_image=/no/such/picture.png"], "job.init_image='/no/such/picture.png'"),
+    (["model.deep_cache=-1"], "model.deep_cache=-1"),
 ]
 
 

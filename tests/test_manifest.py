@@ -25,7 +25,7 @@ def row(iid, status="ok", **kw):
          "started_at": T0, "finished_at": T1, "seconds_denoise": 12.25, "seconds_decode": 1.5,
          "worker": "node1/gpu0", "wrap": "none", "seam_score": 1.01, "seam_score_vae": 1.0,
          "strategy": "progressive", "strength": 0.5, "stages": "1368x768>2288x1288>3840x2160", "init_image": None,
-         "init_sha256": None, "mtime_ns": None, "warnings": None, "regions": None}
+         "init_sha256": None, "mtime_ns": None, "warnings": None, "regions": None, "deep_cache": 0}
     r.update(kw)
     return r
 

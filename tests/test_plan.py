@@ -81,7 +81,7 @@ CHANGES_PIXELS = [
     ("job", "prompt_template", "archer style, {prompt}"),
     ("job", "strategy", "direct"), ("job", "strength", 0.5), ("job", "stage_factor", 1.5), ("job", "base_size", 384),
     ("job", "upscale", "latent"), ("job", "skip_residual", 3.0), ("job", "dilation", 0.5), ("job", "anchor", 0.0),
-    ("job", "anchor_sigma", 2.0),
+    ("job", "anchor_sigma", 2.0), ("model", "deep_cache", 3),
 ]
 KEEPS_PIXELS = [
     ("job", "name", "other_job"), ("output", "dir", "/elsewhere"), ("output", "format", "webp"),
@@ -90,6 +90,7 @@ KEEPS_PIXELS = [
     ("model", "path", "a/"), ("job", "guidance", 7),  # the same folder; 7 == 7.0
     ("model", "attention", "xformers"), ("model", "offload", "model"), ("model", "allow_pickle", True),
     ("model", "trust_remote_code", True), ("job", "prompt_template", "{prompt}"),
+    ("model", "deep_cache", 1),  # every step: the exact model
 ]
 
 
@@ -192,7 +193,8 @@ def test_manifest_row():
         "model": "demo", "width": 1024, "height": 512, "steps": 20, "guidance": 7.0,
         "scheduler": "euler", "tiling_method": "gaussian", "tile": 64, "overlap": 16,
         "path": r.path, "wrap": "none", "status": "ok", "worker": "w0", "strategy": "progressive",
-        "strength": 0.3, "init_image": None, "init_sha256": None, "regions": None}
+        "strength": 0.3, "init_image": None, "init_sha256": None, "regions": None,
+        "deep_cache": 0}
 
 
 def test_request_is_frozen():

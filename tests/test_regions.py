@@ -201,9 +201,9 @@ def test_regions_hold_through_the_base_every_stage_and_the_dilated_views(tmp_pat
     renderer = Renderer(cfg.model, cfg.output, threads=1)
     seen, plain = set(), renderer._predict
 
-    def spy(b, t, cond, guidance, pad_to=0, model=None):
+    def spy(b, t, cond, guidance, pad_to=0, model=None, features=None):
         seen.add((b.canvas, b.prompt, b.tiles[0].h))
-        return plain(b, t, cond, guidance, pad_to, model)
+        return plain(b, t, cond, guidance, pad_to, model, features)
 
     renderer._predict = spy
     row = renderer.render(plan(cfg)[0], cfg.tiling)

@@ -130,7 +130,10 @@ def region_predict(predict, regions: Sequence[Region], batch: int, bootstrap: Op
             mine = [job for job in jobs if (job[2], batches[job[0]].canvas) == key]
             for g in batches_of(mine, batch):
                 calls.append(TileBatch(torch.stack([tile_input(*job) for job in g]),
-                                       tuple(batches[bi].tiles[j] for bi, j, _, _ in g), key[1], key[0]))
+                                       tuple(batches[bi].tiles[j] for bi, j, _, _ in g), key[1], key[0],
+                                       tuple(batches[bi].images[j] for bi, j, _, _ in g)
+                                       if all(batches[bi].images for bi, _, _, _ in g) else (),
+                                       batches[0].step))
                 order += g
         preds = [p for out in predict(calls, t) for p in out]
         parts: Dict[Tuple[int, int], list] = {}

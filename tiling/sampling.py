@@ -14,12 +14,16 @@ from .progressive import Dilation, cosine_weight, dilated_views, gaussian_blur, 
 
 class TileBatch(NamedTuple):
     """Tiles cut from canvases of size (H, W) [n, C, h, w], where they lie, and (H, W): one model call; `prompt`
-    the image's prompt it is predicted under (0 its own; r its r-th region's: tiling.regions)."""
+    the image's prompt it is predicted under (0 its own; r its r-th region's: tiling.regions); `images`, which
+    canvas of the group each tile was cut from (empty for pictures of a whole canvas, the dilated views), and
+    `step`, the loop's step (0 its first): what a cache of features across steps (tiling.features) keys on."""
 
     x: torch.Tensor
     tiles: Tuple[Tile, ...]
     canvas: Tuple[int, int]
     prompt: int = 0
+    images: Tuple[int, ...] = ()
+    step: int = 0
 
 
 # predict(batches, t) -> one prediction [n, C, h, w] per batch, batches in tile-index order.
@@ -84,7 +88,8 @@ def denoise_canvases(predict: Predict, xs: Sequence[torch.Tensor], schedulers: S
                  for tiles in step_tiles}
         inputs = [_model_input(s, x, t)[0] for x, s in zip(xs, schedulers)]
         cuts = [(k, tile, crop(inputs[k], tile)) for k, tiles in enumerate(step_tiles) for tile in tiles]
-        preds = predict([TileBatch(torch.stack([c for _, _, c in g]), tuple(tile for _, tile, _ in g), canvas)
+        preds = predict([TileBatch(torch.stack([c for _, _, c in g]), tuple(tile for _, tile, _ in g), canvas,
+                                   images=tuple(k for k, _, _ in g), step=i)
                          for g in batches_of(cuts, batch)], t)
         eps = torch.cat([p.to(xs[0].device) for p in preds]).split([len(tiles) for tiles in step_tiles])
         c = cosine_weight(t, dilation.start or schedulers[0].config.num_train_timesteps, dilation.power) \
