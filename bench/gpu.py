@@ -33,7 +33,7 @@ from cluster.renderer import Renderer, denoise_group, groups_of, layouts_of  # n
 from jobs import plan  # noqa: E402
 from jobs.spec import TesseraConfig  # noqa: E402
 
-PEAK_BF16 = 790e12  # H100/H200 dense bf16 as measured by a large matmul here (DESIGN.md); fp16 the same
+PEAK_BF16 = 790e12  # H100/H200 dense bf16 as measured by a large bf16 matmul on those GPUs; fp16 the same
 W, H, STEPS, GUIDANCE = 3840, 2160, 30, 7.0
 SMOKE = False
 METHODS, LEAN = ("uniform", "gaussian", "shifted"), False  # --methods, --lean

@@ -25,14 +25,13 @@ from models.base import PromptCache
 from models.deepcache import DeepStep
 from models.loading import compile_denoiser
 from models.schedulers import tile_seq_len, timestep_kwargs
-from tiling import (TileBatch, border_lines, decode_tiled, decoder_sweeps, denoise_canvases, encode_tiled,
-                    fitting_tile, free_memory, layout,
-                    padded_size, scale_tiles, seam_score, step_layouts, to_uint8)
+from tiling import (TileBatch, decode_tiled, decoder_sweeps, denoise_canvases, encode_tiled, fitting_tile,
+                    free_memory, padded_size, seam_score, step_layouts, to_uint8)
 from tiling.features import FeatureCanvas
 from tiling.progressive import (Dilation, dilation_stride, first_step, low_pass_anchor, noised, resize,
                                 skip_residual, stage_sizes)
 from tiling.regions import Region, region_bootstrap, region_predict
-from tiling.seams import gradients
+from tiling.seams import gradients, image_borders
 from tiling.vae import DecodeError
 
 log = logging.getLogger("tessera")
@@ -243,15 +242,11 @@ def seam_scores(pixels, req: ImageRequest, tiling: TilingConfig, factor: int) ->
     `shifted` has no fixed grid: it is scored against the unshifted grid a plain tiler would have used. On a
     wrapped axis the borders are the wrapped grid's inside the image (`tiling.wrap_seam_score` scores the
     wrapped edge itself, the image laid beside itself)."""
-    h, w = latent_size(req, factor)
-    wrap = wraps(tiling)
     grads = gradients(pixels)
     scores = {}
-    for key, tile, overlap in (("seam_score", tiling.tile, 0 if tiling.method == "shifted" else tiling.overlap),
-                               ("seam_score_vae", tiling.vae_tile, tiling.vae_overlap)):
-        tiles = scale_tiles(layout(h, w, tile, overlap, **wrap), factor)
-        rows, cols = border_lines(tiles, h * factor, w * factor, **wrap)
-        rows, cols = rows[rows < pixels.shape[0]], cols[cols < pixels.shape[1]]  # inside the cropped image
+    for key, tile, overlap, method in (("seam_score", tiling.tile, tiling.overlap, tiling.method),
+                                       ("seam_score_vae", tiling.vae_tile, tiling.vae_overlap, "gaussian")):
+        rows, cols = image_borders(pixels.shape[0], pixels.shape[1], factor, tile, overlap, method, **wraps(tiling))
         scores[key] = seam_score(None, rows=rows, cols=cols, period=factor, grads=grads)
     return scores
 
@@ -625,7 +620,7 @@ class Renderer:
 def auto_batch(model, tile: int, budget: float = 0.8, cap_px: int = 8 * 128 * 128) -> int:
     """Tiles per model call from the GPU's free memory: one call of 1 and of 2 tiles measure the fixed and
     the per-tile activation memory; at most `cap_px` latent pixels a call (8 SDXL tiles: past that a bigger
-    call gains under 3%, DESIGN.md), 4 on a CPU."""
+    call gains under 3%, measured by bench/unet_batches.py), 4 on a CPU."""
     if model.device.type != "cuda":
         return 4
     cond = model.encode("", "")

@@ -1,4 +1,4 @@
-"""The seam score, the heat map and the inspect command, on images whose seams are known; the score's
+"""The seam score, the heat map and the seam tool (bench/inspect_seams.py), on images whose seams are known; the score's
 bounds on random-demo renders (a naive tiler scores clearly above 1, Tessera's methods within 5% of 1)."""
 import math
 import os
@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
-from tiling.grid import Tile, layout, scale_tiles, tile_grid
-from tiling.inspect import main as inspect_main, parameters_grid
-from tiling.seams import border_heatmap, border_lines, seam_score, wrap_seam_score
+from bench.inspect_seams import main as inspect_main, parameters_grid
+from tiling.grid import Tile, layout, scale_tiles
+from tiling.seams import border_heatmap, border_lines, image_borders, seam_score, wrap_seam_score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,11 +41,11 @@ def stepped(base, tiles, amp, seed=0):
 
 
 def test_border_lines_of_a_known_grid():
-    rows, cols = border_lines(tile_grid(256, 384, 64, 16), 256, 384)
+    rows, cols = border_lines(layout(256, 384, 64, 16), 256, 384)
     assert rows.tolist() == [48, 64, 96, 112, 144, 160, 192, 208]
     assert cols.tolist() == [48, 64, 96, 112, 144, 160, 192, 208, 240, 256, 288, 304, 320, 352]
     # a 196 x 130 image is rendered on a 25 x 17 latent: tile edges past the crop are not borders
-    rows, cols = border_lines(scale_tiles(tile_grid(17, 25, 16, 4), 8), 130, 196)
+    rows, cols = border_lines(scale_tiles(layout(17, 25, 16, 4), 8), 130, 196)
     assert rows.tolist() == [8, 128] and cols.tolist() == [72, 128]  # 200 lies past the crop at 196
     assert [a.size for a in border_lines([Tile(0, 0, 10, 10)], 10, 10)] == [0, 0]
 
@@ -55,7 +55,7 @@ def test_border_lines_of_a_known_grid():
        data=st.data())
 def test_border_lines_are_exactly_the_tile_edges_inside_the_image(h, w, tile, factor, data):
     overlap = data.draw(st.integers(0, tile - 1))
-    tiles = scale_tiles(tile_grid(-(-h // factor), -(-w // factor), tile, overlap), factor)
+    tiles = scale_tiles(layout(-(-h // factor), -(-w // factor), tile, overlap), factor)
     rows, cols = border_lines(tiles, h, w)
     ys, xs = edges(tiles)
     for got, every, n in ((rows, ys, h), (cols, xs, w)):
@@ -66,7 +66,7 @@ def test_border_lines_are_exactly_the_tile_edges_inside_the_image(h, w, tile, fa
 @settings(max_examples=100, deadline=None)
 @given(h=st.integers(2, 120), w=st.integers(2, 120), tile=st.integers(2, 64), data=st.data())
 def test_a_smooth_ramp_scores_one_for_any_grid(h, w, tile, data):
-    tiles = tile_grid(h, w, tile, data.draw(st.integers(0, tile - 1)))
+    tiles = layout(h, w, tile, data.draw(st.integers(0, tile - 1)))
     rows, cols = border_lines(tiles, h, w)
     y, x = np.mgrid[0:h, 0:w]
     for img in (ramp(h, w), np.repeat((x + y).astype(np.uint8)[..., None], 3, axis=-1)):
@@ -80,14 +80,14 @@ def test_a_smooth_ramp_scores_one_for_any_grid(h, w, tile, data):
 @pytest.mark.parametrize("tile,overlap", [(64, 16), (128, 32), (100, 30), (48, 0)])
 def test_noise_without_seams_scores_one(tile, overlap):
     rng = np.random.default_rng(tile)
-    tiles = tile_grid(256, 384, tile, overlap)
+    tiles = layout(256, 384, tile, overlap)
     assert abs(seam_score(rng.integers(0, 256, (256, 384, 3), dtype=np.uint8), tiles) - 1) < 0.05
     assert abs(seam_score(rng.normal(0.5, 0.1, (256, 384, 3)), tiles) - 1) < 0.05
 
 
 @pytest.mark.parametrize("tile,overlap", [(64, 16), (100, 30)])
 def test_a_brightness_step_at_every_border_raises_the_score(tile, overlap):
-    tiles = tile_grid(256, 384, tile, overlap)
+    tiles = layout(256, 384, tile, overlap)
     base = np.random.default_rng(1).normal(128, 4, (256, 384, 3))
     scores = [seam_score(np.clip(stepped(base, tiles, amp), 0, 255).astype(np.uint8), tiles)
               for amp in (0, 4, 8, 16, 32)]
@@ -98,7 +98,7 @@ def test_a_brightness_step_at_every_border_raises_the_score(tile, overlap):
 
 def test_seam_score_edge_cases():
     img = np.random.default_rng(0).normal(size=(40, 60, 3))
-    assert math.isnan(seam_score(img, tile_grid(40, 60, 64, 16)))  # smaller than a tile: one tile
+    assert math.isnan(seam_score(img, layout(40, 60, 64, 16)))  # smaller than a tile: one tile
     assert math.isnan(seam_score(img, rows=[], cols=[]))
     assert math.isnan(seam_score(img[:1, :1], tiles=[Tile(0, 0, 8, 8)]))
     assert seam_score(np.full((16, 16), 7, np.uint8), rows=[8]) == 1.0  # flat: borders as flat as the rest
@@ -131,7 +131,7 @@ def test_heatmap_has_the_image_shape_and_peaks_on_a_planted_seam():
     img = np.random.default_rng(2).normal(128, 8, (120, 200, 3))
     img[:, 130:] += 30
     img[70:, :] -= 30
-    for tiles in (None, tile_grid(120, 200, 80, 20)):
+    for tiles in (None, layout(120, 200, 80, 20)):
         heat = border_heatmap(np.clip(img, 0, 255).astype(np.uint8), tiles)
         assert heat.shape == (120, 200) and heat.dtype == np.float32 and np.isfinite(heat).all()
         assert heat.mean(axis=0).argmax() == 130 and heat.mean(axis=1).argmax() == 70
@@ -149,23 +149,29 @@ def png_with_parameters(path, pixels, parameters):
 
 def test_parameters_grid_rebuilds_the_denoise_layout():
     text = "a lake\nSteps: 20, Sampler: euler, Size: 196x130, Tiling: gaussian 16/4, Tessera image id: ab"
-    tiles, source = parameters_grid(text, 130, 196)
-    assert tiles == scale_tiles(tile_grid(17, 25, 16, 4), 8) and "gaussian 16/4" in source
+    grid = parameters_grid(text, 130, 196)
+    rows, cols = border_lines(scale_tiles(layout(17, 25, 16, 4), 8), 136, 200)
+    assert grid.rows.tolist() == rows[rows < 130].tolist() and grid.cols.tolist() == cols[cols < 196].tolist()
+    assert grid.period == 8 and "gaussian 16/4" in grid.source
+    shifted = parameters_grid(text.replace("gaussian", "shifted"), 130, 196)  # the unshifted grid, no overlap
+    assert shifted.cols.tolist() == [72, 128] and shifted.rows.tolist() == [8, 128]
+    wrapped = parameters_grid(text.replace("Tiling:", "Wrap: x, Tiling:"), 130, 196)
+    assert wrapped.cols.tolist() == image_borders(130, 196, 8, 16, 4, wrap_x=True)[1].tolist() != grid.cols.tolist()
     assert parameters_grid("Steps: 20", 130, 196) is None and parameters_grid(None, 130, 196) is None
 
 
 def test_inspect_writes_a_heat_map_and_prints_the_score(tmp_path):
     h, w = 130, 196
-    tiles = scale_tiles(tile_grid(17, 25, 16, 4), 8)
+    tiles = scale_tiles(layout(17, 25, 16, 4), 8)
     base = np.random.default_rng(3).normal(128, 4, (h, w, 3))
     pixels = np.clip(stepped(base, tiles, 24), 0, 255).astype(np.uint8)
     png_with_parameters(tmp_path / "wall.png", pixels, "a wall\nSteps: 3, Tiling: uniform 16/4, Tessera image id: x")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, "-m", "tiling.inspect", "wall.png"], cwd=tmp_path, env=env,
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "inspect_seams.py"), "wall.png"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     score = float(re.search(r"seam score ([0-9.]+)", run.stdout)[1])
-    assert score == pytest.approx(seam_score(pixels, tiles), rel=1e-3) and score > 1.5
+    rows, cols = image_borders(h, w, 8, 16, 4, "uniform")
+    assert score == pytest.approx(seam_score(pixels, rows=rows, cols=cols, period=8), abs=1e-4) and score > 1.5
     assert "uniform 16/4" in run.stdout
     with Image.open(tmp_path / "wall.seams.png") as heat:
         assert heat.format == "PNG" and heat.size == (w, h) and heat.mode == "RGB"
@@ -276,7 +282,7 @@ def test_gaussian_and_shifted_score_within_5_percent_of_one(demo, method, overla
     assert abs(scores["seam_score"] - 1) < 0.05 and abs(scores["seam_score_vae"] - 1) < 0.05, scores
 
 
-def test_a_wrapped_image_laid_beside_itself_shows_no_edge(demo):
+def test_a_wrapped_image_laid_beside_itself_shows_no_edge(demo, capsys, tmp_path):
     """wrap=both: the edges where the image meets its copy score like one line inside it (the score of a
     single line spreads by 0.05 or more at this size; seeds 0-7: 0.85 to 1.09), and the borders inside,
     wrapped grids included, within 5% of 1. The same seeds without wrap score 1.18 to 1.59 across x."""
@@ -292,3 +298,7 @@ def test_a_wrapped_image_laid_beside_itself_shows_no_edge(demo):
         rows, cols = border_lines(scale_tiles(layout(h, w, tile, overlap, True, True), 8), 512, 768, True, True)
         assert abs(seam_score(pixels, rows=rows, cols=cols, period=8) - 1) < 0.05
     assert wrap_seam_score(pixels, "x", 8) < 1.15 and wrap_seam_score(pixels, "y", 8) < 1.15
+    # the seam tool reads the grid from the picture's parameters and prints the manifest's number
+    assert inspect_main([str(Path(cfg.output.dir) / row["path"]), "--out", str(tmp_path / "heat.png")]) == 0
+    printed = float(re.search(r"seam score ([0-9.]+)", capsys.readouterr().out)[1])
+    assert printed == pytest.approx(row["seam_score"], abs=1e-4)

@@ -4,8 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tiling import (axis_starts, batches_of, crop, decode_tiled, denoise_canvas, fuse, layout, padded_size,
-                    step_layouts, tile_grid,
-                    tile_weights, to_uint8, weight_sum)
+                    step_layouts, tile_weights, to_uint8, weight_sum)
 
 sizes = st.integers(1, 300)
 
@@ -14,7 +13,7 @@ sizes = st.integers(1, 300)
 @given(h=sizes, w=sizes, tile=st.integers(1, 128), data=st.data())
 def test_grid_covers_every_pixel_with_tiles_inside(h, w, tile, data):
     overlap = data.draw(st.integers(0, tile - 1))
-    tiles = tile_grid(h, w, tile, overlap)
+    tiles = layout(h, w, tile, overlap)
     cover = torch.zeros(h, w, dtype=torch.int32)
     for t in tiles:
         assert 0 <= t.y and t.y + t.h <= h and 0 <= t.x and t.x + t.w <= w
@@ -65,7 +64,7 @@ def test_gaussian_weights_peak_in_the_middle_and_stay_positive():
        method=st.sampled_from(["uniform", "gaussian"]), data=st.data())
 def test_normalised_weights_sum_to_one_everywhere(h, w, tile, method, data):
     overlap = data.draw(st.integers(0, tile - 1))
-    tiles = tile_grid(h, w, tile, overlap)
+    tiles = layout(h, w, tile, overlap)
     weights = tile_weights(tiles[0].h, tiles[0].w, method)
     total = weight_sum(tiles, weights, h, w)
     acc = torch.zeros(h, w, dtype=torch.float64)
@@ -81,7 +80,7 @@ def test_fusing_a_pixelwise_denoiser_equals_applying_it_to_the_whole_canvas(h, w
     overlap = data.draw(st.integers(0, tile - 1))
     x = torch.randn(3, h, w, generator=torch.Generator().manual_seed(h * 100 + w))
     f = lambda v: torch.tanh(v) * 0.5 + v ** 2  # noqa: E731  acts pixel by pixel
-    tiles = tile_grid(h, w, tile, overlap)
+    tiles = layout(h, w, tile, overlap)
     weights = tile_weights(tiles[0].h, tiles[0].w, method)
     preds = torch.stack([f(x[(slice(None),) + t.slices]) for t in tiles])
     fused = fuse(preds, tiles, weights, weight_sum(tiles, weights, h, w))
@@ -89,7 +88,7 @@ def test_fusing_a_pixelwise_denoiser_equals_applying_it_to_the_whole_canvas(h, w
 
 
 def test_batches_follow_the_tile_index():
-    tiles = tile_grid(100, 100, 32, 8)  # 16 tiles
+    tiles = layout(100, 100, 32, 8)  # 16 tiles
     groups = batches_of(tiles, 3)
     assert [t for g in groups for t in g] == tiles and [len(g) for g in groups] == [3] * 4 + [2] * 2
     assert [len(g) for g in batches_of(list(range(12)), 8)] == [6, 6]  # as few calls, as equal as can be
@@ -119,12 +118,12 @@ def test_denoise_canvas_equals_the_untiled_loop_for_a_pixelwise_model():
         assert all(b.canvas == (37, 53) and b.x.shape[0] == len(b.tiles) for b in batches)
         return [torch.sin(b.x) + t for b in batches]
 
-    out = denoise_canvas(predict, x, _Sched(), [tile_grid(37, 53, 16, 4)] * 3, "gaussian", batch=5)
+    out = denoise_canvas(predict, x, _Sched(), [layout(37, 53, 16, 4)] * 3, "gaussian", batch=5)
     ref = x
     for t in _Sched.timesteps:
         ref = ref - 0.5 * (torch.sin(ref * 2) + t)
     assert torch.allclose(out, ref, atol=1e-5)
-    n = len(tile_grid(37, 53, 16, 4))
+    n = len(layout(37, 53, 16, 4))
     assert len(calls) == 3 and sum(calls[0]) == n and max(calls[0]) == 5
 
 

@@ -48,11 +48,6 @@ def axis_starts(length: int, tile: int, overlap: int) -> List[int]:
     return sorted({min(i * stride, length - tile) for i in range(n)})
 
 
-def tile_grid(height: int, width: int, tile: int, overlap: int) -> List[Tile]:
-    """Row-major overlapping tiles of side min(tile, canvas side) that cover a height x width canvas."""
-    return layout(height, width, tile, overlap)
-
-
 def wrap_starts(length: int, tile: int, overlap: int) -> List[int]:
     """Window starts around a periodic axis: evenly spaced, at least `overlap` shared, the last wrapping over the edge."""
     n = max(2, math.ceil(length / (tile - overlap)))

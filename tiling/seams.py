@@ -28,6 +28,21 @@ def border_lines(tiles: Iterable[Tile], height: int, width: int, wrap_y: bool = 
             np.array(sorted(p for p in xs if 0 < p < width), dtype=np.int64))
 
 
+def image_borders(height: int, width: int, factor: int, tile: int, overlap: int, method: str = "gaussian",
+                  wrap_y: bool = False, wrap_x: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """The border rows and columns (image pixels) of a height x width picture rendered in tiles of `tile` latent
+    pixels overlapping by `overlap` on its latent canvas (the picture rounded up to `factor`, divided by it; the
+    picture is that canvas's top left): what the manifest's seam scores and the seam tool both score.
+    `shifted` has no fixed grid: its borders are the unshifted grid's a plain tiler would have used."""
+    from .grid import layout, padded_size, scale_tiles
+
+    pw, ph = padded_size(width, height, factor)
+    tiles = scale_tiles(layout(ph // factor, pw // factor, tile, 0 if method == "shifted" else overlap,
+                               wrap_y=wrap_y, wrap_x=wrap_x), factor)
+    rows, cols = border_lines(tiles, ph, pw, wrap_y=wrap_y, wrap_x=wrap_x)
+    return rows[rows < height], cols[cols < width]  # inside the cropped picture
+
+
 def gradients(image) -> Tuple[np.ndarray, np.ndarray]:
     """|I[:, c] - I[:, c-1]| (H x W-1) and |I[r] - I[r-1]| (H-1 x W), channel means, in float32 (exact for
     uint8 differences; means taken in float64 later)."""
@@ -97,7 +112,8 @@ def wrap_seam_score(image, axis: str, period: int = 1) -> float:
     return seam_score(np.concatenate([img, img], axis=0), rows=[img.shape[0]], cols=[], period=period)
 
 
-def border_heatmap(image, tiles: Optional[Iterable[Tile]] = None, cell: int = 16) -> np.ndarray:
+def border_heatmap(image, tiles: Optional[Iterable[Tile]] = None, cell: int = 16,
+                   lines: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> np.ndarray:
     """An H x W float32 map of each pixel's gradient over its neighbourhood's typical gradient.
 
     The value at (y, x) is |I[y,x] - I[y,x-1]| + |I[y,x] - I[y-1,x]| (channel mean) divided by the
@@ -115,7 +131,7 @@ def border_heatmap(image, tiles: Optional[Iterable[Tile]] = None, cell: int = 16
     g[:, 1:] += g_x
     g[1:, :] += g_y
     ref = g.copy()
-    rows, cols = border_lines(tiles or [], h, w)
+    rows, cols = lines if lines is not None else border_lines(tiles or [], h, w)
     ref[rows, :], ref[:, cols] = np.nan, np.nan
     ph, pw = -(-h // cell) * cell, -(-w // cell) * cell
     blocks = np.pad(ref, ((0, ph - h), (0, pw - w)), constant_values=np.nan)

@@ -1,13 +1,14 @@
-"""Look for tile seams: ``python3 -m tiling.inspect IMAGE [--tile 512 --overlap 128 | --grid-from-parameters]``.
+"""Look for tile seams: ``python3 bench/inspect_seams.py IMAGE [--tile 512 --overlap 128 | --grid-from-parameters]``.
 
 Prints the seam score (see :func:`tiling.seams.seam_score`) and writes a heat map PNG beside the image
 (``<name>.seams.png``) or at ``--out``: the map of :func:`tiling.seams.border_heatmap` in a black,
 purple, orange, yellow ramp (yellow: 4 times the local gradient or more) over a greyed copy of the
 image, the tile borders drawn as cyan dashes (2 pixels in 8, so a seam stays visible between them).
-A PNG written by Tessera carries ``Tiling: <method> <tile>/<overlap>`` (latent pixels) in its
-``parameters`` text chunk; the grid is then rebuilt as the renderer built it (on the latent canvas: the
-image size rounded up to a multiple of 8, divided by 8), unless ``--tile``/``--overlap`` are given
-(image pixels). Exit status 2, with one line, for bad input.
+A picture written by Tessera carries ``Tiling: <method> <tile>/<overlap>`` (latent pixels, and ``Wrap: <axes>``
+for a wrapped one) in its ``parameters`` text chunk; the grid is then rebuilt and scored exactly as the manifest's
+``seam_score`` is (:func:`tiling.seams.image_borders`, the VAE's 8-pixel period), so both print the same number,
+unless ``--tile``/``--overlap`` are given (image pixels, every position compared). Exit status 2, with one line,
+for bad input.
 """
 from __future__ import annotations
 
@@ -16,27 +17,42 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 from PIL import Image
 
-from .grid import Tile, scale_tiles, tile_grid
-from .seams import border_heatmap, border_lines, seam_score
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiling.grid import Tile, layout  # noqa: E402
+from tiling.seams import border_heatmap, border_lines, image_borders, seam_score  # noqa: E402
 
 RAMP = np.array([[0, 0, 0], [80, 18, 123], [200, 60, 80], [250, 150, 30], [252, 250, 190]], dtype=np.float64)
 LINE = np.array([0, 230, 255], dtype=np.float64)
 FACTOR = 8  # the VAE's pixels per latent pixel
 
 
-def parameters_grid(parameters: str, height: int, width: int) -> Optional[Tuple[List[Tile], str]]:
-    """The denoise tiles (image pixels) named by a ``Tiling: method tile/overlap`` entry, or None."""
+class Grid(NamedTuple):
+    """Where the borders to score lie (image pixels), the period they are scored at, and where they came from."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    period: int
+    source: str
+
+
+def parameters_grid(parameters: Optional[str], height: int, width: int) -> Optional[Grid]:
+    """The denoise grid named by a ``Tiling: method tile/overlap`` entry (and ``Wrap:``), as the manifest scores
+    it, or None."""
     m = re.search(r"Tiling: (\S+) (\d+)/(\d+)", parameters or "")
     if not m:
         return None
-    tile, overlap = int(m[2]), int(m[3])
-    latent = tile_grid(-(-height // FACTOR), -(-width // FACTOR), tile, overlap)
-    return scale_tiles(latent, FACTOR), f"{m[1]} {tile}/{overlap} latent, from parameters"
+    wrap = re.search(r"Wrap: (x|y|both)\b", parameters or "")
+    axes = wrap[1] if wrap else "none"
+    rows, cols = image_borders(height, width, FACTOR, int(m[2]), int(m[3]), m[1],
+                               wrap_y=axes in ("y", "both"), wrap_x=axes in ("x", "both"))
+    return Grid(rows, cols, FACTOR, f"{m[1]} {m[2]}/{m[3]} latent{'' if axes == 'none' else ', wrap ' + axes}, "
+                                    "from parameters")
 
 
 def render(image: np.ndarray, heat: np.ndarray, rows, cols, alpha: float) -> np.ndarray:
@@ -51,21 +67,24 @@ def render(image: np.ndarray, heat: np.ndarray, rows, cols, alpha: float) -> np.
     return out.round().astype(np.uint8)
 
 
-def choose_grid(args, parameters: Optional[str], height: int, width: int) -> Tuple[List[Tile], str]:
-    """The tiles to score and where they came from: --tile/--overlap, else the parameters, else 512/128 px."""
+def choose_grid(args, parameters: Optional[str], height: int, width: int) -> Grid:
+    """The borders to score and where they came from: --tile/--overlap, else the parameters, else 512/128 px."""
     pixel_grid = args.tile is not None or args.overlap is not None
     grid = None if pixel_grid else parameters_grid(parameters, height, width)
     if args.grid_from_parameters and grid is None:
         raise ValueError(f"{args.image}: no 'Tiling: <method> <tile>/<overlap>' in a parameters chunk")
+    if grid is not None:
+        return grid
     tile = 512 if args.tile is None else args.tile
     overlap = tile // 4 if args.overlap is None else args.overlap
     if not 0 <= overlap < tile:
         raise ValueError(f"--tile={tile} --overlap={overlap}: the overlap must be from 0 to tile - 1")
-    return grid or (tile_grid(height, width, tile, overlap), f"{tile}/{overlap} px")
+    rows, cols = border_lines(layout(height, width, tile, overlap), height, width)
+    return Grid(rows, cols, 1, f"{tile}/{overlap} px")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python3 -m tiling.inspect", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python3 bench/inspect_seams.py", description=__doc__.splitlines()[0])
     p.add_argument("image")
     p.add_argument("--tile", type=int, help="tile side in image pixels (512 unless the image has parameters)")
     p.add_argument("--overlap", type=int, help="overlap in image pixels (a quarter of the tile)")
@@ -89,20 +108,20 @@ def main(argv=None) -> int:
         print(f"error: {a.image}: cannot read the image: {e}", file=sys.stderr)
         return 2
     try:
-        tiles, source = choose_grid(a, parameters, *pixels.shape[:2])
+        grid = choose_grid(a, parameters, *pixels.shape[:2])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows, cols = border_lines(tiles, *pixels.shape[:2])
+    rows, cols = grid.rows, grid.cols
     try:
-        heat = render(pixels, border_heatmap(pixels, tiles), rows, cols, a.alpha)
+        heat = render(pixels, border_heatmap(pixels, lines=(rows, cols)), rows, cols, a.alpha)
         Image.fromarray(heat).save(out, format="PNG")
     except OSError as e:
         print(f"error: {out}: cannot write the heat map: {e.strerror or e}", file=sys.stderr)
         return 2
-    score = seam_score(pixels, rows=rows, cols=cols)
+    score = seam_score(pixels, rows=rows, cols=cols, period=grid.period)
     verdict = "no tile border inside the image" if math.isnan(score) else "1.0: invisible"
-    print(f"seam score {score:.4f} ({len(rows)} border rows, {len(cols)} border columns; grid {source}; "
+    print(f"seam score {score:.4f} ({len(rows)} border rows, {len(cols)} border columns; grid {grid.source}; "
           f"{verdict}) heat map: {out}")
     return 0
 
