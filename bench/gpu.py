@@ -130,7 +130,6 @@ def tessera(renderer: Renderer, cfg: TesseraConfig, label: str) -> dict:
     peak_denoise = peak_gib()
     reset_peak()
     decoded = renderer._decode(req, cfg.tiling, z)
-    assert not isinstance(decoded, BaseException), decoded
     sync()
     peak_decode = peak_gib()
     t1 = time.perf_counter()
@@ -226,7 +225,6 @@ def decode_variants(renderer: Renderer, cfg: TesseraConfig, variants) -> list:
         t0 = time.perf_counter()
         decoded = renderer._decode(req, cfg.tiling, z)
         sync()
-        assert not isinstance(decoded, BaseException), decoded
         row = {"contender": f"VAE decode alone, tile {tile} overlap {overlap}, {passes} sweeps, {form}",
                "seconds_decode": time.perf_counter() - t0, "peak_gib_decode": peak_gib()}
         if ref is not None:

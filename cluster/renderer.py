@@ -420,7 +420,7 @@ class Renderer:
                         zs = self._denoise(reqs, tiling, batch, tick)
                         seconds = (time.perf_counter() - t0) / len(reqs)
                         finite = all(bool(torch.isfinite(z).all()) for z in zs)
-                        decoded = [self._decode(req, tiling, z) for req, z in zip(reqs, zs)] if finite else []
+                        decoded = self._decode_group(reqs, tiling, zs) if finite else None
                 except torch.OutOfMemoryError as e:
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
@@ -429,19 +429,32 @@ class Renderer:
                     notes.append(f"CUDA out of memory at tile batch {batch}: retried at {batch // 2}")
                     batch //= 2
                     continue
-                nonfinite = not finite or any(isinstance(d, DecodeError) for d in decoded)
-                if nonfinite and not fp32:
+                if decoded is None and not fp32:
                     where = "latents" if not finite else "decode"
                     notes.append(f"non-finite {where} (NaN/inf): rendered again in fp32")
                     fp32 = True
                     continue
-                if nonfinite:
+                if decoded is None:
                     raise RenderError(f"non-finite {'latents' if not finite else 'decode'} (NaN/inf) in fp32 too: "
                                       "no image written")
                 break
         except Exception as e:  # noqa: BLE001 - recorded in the manifest, the job goes on
             return [failed_row(req, started, e, self.worker, notes) for req in reqs]
-        return [self.write(req, tiling, d, started, seconds, notes) for req, d in zip(reqs, decoded)]
+        return [failed_row(req, started, d, self.worker, notes) if isinstance(d, Exception)
+                else self.write(req, tiling, d, started, seconds, notes) for req, d in zip(reqs, decoded)]
+
+    def _decode_group(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, zs) -> Optional[list]:
+        """Each canvas of a group decoded (`_decode`), or the exception that stopped its decode, so that one
+        image's failure fails that image alone; None where a decode was non-finite (the group is retried)."""
+        out = []
+        for req, z in zip(reqs, zs):
+            try:
+                out.append(self._decode(req, tiling, z))
+            except DecodeError:
+                return None
+            except Exception as e:  # noqa: BLE001 - that image's row says why
+                out.append(e)
+        return out
 
     def _denoise(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int, tick) -> List[torch.Tensor]:
         features = FeatureCanvas(reqs[0].deep_cache) if reqs[0].deep_cache > 1 else None  # DeepCache's
@@ -534,14 +547,18 @@ class Renderer:
 
     def finish(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor, started_at: datetime,
                seconds_denoise: float) -> dict:
-        """Decode a finished canvas in tiles on this worker, write the image file, return its manifest row."""
-        with self._device:
-            decoded = self._decode(req, tiling, z)
+        """Decode a finished canvas in tiles on this worker, write the image file, return its manifest row (a
+        `failed` one if the decode fails)."""
+        try:
+            with self._device:
+                decoded = self._decode(req, tiling, z)
+        except Exception as e:  # noqa: BLE001 - recorded in the manifest
+            return failed_row(req, started_at, e, self.worker)
         return self.write(req, tiling, decoded, started_at, seconds_denoise)
 
     def _decode(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor):
-        """(uint8 pixels, seconds, the VAE tile side it ran with) of a finished canvas, or the exception that
-        stopped the decode."""
+        """(uint8 pixels, seconds, the VAE tile side it ran with) of a finished canvas; raises what stops the
+        decode (`tiling.vae.DecodeError` for a non-finite one)."""
         m = self.final_model(req)
         m.vae_on_device(True)
         try:
@@ -550,8 +567,6 @@ class Renderer:
             img = decode_tiled(m.vae, m.unscale(z), m.vae_scale_factor, tile,
                                tiling.vae_overlap, passes=tiling.vae_passes, **wraps(tiling))
             return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tile
-        except Exception as e:  # noqa: BLE001
-            return e
         finally:
             m.vae_on_device(False)
 
@@ -592,10 +607,9 @@ class Renderer:
 
     def write(self, req: ImageRequest, tiling: TilingConfig, decoded, started_at: datetime,
               seconds_denoise: float, notes: Optional[Sequence[str]] = None) -> dict:
-        """Encode and write the image file, score its seams, return its manifest row (CPU only). The seams are
-        scored while the file is encoded (both release the GIL)."""
-        if isinstance(decoded, BaseException):
-            return failed_row(req, started_at, decoded, self.worker, notes)
+        """Encode and write a decoded image's file (`decoded`: `_decode`'s pixels, seconds and VAE tile), score its
+        seams, return its manifest row (CPU only). The seams are scored while the file is encoded (both release
+        the GIL)."""
         try:
             pixels, seconds_decode, vae_tile = decoded
             stages = ">".join(f"{s.size[0]}x{s.size[1]}" for s in stages_of(req, self.info()))

@@ -87,14 +87,27 @@ def start_workers(cfg: TesseraConfig) -> List[ray.actor.ActorHandle]:
     return workers
 
 
+RAY_FAULTS = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError)
+
+
+def fault(e: BaseException) -> str:
+    """A failed row's error for a Ray fault: a task that raised (a bug or a fault in the worker's code: its own
+    exception, first line) is told from a worker that died or an object that was lost."""
+    if isinstance(e, ray.exceptions.RayTaskError):
+        cause = getattr(e, "cause", None) or e
+        lines = [line for line in str(cause).splitlines() if line.strip()] or [""]
+        return f"worker error: {type(cause).__name__}: {lines[0].strip()}"
+    return f"worker lost: {type(e).__name__}: {e}"
+
+
 def _rows(ref, reqs: Sequence[ImageRequest], started) -> List[dict]:
-    """The rows of a finished render task (one row or a group's list); a dead worker or a lost object makes
-    a `failed` row of each of its images."""
+    """The rows of a finished render task (one row or a group's list); a dead worker, a lost object or a task
+    that raised makes a `failed` row of each of its images."""
     try:
         rows = ray.get(ref)
         return rows if isinstance(rows, list) else [rows]
-    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
-        return [failed_row(req, started, f"worker lost: {type(e).__name__}: {e}") for req in reqs]
+    except RAY_FAULTS as e:
+        return [failed_row(req, started, fault(e)) for req in reqs]
 
 
 def run_bulk(workers, requests: Iterable[ImageRequest], cfg: TesseraConfig, on_row: Callable[[dict], None],
@@ -131,7 +144,7 @@ def decode_across(workers, req: ImageRequest, tiling: TilingConfig, z, factor: i
     every len(workers)-th tile; between sweeps the tiles' GroupNorm moments are merged here in tile order, so
     the picture is the one a single worker decodes, with the VAE tile worker 0 picks for all (`tiling.vae_tile=0`),
     by the VAE of the model that ran the last stage (`refined`: the hires checkpoint's, `Renderer.final_model`).
-    (uint8 pixels, seconds, that tile side), or the exception that stopped it."""
+    (uint8 pixels, seconds, that tile side); a Ray fault ends the decode on every worker and is raised."""
     t0 = time.perf_counter()
     try:
         tiling = replace(tiling, vae_tile=ray.get(workers[0].vae_tile.remote(tiling, *z.shape[-2:])))  # one for all
@@ -149,10 +162,10 @@ def decode_across(workers, req: ImageRequest, tiling: TilingConfig, z, factor: i
                 applied = merged([parts[i] for i in range(len(spans))])
         img = assemble(spans, parts, tuple(z.shape[-2:]), factor, tiling.vae_overlap)
         return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tiling.vae_tile
-    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
+    except RAY_FAULTS:
         for w in workers:
             w.decode_end.remote(req.image_id)
-        return e
+        raise
 
 
 def run_tile_parallel(workers, requests: Iterable[ImageRequest], cfg: TesseraConfig,
@@ -181,12 +194,12 @@ def run_tile_parallel(workers, requests: Iterable[ImageRequest], cfg: TesseraCon
                                 reference=lambda k, zs, stage: ray.get(
                                     workers[0].reference.remote([req], cfg.tiling, k, zs, stage)),
                                 stage_predict=predict_of(True) if cfg.model.stage_path else None)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-            on_row(failed_row(req, started, f"worker lost: {type(e).__name__}: {e}"))
+            seconds = time.perf_counter() - t0
+            decoded = decode_across(workers, req, cfg.tiling, z, info["vae_scale_factor"],
+                                    stages_of(req, info)[-1].refine)
+        except RAY_FAULTS as e:
+            on_row(failed_row(req, started, fault(e)))
             continue
-        seconds = time.perf_counter() - t0
-        decoded = decode_across(workers, req, cfg.tiling, z, info["vae_scale_factor"],
-                                stages_of(req, info)[-1].refine)
         if writing is not None:
             on_row(_rows(*writing)[0])
         writing = (workers[i % len(workers)].write.remote(req, cfg.tiling, decoded, started, seconds), [req], started)

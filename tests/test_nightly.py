@@ -97,6 +97,35 @@ def test_nan_latents_are_rendered_again_in_fp32_then_fail(renderer):
     assert len(good) > 0
 
 
+def test_a_decode_that_fails_fails_its_own_image_alone(renderer, monkeypatch):
+    """Seeds stepped together: the one whose decode raises gets a failed row saying why; the other is written."""
+    r, cfg, out, real = renderer
+    r.model.predict = real
+    reqs = plan(compose(*SMALL, "job.strategy=direct", f"output.dir={out}", "job.seeds=[11,12]"))
+    decode = r._decode
+
+    def second_fails(req, tiling, z):
+        if req.seed == 12:
+            raise OSError("the VAE's weights are gone (injected)")
+        return decode(req, tiling, z)
+
+    monkeypatch.setattr(r, "_decode", second_fails)
+    ok, bad = r.render_group(reqs, cfg.tiling)
+    assert ok["status"] == "ok" and (out / ok["path"]).exists()
+    assert bad["status"] == "failed" and "the VAE's weights are gone" in bad["error"]
+    assert not (out / reqs[1].path).exists()
+
+
+def test_a_worker_that_raises_is_told_from_one_that_died():
+    import ray
+
+    from cluster.scheduler import fault
+
+    raised = ray.exceptions.RayTaskError("render_group", "Traceback ...", ValueError("no tiles\nmore"))
+    assert fault(raised) == "worker error: ValueError: no tiles"
+    assert fault(ray.exceptions.ActorDiedError()).startswith("worker lost: ActorDiedError")
+
+
 def test_a_long_prompt_is_truncated_with_a_warning(renderer):
     r, cfg, out, real = renderer
     r.model.predict = real
