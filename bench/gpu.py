@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from cluster.renderer import Renderer, denoise_group, groups_of, layouts_of  # noqa: E402
+from cluster.renderer import Renderer, groups_of, layouts_of  # noqa: E402
 from jobs import plan  # noqa: E402
 from jobs.spec import TesseraConfig  # noqa: E402
 
@@ -37,6 +38,7 @@ PEAK_BF16 = 790e12  # H100/H200 dense bf16 as measured by a large bf16 matmul on
 W, H, STEPS, GUIDANCE = 3840, 2160, 30, 7.0
 SMOKE = False
 METHODS, LEAN = ("uniform", "gaussian", "shifted"), False  # --methods, --lean
+DEEP_CACHE = ()  # --deep-cache: Tessera SD 1.5 rows with model.deep_cache=n
 ROWS = None  # --out/rows-<family>.jsonl
 DECODE_ONLY = False  # --decode-only
 DECODES = [(64, 8, 3, "fp32"), (64, 8, 3, "bf16"), (64, 8, 2, "bf16"), (64, 8, 3, "bf16-cl"), (128, 8, 3, "bf16"),
@@ -121,10 +123,7 @@ def tessera(renderer: Renderer, cfg: TesseraConfig, label: str) -> dict:
     reset_peak()
     sync()
     t0 = time.perf_counter()
-    cond = renderer.model.encode(req.prompt, req.negative_prompt)
-    z = denoise_group(lambda bs, t: [renderer._predict(b, t, cond, req.guidance, len(bs[0].tiles)) for b in bs],
-                      renderer.info(), [req], cfg.tiling, batch, renderer.model.device,
-                      lambda i, n: ticks.remote(n))[0]
+    z = renderer._denoise([req], cfg.tiling, batch, lambda i, n: ticks.remote(n))[0]
     sync()
     t_denoise = time.perf_counter() - t0
     peak_denoise = peak_gib()
@@ -139,7 +138,7 @@ def tessera(renderer: Renderer, cfg: TesseraConfig, label: str) -> dict:
     keep = Path(cfg.output.dir) / f"reference-{time.monotonic_ns()}.png"  # later runs write the same image id
     shutil.copyfile(Path(cfg.output.dir) / row["path"], keep)
     total = t_denoise + decoded[1] + t_write
-    tflops = tile_flops(renderer, cfg) * ticks.n / t_denoise
+    tflops = tile_flops(renderer, cfg) * ticks.n / t_denoise if req.deep_cache <= 1 else float("nan")
     return {"contender": label, "seconds_per_image": total, "images_per_gpu_hour": 3600 / total,
             "seconds_denoise": t_denoise, "seconds_decode": decoded[1], "seconds_write": t_write,
             "seconds_decode_and_write": decoded[1] + t_write, "batch": batch,
@@ -235,8 +234,9 @@ def decode_variants(renderer: Renderer, cfg: TesseraConfig, variants) -> list:
     return out
 
 
-def panorama(model, label: str, stride: int, view_batch: int, timed_steps: int) -> dict:
-    """diffusers' StableDiffusionPanoramaPipeline on the same UNet: `timed_steps` steps, times 30."""
+def panorama(model, label: str, stride: int, view_batch: int, timed_steps: int, decode: bool = False) -> dict:
+    """diffusers' StableDiffusionPanoramaPipeline on the same UNet: `timed_steps` steps, times 30 (`decode`: and
+    its own decode of the whole frame and the PNG written, timed once)."""
     from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
 
     pipe = StableDiffusionPanoramaPipeline(
@@ -262,10 +262,26 @@ def panorama(model, label: str, stride: int, view_batch: int, timed_steps: int) 
     except Stop:
         pass
     per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # the first step's warm-up left out
-    return {"contender": label, "views": views, "seconds_per_step": per_step,
-            "seconds_per_image": per_step * STEPS, "images_per_gpu_hour": 3600 / (per_step * STEPS),
-            "timed_steps": len(stamps) - 1, "peak_gib_denoise": peak_gib(),
-            "note": f"{len(stamps) - 1} steps timed, x{STEPS}; decode not included"}
+    row = {"contender": label, "views": views, "seconds_per_step": per_step, "seconds_denoise": per_step * STEPS,
+           "seconds_per_image": per_step * STEPS, "images_per_gpu_hour": 3600 / (per_step * STEPS),
+           "timed_steps": len(stamps) - 1, "peak_gib_denoise": peak_gib(),
+           "note": f"{len(stamps) - 1} steps timed, x{STEPS}; decode not included"}
+    if decode:  # what the pipeline does after its last step: its VAE on the whole frame, PIL, and a PNG written
+        latents = torch.randn(1, 4, H // 8, W // 8, device=model.device, dtype=model.dtype)
+        with torch.no_grad():
+            pipe.vae.decode(latents[..., :64, :64] / pipe.vae.config.scaling_factor)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            picture = pipe.image_processor.postprocess(image, output_type="pil")[0]
+            sync()
+            t1 = time.perf_counter()
+        picture.save(Path(tempfile.mkdtemp()) / "panorama.png")
+        t2 = time.perf_counter()
+        row.update(seconds_decode=t1 - t0, seconds_write=t2 - t1, seconds_per_image=per_step * STEPS + t2 - t0,
+                   images_per_gpu_hour=3600 / (per_step * STEPS + t2 - t0), peak_gib_decode=peak_gib(),
+                   note=f"{len(stamps) - 1} steps timed, x{STEPS}; its whole-frame decode and PNG write included")
+    return row
 
 
 def plain_sdxl(model, label: str) -> dict:
@@ -318,9 +334,12 @@ def run_sd15(steps: int, tmp: str, panoramas, env, compile_too: bool) -> list:
         tessera(r, cfg_for(name, method, 64, ov, 16, tmp, 2), "warm-up")
         emit(results, tessera(r, cfg_for(name, method, 64, ov, 16, tmp, steps), f"Tessera {name} {method} 64/{ov}, "
                               "16 tiles/call"))
-    for stride, vb, k in panoramas:  # before compiling: the panorama pipeline shares this UNet
-        emit(results, panorama(r.model, f"diffusers panorama {name} window 64 stride {stride}, view_batch_size {vb}",
-                               stride, vb, k))
+    for n in DEEP_CACHE:  # model.deep_cache: the whole UNet every n-th step
+        emit(results, tessera(r, replace(cfg_for(name, "shifted", 64, 0, 16, tmp, steps), model=replace(
+            cfg.model, deep_cache=n)), f"Tessera {name} shifted 64/0, 16 tiles/call, model.deep_cache={n}"))
+    for k, (stride, vb, timed) in enumerate(panoramas):  # before compiling: the panorama pipeline shares this UNet
+        emit(results, panorama(r.model, f"diffusers panorama {name} window 64 stride {stride}, view_batch_size {vb}"
+                               + (", decode and PNG included" if k == 0 else ""), stride, vb, timed, decode=k == 0))
     if compile_too:
         compiled(r, results, env, name, [("shifted", 0, 16)], tmp, steps, 64)
         for stride, vb, k in panoramas[:1]:  # and its best tuning on the same compiled UNet
@@ -402,9 +421,11 @@ def main() -> None:
     ap.add_argument("--lean", action="store_true", help="skip the 8K memory row, the decode variants, the plain "
                     "SDXL pipeline and the panorama stride-48 view_batch_size 1 row")
     ap.add_argument("--decode-only", action="store_true", help="SDXL's VAE decode variants alone")
+    ap.add_argument("--deep-cache", nargs="*", type=int, default=[], help="SD 1.5: Tessera shifted rows with "
+                    "model.deep_cache=n (the panorama pipeline's first row then counts its decode and PNG too)")
     args = ap.parse_args()
-    global METHODS, LEAN, DECODE_ONLY
-    METHODS, LEAN, DECODE_ONLY = args.methods, args.lean, args.decode_only
+    global METHODS, LEAN, DECODE_ONLY, DEEP_CACHE
+    METHODS, LEAN, DECODE_ONLY, DEEP_CACHE = args.methods, args.lean, args.decode_only, tuple(args.deep_cache)
     global W, H, SMOKE, ROWS
     SMOKE = args.smoke
     if args.smoke:
