@@ -267,7 +267,7 @@ def panorama(model, label: str, stride: int, view_batch: int, timed_steps: int, 
            "timed_steps": len(stamps) - 1, "peak_gib_denoise": peak_gib(),
            "note": f"{len(stamps) - 1} steps timed, x{STEPS}; decode not included"}
     if decode:  # what the pipeline does after its last step: its VAE on the whole frame, PIL, and a PNG written
-        latents = torch.randn(1, 4, H // 8, W // 8, device=model.device, dtype=model.dtype)
+        latents = torch.randn(1, 4, H // 8, W // 8, device=model.device, dtype=pipe.vae.dtype)  # fp32 if upcast
         with torch.no_grad():
             pipe.vae.decode(latents[..., :64, :64] / pipe.vae.config.scaling_factor)  # warm-up
             sync()
