@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tiling.grid import Tile, layout  # noqa: E402
+from tiling.grid import layout  # noqa: E402
 from tiling.seams import border_heatmap, border_lines, image_borders, seam_score  # noqa: E402
 
 RAMP = np.array([[0, 0, 0], [80, 18, 123], [200, 60, 80], [250, 150, 30], [252, 250, 190]], dtype=np.float64)

@@ -66,6 +66,18 @@ SMALL = ["job.width=196", "job.height=130", "job.steps=3", "tiling.tile=16", "ti
          "tiling.vae_tile=16", "tiling.vae_overlap=4", "tiling.batch=2"]
 
 
+def render_first(renderer, out, base, *overrides):
+    """The first image of the config `base` + `overrides` (written under `out`) through `renderer`: its request
+    and its row, which must be ok."""
+    from jobs import plan
+
+    cfg = compose(*base, f"output.dir={out}", *overrides)
+    req = plan(cfg)[0]
+    row = renderer.render(req, cfg.tiling)
+    assert row["status"] == "ok", row["error"]
+    return req, row
+
+
 def assert_renders_small(renderer, cfg, other_seed_cfg, out) -> dict:
     """`cfg`'s first image (SMALL's 196x130, several tiles) through `renderer`: written at the right size, not
     constant, the same bytes when rendered again, other bytes for `other_seed_cfg`'s seed; its row."""

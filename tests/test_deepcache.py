@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from conftest import SMALL, compose
+from conftest import SMALL, compose, render_first
 from jobs import ConfigError, plan, read_parameters, validate
 from models import deepcache
 from tiling.features import FeatureCanvas
@@ -95,12 +95,8 @@ def demo(tmp_path_factory):
 
 
 def _render(demo, *overrides):
-    renderer, out = demo
-    cfg = compose(*SMALL, f"output.dir={out}", *overrides)
-    req = plan(cfg)[0]
-    row = renderer.render(req, cfg.tiling)
-    assert row["status"] == "ok", row["error"]
-    return req, row, np.asarray(Image.open(out / row["path"]), dtype=np.float64)
+    req, row = render_first(*demo, SMALL, *overrides)
+    return req, row, np.asarray(Image.open(demo[1] / row["path"]), dtype=np.float64)
 
 
 @pytest.mark.parametrize("strategy", ["direct", "progressive"])

@@ -193,7 +193,7 @@ def test_the_anchor_gives_the_clean_canvas_its_references_low_frequencies():
 
 # ------------------------------------------------------------------------------------- through the renderer
 
-from conftest import SMALL, compose  # noqa: E402
+from conftest import SMALL, compose, render_first  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -207,14 +207,7 @@ def demo(tmp_path_factory):
 
 
 def _render(demo, *overrides):
-    from jobs import plan
-
-    renderer, out = demo
-    cfg = compose(*SMALL, f"output.dir={out}", "output.keep_stages=true", *overrides)
-    req = plan(cfg)[0]
-    row = renderer.render(req, cfg.tiling)
-    assert row["status"] == "ok", row["error"]
-    return req, row
+    return render_first(*demo, SMALL, "output.keep_stages=true", *overrides)
 
 
 def test_a_progressive_render_runs_its_stages_and_keeps_them(demo):

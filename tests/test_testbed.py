@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import compose
+from conftest import compose, render_first
 from jobs import plan
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -39,12 +39,8 @@ def testbed(tmp_path_factory):
 
 
 def render(testbed, *overrides):
-    renderer, out = testbed
-    cfg = compose(*TESTBED, f"output.dir={out}", *overrides)
-    req = plan(cfg)[0]
-    row = renderer.render(req, cfg.tiling)
-    assert row["status"] == "ok", row["error"]
-    return row, np.asarray(Image.open(out / row["path"]))
+    row = render_first(*testbed, TESTBED, *overrides)[1]
+    return row, np.asarray(Image.open(testbed[1] / row["path"]))
 
 
 def test_the_test_bed_loads_as_sd_and_knows_its_native_size(testbed):
