@@ -25,7 +25,7 @@ from models.base import PromptCache
 from models.deepcache import DeepStep
 from models.loading import compile_denoiser
 from models.schedulers import tile_seq_len, timestep_kwargs
-from tiling import (TileBatch, decode_tiled, decoder_sweeps, denoise_canvases, encode_tiled, fitting_tile,
+from tiling import (TileBatch, decode_tiled_shared, decoder_sweeps, denoise_canvases, encode_tiled, fitting_tile,
                     free_memory, padded_size, seam_score, step_layouts, to_uint8)
 from tiling.features import FeatureCanvas
 from tiling.progressive import (Dilation, dilation_stride, first_step, low_pass_anchor, noised, resize,
@@ -525,8 +525,8 @@ class Renderer:
                 if zs is None:
                     picture = read_picture(req.init_image)
                 elif not latent or self.output.keep_stages:
-                    picture = decode_tiled(dec.vae, dec.unscale(zs[k]), f, self.vae_tile(tiling, *zs[k].shape[-2:]),
-                                           tiling.vae_overlap, passes=passes, **wraps(tiling))
+                    picture = decode_tiled_shared(dec.vae, dec.unscale(zs[k]), self.vae_tile(tiling, *zs[k].shape[-2:]),
+                                                  tiling.vae_overlap, passes=passes, **wraps(tiling))
                     if self.output.keep_stages:
                         h, w = zs[k].shape[-2:]
                         write_image(to_uint8(picture, w * f, h * f), self.output.dir, req.stage_path(number - 1),
@@ -564,8 +564,8 @@ class Renderer:
         try:
             t0 = time.perf_counter()
             tile = self.vae_tile(tiling, *z.shape[-2:])
-            img = decode_tiled(m.vae, m.unscale(z), m.vae_scale_factor, tile,
-                               tiling.vae_overlap, passes=tiling.vae_passes, **wraps(tiling))
+            img = decode_tiled_shared(m.vae, m.unscale(z), tile, tiling.vae_overlap, passes=tiling.vae_passes,
+                                      **wraps(tiling))
             return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tile
         finally:
             m.vae_on_device(False)

@@ -155,7 +155,7 @@ class Adapter:
 
     def unscale(self, z: torch.Tensor) -> torch.Tensor:
         """Latents in the VAE's own space (scale and shift undone), on its device and dtype: what
-        `tiling.decode_tiled` takes."""
+        `tiling.decode_tiled_shared` takes."""
         return unscale_latents(self.vae, z, self.device)
 
 

@@ -18,7 +18,7 @@ from jobs import ConfigError, plan, validate
 from jobs import spec
 from models import family, load_model
 from models.flow import CHAT_TEMPLATE, byte_tokenizer
-from tiling import decode_tiled
+from tiling import decode_tiled_shared
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -267,11 +267,11 @@ def test_tiled_decode_of_the_16_channel_vae_matches_the_full_decode(dit_dirs):
     m = load_model(cfg_of("z_image", dit_dirs).model)
     z = torch.randn(1, 16, 20, 28, generator=torch.Generator().manual_seed(0))
     full = m.decode(z)[0]
-    tiled = decode_tiled(m.vae, m.unscale(z), 8, 12, 4)
+    tiled = decode_tiled_shared(m.vae, m.unscale(z), 12, 4)
     assert tiled.shape == full.shape == (3, 160, 224)
     separate = decode_each(lambda t: m.vae.decode(t).sample, m.unscale(z), 8, 12, 4)
     assert psnr(tiled, full) >= 45 and psnr(tiled, full) >= psnr(separate, full) + 12
-    torch.testing.assert_close(decode_tiled(m.vae, m.unscale(z), 8, 64, 0, passes=1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_tiled_shared(m.vae, m.unscale(z), 64, 0, passes=1), full, rtol=1e-5, atol=1e-5)
 
 
 def psnr(a, b):

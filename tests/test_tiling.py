@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiling import (axis_starts, batches_of, crop, decode_tiled, denoise_canvas, fuse, layout, padded_size,
+from tiling import (axis_starts, batches_of, crop, decode_each, denoise_canvas, fuse, layout, padded_size,
                     step_layouts, tile_weights, to_uint8, weight_sum)
 
 sizes = st.integers(1, 300)
@@ -131,7 +131,7 @@ def test_tiled_decode_of_a_local_decoder_equals_the_full_decode():
     # a decoder that upsamples pixel by pixel: tiles with context must reproduce it exactly
     dec = lambda z: torch.tanh(z[:, :3]).repeat_interleave(8, -1).repeat_interleave(8, -2)  # noqa: E731
     z = torch.randn(1, 4, 29, 41, generator=torch.Generator().manual_seed(1))
-    tiled = decode_tiled(dec, z, 8, tile=12, overlap=4)
+    tiled = decode_each(dec, z, 8, tile=12, overlap=4)
     assert tiled.shape == (3, 29 * 8, 41 * 8)
     assert torch.allclose(tiled, dec(z)[0], atol=1e-6)
 

@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiling import DecodeError, assemble, decode_tiled, decoder_sweeps, merged
+from tiling import DecodeError, assemble, decoder_sweeps, merged
 from tiling.vae import (SharedGroupNorm, axis_spans, decode_each, decode_tiled_shared, decoder_needs, encode_tiled,
                         encoder_needs, window)
 
@@ -98,11 +98,6 @@ def test_shared_statistics_match_the_full_decode_and_beat_separate_tiles(vae, z,
     assert psnr(shared, full) >= psnr(separate, full) + 12
     assert psnr(shared, full) >= psnr(own_stats, full) + 12
 
-
-def test_decode_tiled_takes_a_vae_and_decodes_with_shared_statistics(vae, z, shared):
-    assert torch.equal(decode_tiled(vae, z, 8, tile=8, overlap=2), shared)
-    with pytest.raises(ValueError, match="scales by 8"):
-        decode_tiled(vae, z, 4, tile=8, overlap=2)
 
 
 def test_one_tile_with_its_own_statistics_is_the_full_decode(vae, z, full):
@@ -216,7 +211,7 @@ def test_non_finite_tiles_raise_a_decode_error_naming_the_tile():
     with pytest.raises(DecodeError, match=r"tile at latent \(0, 0\), sweep 1, also in fp32"):
         decode_tiled_shared(vae, latent(8, 8), tile=4, overlap=0)
     with pytest.raises(DecodeError, match=r"tile at latent \(0, 0\)"):
-        decode_tiled(lambda t: vae.decode(t).sample, latent(8, 8), 8, tile=4, overlap=0)
+        decode_each(lambda t: vae.decode(t).sample, latent(8, 8), 8, tile=4, overlap=0)
 
 
 def test_a_non_finite_mid_block_raises_a_decode_error():

@@ -106,23 +106,6 @@ def _grid(h: int, w: int, tile: int, overlap: int, wrap_y: bool, wrap_x: bool):
 
 # --------------------------------------------------------------------------- tiles decoded independently
 
-def decode_tiled(decode, z: torch.Tensor, factor: int, tile: int, overlap: int, context: Optional[int] = None,
-                 wrap_x: bool = False, wrap_y: bool = False, passes: int = 3) -> torch.Tensor:
-    """Decode a [1, C, H, W] latent canvas into a [3, H*f, W*f] float32 image on the CPU, one tile at a time.
-
-    `decode` is an `AutoencoderKL` (anything with a GroupNorm `.decoder`): then z must be unscaled latents
-    and the tiles share GroupNorm statistics (`decode_tiled_shared`), so they match the full-frame decode.
-    Any other callable (already scaled latents -> [1, 3, h*f, w*f]) decodes each tile on its own, with
-    `context` (default 8) latent pixels of neighbours; right only for decoders without global statistics.
-    """
-    if hasattr(decode, "decoder"):
-        f = vae_factor(decode)
-        if factor != f:
-            raise ValueError(f"factor={factor}, but the VAE scales by {f}")
-        return decode_tiled_shared(decode, z, tile, overlap, context, wrap_x, wrap_y, passes)
-    return decode_each(decode, z, factor, tile, overlap, 8 if context is None else context, wrap_x, wrap_y)
-
-
 def decode_each(decode: Decode, z: torch.Tensor, factor: int, tile: int, overlap: int, context: int = 8,
                 wrap_x: bool = False, wrap_y: bool = False) -> torch.Tensor:
     """Each tile decoded on its own with `context` latent pixels of true neighbours, feathered together."""
