@@ -22,7 +22,7 @@ from jobs import ImageRequest, write_image
 from jobs.spec import ConfigError, ModelConfig, OutputConfig, TilingConfig, stage_model_config
 from models import load_model, make_scheduler
 from models.base import PromptCache
-from models.deepcache import DeepStep
+from models.deepcache import DeepStep, why_not
 from models.loading import compile_denoiser
 from models.schedulers import tile_seq_len, timestep_kwargs
 from tiling import (TileBatch, decode_tiled_shared, decoder_sweeps, denoise_canvases, encode_tiled, fitting_tile,
@@ -311,6 +311,11 @@ class Renderer:
                       if getattr(self.stage_model, k) != getattr(self.model, k)]
             if differ:
                 raise ConfigError("model.stage_path", model.stage_path, "does not fit the model: " + ", ".join(differ))
+        if model.deep_cache > 1:  # the family is a UNet one (validated); this checks the loaded UNet itself
+            for m in self.models():
+                why = why_not(getattr(m, m.denoiser))
+                if why:
+                    raise ConfigError("model.deep_cache", model.deep_cache, f"cannot split this model's UNet: {why}")
         self.compiled = model.compile
         if model.compile:
             for m in self.models():

@@ -8,7 +8,7 @@ earlier step and runs only `conv_in`, the first down block's layers (not its dow
 denoise loop can keep it in canvas coordinates (`tiling.features`) and crop it for tiles that move every step.
 
 This is the one module that walks `diffusers.UNet2DConditionModel`'s blocks by hand (its `forward` as of diffusers
-0.42, without ControlNet, T2I-adapter or GLIGEN inputs, which Tessera never passes); `tests/test_models.py` holds
+0.42, without ControlNet, T2I-adapter or GLIGEN inputs, which Tessera never passes); `tests/test_deepcache.py` holds
 `full`'s prediction to the model's own `forward` bit for bit, so a diffusers release that changes the forward fails
 there loudly.
 """

@@ -144,6 +144,22 @@ def test_regions_and_groups_keep_their_own_features(demo):
             "job.regions=[{box:[0,0,0.5,1],prompt:'a dusk landscape'}]")
 
 
+def test_a_unet_that_cannot_be_split_is_refused_when_the_worker_loads_it(monkeypatch):
+    import cluster.renderer as renderer_module
+    from diffusers import UNet2DConditionModel
+
+    classy = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, cross_attention_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=2, class_embed_type="timestep")
+    assert "class embeddings" in deepcache.why_not(classy)
+    assert "is not a UNet" in deepcache.why_not(torch.nn.Linear(2, 2))
+    monkeypatch.setattr(renderer_module, "why_not", lambda unet: "the UNet has class embeddings")
+    cfg = compose(*SMALL, "model.deep_cache=2")
+    with pytest.raises(ConfigError, match=r"^model.deep_cache=2: cannot split this model's UNet: the UNet has class"):
+        renderer_module.Renderer(cfg.model, cfg.output, threads=1)
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["model.deep_cache=11"], "model.deep_cache=11: must be an integer from 0"),
     (["model=z_image", "model.weights=random", "model.deep_cache=3"], "model.deep_cache=3: caches a UNet's"),
