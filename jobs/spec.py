@@ -52,9 +52,8 @@ FOLDER_ONLY_WHY = {"newbie": "its transformer is Tessera's own NewbieTransformer
                              "diffusers' single-file converters do not know"}
 # Transformer families: latent pixels per patch side.  A tile (and a canvas side smaller than a tile, which is
 # then the tile) must be whole patches.
-UNET_FAMILIES = ("sd", "sdxl")  # the families whose denoiser is a UNet (model.deep_cache)
-DEEP_CACHE_MAX = 10
 FAMILY_PATCH = {"z_image": 2, "lumina2": 2, "newbie": 2}
+DEEP_CACHE_MAX = 10  # model.deep_cache: at most the whole UNet every 10th step
 VAE_FACTOR = 8  # image pixels per latent pixel, for every family here
 # Families whose weights come with their own Python code (NewBie: its Jina CLIP v2 text encoder): their folders load
 # only with model.trust_remote_code (random weights are built in code and need none).
@@ -389,10 +388,8 @@ def validate_model(m: ModelConfig) -> None:
     _one_of("model.attention", m.attention, ATTENTIONS)
     _one_of("model.offload", m.offload, OFFLOADS)
     family = MODEL_FAMILIES[m.name]
-    _check(isinstance(m.deep_cache, int) and not isinstance(m.deep_cache, bool)
-           and 0 <= m.deep_cache <= DEEP_CACHE_MAX, "model.deep_cache", m.deep_cache,
-           f"must be an integer from 0 (off) to {DEEP_CACHE_MAX}: the whole UNet every N-th step")
-    _check(m.deep_cache <= 1 or family in UNET_FAMILIES, "model.deep_cache", m.deep_cache,
+    _int_in("model.deep_cache", m.deep_cache, 0, DEEP_CACHE_MAX)
+    _check(m.deep_cache <= 1 or family not in FAMILY_PATCH, "model.deep_cache", m.deep_cache,
            f"caches a UNet's deep features; model={m.name} ({family} family) is a transformer")
     if m.stage_path is not None:
         _check(m.weights == "pretrained", "model.stage_path", m.stage_path, "not used with model.weights=random")

@@ -21,21 +21,24 @@ class FeatureCanvas:
 
     `full_step(step)`: whether step `step` of a loop (0 its first) runs the whole model: every `interval`-th,
     from the first. `put` fuses a full call's per-tile features; `take` crops them for tiles, or None where any
-    tile's window was not covered by the last full step (that batch runs in full)."""
+    tile's window was not covered by the last full step (that batch runs in full). A key's weighted sums are
+    divided out once, at its first `take` after a full step."""
 
     def __init__(self, interval: int):
         self.interval = int(interval)
         self._canvas: Optional[Tuple[int, int]] = None
-        self._sums: Dict[Hashable, list] = {}  # key -> [weighted sum [C, H, W], weight sum [H, W], step]
-        self._weights: Dict[Tuple[int, int], torch.Tensor] = {}
+        # key -> [weighted sum [C, H, W], weight sum [H, W], step], the sums replaced by (features, covered) once fused
+        self._sums: Dict[Hashable, list] = {}
+        self._weights: Dict[tuple, torch.Tensor] = {}  # (h, w, device) -> a tile's weights there
 
     def full_step(self, step: int) -> bool:
         return self.interval <= 1 or step % self.interval == 0
 
     def _weight(self, h: int, w: int, device) -> torch.Tensor:
-        if (h, w) not in self._weights:
-            self._weights[(h, w)] = tile_weights(h, w, "gaussian")
-        return self._weights[(h, w)].to(device)
+        key = (h, w, str(device))
+        if key not in self._weights:
+            self._weights[key] = tile_weights(h, w, "gaussian").to(device)
+        return self._weights[key]
 
     def put(self, keys: Sequence[Hashable], step: int, canvas: Tuple[int, int], tiles: Sequence[Tile],
             feats: torch.Tensor) -> None:
@@ -63,9 +66,11 @@ class FeatureCanvas:
             entry = self._sums.get(key)
             if entry is None:
                 return None
+            if entry[1].dtype != torch.bool:  # fused once: the weighted mean and where the step covered
+                covered = entry[1] > 0
+                entry[0], entry[1] = (entry[0] / entry[1].clamp(min=1e-30)).to(dtype), covered
             where = tile.index(*canvas)
-            w = entry[1][where]
-            if not bool((w > 0).all()):
+            if not bool(entry[1][where].all()):
                 return None
-            out.append((entry[0][(slice(None),) + where] / w).to(dtype))
-        return torch.stack(out)
+            out.append(entry[0][(slice(None),) + where])
+        return torch.stack(out).to(dtype)
