@@ -11,7 +11,10 @@ tile-step costs; writes dit.json. `--strategies direct progressive` times both s
 (seconds per whole image, decode and write included, and the tile-steps each took). `--peer hires` (SDXL) adds
 what a user would script with diffusers alone for a coherent 4K picture, on the very same modules:
 `StableDiffusionXLPipeline` at 1344x768, a Lanczos upscale, `StableDiffusionXLImg2ImgPipeline` on the whole frame at
-the job's strength, VAE tiling on, the PNG written (after a warm-up of the same shapes).
+the job's strength, VAE tiling on, the PNG written (after a warm-up of the same shapes). `--bulk N` also renders N
+images of each strategy as a bulk worker does (two calls at once, as the Ray actor runs them: one image's PNG
+written while the next denoises): seconds per image in steady bulk. `--overlap-probe` times one denoise and one
+decode apart and then at once (the decode on a second CUDA stream), for what overlapping them would save.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import json
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,6 +56,67 @@ def time_round_trips(r: Renderer) -> list:
 
     r._reference = timed
     return total
+
+
+def bulk(r: Renderer, reqs, tiling) -> dict:
+    """`reqs` rendered as a bulk worker renders them: two `render_group` calls at once (the Ray actor's
+    max_concurrency=2; the device lock serialises denoise and decode, the PNG is written outside it). Seconds
+    per image over the whole run, and in steady state (between the first and the last image finished)."""
+    done = []
+
+    def one(req):
+        row = r.render_group([req], tiling)[0]
+        done.append(time.perf_counter())
+        return row
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        rows = list(pool.map(one, reqs))
+    wall = time.perf_counter() - t0
+    bad = [row["error"] for row in rows if row["status"] != "ok"]
+    assert not bad, bad
+    done.sort()
+    return {"bulk_images": len(reqs), "seconds_per_image_bulk": wall / len(reqs),
+            "seconds_per_image_steady": (done[-1] - done[0]) / (len(reqs) - 1) if len(reqs) > 1 else None,
+            "seconds_denoise_bulk": sum(row["seconds_denoise"] for row in rows) / len(rows),
+            "seconds_decode_and_write_bulk": sum(row["seconds_decode"] for row in rows) / len(rows)}
+
+
+def overlap_probe(r: Renderer, req, tiling) -> dict:
+    """One image's denoise, and the decode of a finished canvas, timed apart and then at once (the decode in a
+    second thread on its own CUDA stream, the VAE tile fixed to the one chosen alone): what a decode overlapped
+    with the next image's denoise would save on this GPU."""
+    batch = r.batch_size(tiling)
+    z = r._denoise([req], tiling, batch, None)[0]
+    sync()
+    _, _, tile = r._decode(req, tiling, z)
+    fixed = dataclasses.replace(tiling, vae_tile=tile)
+    side = torch.cuda.Stream()
+
+    def denoise():
+        t0 = time.perf_counter()
+        r._denoise([req], tiling, batch, None)
+        sync()
+        return time.perf_counter() - t0
+
+    def decode():
+        t0 = time.perf_counter()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            r._decode(req, fixed, z)
+        side.synchronize()
+        return time.perf_counter() - t0
+
+    alone = (denoise(), decode())
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:
+        late = pool.submit(decode)
+        first = denoise()
+        second = late.result()
+    both = time.perf_counter() - t0
+    return {"probe": "overlap", "vae_tile": tile, "seconds_denoise_alone": alone[0], "seconds_decode_alone": alone[1],
+            "seconds_both_at_once": both, "seconds_denoise_beside": first, "seconds_decode_beside": second,
+            "seconds_saved": sum(alone) - both}
 
 
 def hires_peer(m, size, steps: int, guidance: float, strength: float, out: Path, base_size=(1344, 768)) -> dict:
@@ -108,6 +173,8 @@ def main() -> None:
                          "progressive:anchor=1,dilation=0, progressive:upscale=latent; each renders the same image, after a warm-up of the first")
     ap.add_argument("--peer", choices=["hires"], help="sdxl: diffusers' hires fix on the same modules, after the strategies")
     ap.add_argument("--method", default="gaussian", choices=["uniform", "gaussian", "shifted"])
+    ap.add_argument("--bulk", type=int, default=0, help="also N images of each strategy as a bulk worker renders them")
+    ap.add_argument("--overlap-probe", action="store_true", help="time a denoise and a decode apart and at once")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,6 +229,14 @@ def main() -> None:
                             "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                             "seam_score": row["seam_score"], "seam_score_vae": row["seam_score_vae"]})
             print(json.dumps(results[-1]), flush=True)
+            if args.bulk:
+                job = dataclasses.replace(job, seeds=list(range(1, args.bulk + 1)))
+                reqs = plan(dataclasses.replace(cfg, model=model, job=job))
+                results[-1].update(bulk(r, reqs, cfg.tiling))
+                print(json.dumps(results[-1]), flush=True)
+            if args.overlap_probe and k == 0:
+                results.append(dict(overlap_probe(r, req, cfg.tiling), model=name, strategy=strategy))
+                print(json.dumps(results[-1]), flush=True)
         if args.peer == "hires" and name == "sdxl":
             results.append(hires_peer(m, args.size, steps, guidance, cfg.job.strength, out))
             print(json.dumps(results[-1]), flush=True)
