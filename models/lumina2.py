@@ -130,5 +130,5 @@ class Lumina2Model(FlowModel):
         return self.transformer(x, s, **cond.inputs(slice(1, None), n), return_dict=False)[0].float()
 
 
-FAMILY = Family(name="lumina2", pipeline="Lumina2Pipeline", adapter=Lumina2Model, random_pipeline=random_pipeline,
+FAMILY = Family(name="lumina2", adapter=Lumina2Model, random_pipeline=random_pipeline,
                 single_file_transformer="Lumina2Transformer2DModel")

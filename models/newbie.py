@@ -258,6 +258,5 @@ class NewbieModel(Lumina2Model):
         return NewbieCond(super()._encode_pair(prompt, negative), pooled)
 
 
-FAMILY = Family(name="newbie", pipeline="NewbiePipeline", adapter=NewbieModel, random_pipeline=random_pipeline,
-                pipeline_class=NewbiePipeline)
+FAMILY = Family(name="newbie", adapter=NewbieModel, random_pipeline=random_pipeline, pipeline_class=NewbiePipeline)
 

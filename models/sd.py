@@ -102,5 +102,5 @@ class SDModel(Adapter):
         return eps
 
 
-FAMILY = Family(name="sd", pipeline="StableDiffusionPipeline", adapter=SDModel, random_pipeline=random_pipeline,
+FAMILY = Family(name="sd", adapter=SDModel, random_pipeline=random_pipeline,
                 pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False})

@@ -150,5 +150,5 @@ class SDXLModel(SDModel):
         return eps
 
 
-FAMILY = Family(name="sdxl", pipeline="StableDiffusionXLPipeline", adapter=SDXLModel, random_pipeline=random_pipeline,
+FAMILY = Family(name="sdxl", adapter=SDXLModel, random_pipeline=random_pipeline,
                 pipeline_kwargs={"add_watermarker": False})

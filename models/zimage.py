@@ -113,5 +113,5 @@ class ZImageModel(FlowModel):
         return v.squeeze(2)
 
 
-FAMILY = Family(name="z_image", pipeline="ZImagePipeline", adapter=ZImageModel, random_pipeline=random_pipeline,
+FAMILY = Family(name="z_image", adapter=ZImageModel, random_pipeline=random_pipeline,
                 single_file_transformer="ZImageTransformer2DModel")
