@@ -81,7 +81,6 @@ class Adapter:
     hooks) and chosen the VAE's dtype; inputs go to `device`, the execution device."""
 
     denoiser = "unet"
-    native = 512  # the family's native side in pixels, where the model's config does not say (`native_size`)
 
     def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
                  weights: str = "pretrained"):
@@ -113,9 +112,19 @@ class Adapter:
         return shallow(self.unet, x, t, enc, added, deepcache.per_call(deep.features, halves))
 
     @property
+    def family(self) -> str:
+        """The family's name (`jobs.families.MODELS` of the model name)."""
+        return family_of(self.name).name
+
+    @property
+    def native(self) -> int:
+        """The family's native side in pixels, where the model's config does not say (`native_size`)."""
+        return family_of(self.name).native
+
+    @property
     def native_size(self) -> int:
         """The side in pixels of the pictures the model was trained on: a UNet's `sample_size` times the VAE
-        factor (512 for SD 1.5, 1024 for SDXL), else the family's `native`."""
+        factor (512 for SD 1.5, 1024 for SDXL), else the family's `native` (`jobs.families.FamilySpec`)."""
         side = getattr(getattr(self, self.denoiser).config, "sample_size", None)
         if isinstance(side, (list, tuple)):
             side = int((side[0] * side[-1]) ** 0.5)

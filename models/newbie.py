@@ -228,7 +228,6 @@ def random_pipeline(device: torch.device, dtype: torch.dtype) -> NewbiePipeline:
 class NewbieModel(Lumina2Model):
     """One loaded :class:`NewbiePipeline` behind Tessera's model interface."""
 
-    family = "newbie"
     max_sequence_length = MAX_SEQUENCE_LENGTH
     cfg_normalization = False  # demo.py: renorm_cfg 0
     cfg_trunc = 0.25  # demo.py: guidance while 1 - t/1000 < 0.25

@@ -74,9 +74,6 @@ def random_pipeline(device: torch.device, dtype: torch.dtype):
 class SDXLModel(SDModel):
     """One loaded SDXL (base) pipeline behind Tessera's model interface."""
 
-    family = "sdxl"
-    native = 1024
-
     def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
                  weights: str = "pretrained"):
         # Both encoders, or only the second (as diffusers allows); the pooled embedding is the second's.

@@ -72,7 +72,6 @@ def random_pipeline(device: torch.device, dtype: torch.dtype):
 class ZImageModel(FlowModel):
     """One loaded `ZImagePipeline` behind Tessera's model interface."""
 
-    family = "z_image"
     patch_size = 2  # ZImagePipeline's (the transformer's forward default)
 
     def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
