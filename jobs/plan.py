@@ -10,8 +10,9 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 
 from . import sources, xml_prompts
 from .images import EXTENSIONS, sha256_file
-from .spec import (DEMO_WEIGHTS, FAMILY_STAGE_GUIDES, MODEL_FAMILIES, ModelConfig, RegionConfig, TesseraConfig,
-                   check_init_image, effective_prompt, init_images, partition_date, scheduler_of, validate)
+from .families import family_of
+from .spec import (DEMO_WEIGHTS, ModelConfig, RegionConfig, TesseraConfig, check_init_image, effective_prompt,
+                   init_images, partition_date, scheduler_of, validate)
 
 
 class RegionPrompt(NamedTuple):
@@ -39,7 +40,7 @@ def regions_of(job) -> Tuple[RegionPrompt, ...]:
 def xml_split(cfg: TesseraConfig, prompt: str) -> Optional[xml_prompts.XmlSplit]:
     """The effective prompt `prompt` split by its characters' positions if it is an XML prompt (jobs.xml_prompts:
     XML for model=newbie, tags for the other families), else None."""
-    return xml_prompts.expand(prompt, MODEL_FAMILIES[cfg.model.name])
+    return xml_prompts.expand(prompt, family_of(cfg.model.name).name)
 
 
 def prompts_of_row(cfg: TesseraConfig, job, prompt: str) -> Tuple[str, Tuple[RegionPrompt, ...]]:
@@ -181,8 +182,9 @@ def runs_stage_model(m: ModelConfig, job, init) -> bool:
 
 
 def stage_guides(cfg: TesseraConfig) -> Tuple[float, float]:
-    """(job.anchor, job.dilation), each null one the model family's (spec.FAMILY_STAGE_GUIDES)."""
-    anchor, dilation = FAMILY_STAGE_GUIDES[MODEL_FAMILIES[cfg.model.name]]
+    """(job.anchor, job.dilation), each null one the model family's (FamilySpec.anchor, .dilation)."""
+    fam = family_of(cfg.model.name)
+    anchor, dilation = fam.anchor, fam.dilation
     j = cfg.job
     return (anchor if j.anchor is None else float(j.anchor)), (dilation if j.dilation is None else float(j.dilation))
 

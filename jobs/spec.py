@@ -4,10 +4,9 @@ Hydra merges the YAML groups in ``conf/`` onto these dataclasses, so a wrong typ
 fails at composition.  Ranges and cross-field rules are checked by :func:`validate`, which raises one
 :class:`ConfigError` naming the field and the value.
 
-Model families live here as plain tables (no torch): which ``model.name`` belongs to which family, which
-``job.scheduler`` values fit a family, which diffusers pipeline class a family's folder must hold, and
-which families would need ``model.trust_remote_code``.  ``models/`` maps each family to its adapter; a
-new family (a flow-matching DiT, say) adds one row to each table here and one module there.
+Model families are validated against their :class:`jobs.families.FamilySpec` (no torch): which ``model.name``
+belongs to which family, which ``job.scheduler`` values fit it, which diffusers pipeline class its folder must
+hold, whether single files load, its patch size, and whether it needs ``model.trust_remote_code``.
 
 Prompts: ``job.prompt_template`` (e.g. ``"archer style {prompt}"``) wraps every prompt; the *effective*
 prompt (:func:`effective_prompt`) is what the model encodes, what enters the image id, and what the
@@ -21,59 +20,24 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
 
+from .families import DEMO_MODELS, FLOW_SCHEDULERS, MODELS, NOISE_SCHEDULERS, family_of
+
 MAX_SIDE = 16384  # pixels; 16K is already 256 Mpx
 MAX_STEPS = 1000
 MAX_GUIDANCE = 50.0
 
-# model.name -> family; models/ holds one adapter per family (models.FAMILIES).  `demo` is the trained landscape model
-# shipped in the package (models/scenes-sd); `demo_random` a tiny random-weight SD 1.x pipeline built in code (tests).
-MODEL_FAMILIES = {"demo": "sd", "demo_random": "sd", "sd15": "sd", "sdxl": "sdxl", "z_image": "z_image",
-                  "lumina2": "lumina2", "newbie": "newbie"}
-MODEL_NAMES = tuple(MODEL_FAMILIES)
-DEMO_MODELS = ("demo", "demo_random")  # weights that come with Tessera (no model.config; demo: no model.path either)
+MODEL_NAMES = tuple(MODELS)
 # Which weights the shipped demo holds, for image ids (its folder's place on disk depends on the install, its pixels
 # do not): the test bed of ../shared/testbed as copied into the project on 2026-12-01; a new name with new weights.
 DEMO_WEIGHTS = "scenes-sd-2026-12-01"
-# The pipeline class a family's diffusers folder holds (model_index.json's _class_name); NewbiePipeline is not in
-# diffusers, models/newbie.py holds it.
-FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                    "z_image": "ZImagePipeline", "lumina2": "Lumina2Pipeline", "newbie": "NewbiePipeline"}
-# Older names of the same class that folders in the wild still carry (diffusers renamed the class).
-PIPELINE_ALIASES = {"lumina2": ("Lumina2Text2ImgPipeline",)}
-# Families whose single files hold the transformer alone, in its original layout (e.g. ComfyUI's
-# `model.diffusion_model.` files): models/ reads it with the family's `single_file_transformer`, and model.config is a
-# diffusers folder that supplies the rest, text encoder, VAE and scheduler weights included.
-TRANSFORMER_FILE_FAMILIES = ("z_image", "lumina2")
-# Families that load from one original-layout .safetensors file (from_single_file): SD and SDXL files hold the whole
-# pipeline (model.config then supplies configs and tokenizers), the TRANSFORMER_FILE_FAMILIES' the transformer.
-SINGLE_FILE_FAMILIES = ("sd", "sdxl") + TRANSFORMER_FILE_FAMILIES
-# Why the other families need a diffusers folder (the refusal says it).
-FOLDER_ONLY_WHY = {"newbie": "its transformer is Tessera's own NewbieTransformer2DModel, whose original layout "
-                             "diffusers' single-file converters do not know"}
-# Transformer families: latent pixels per patch side.  A tile (and a canvas side smaller than a tile, which is
-# then the tile) must be whole patches.
-FAMILY_PATCH = {"z_image": 2, "lumina2": 2, "newbie": 2}
 DEEP_CACHE_MAX = 10  # model.deep_cache: at most the whole UNet every 10th step
 VAE_FACTOR = 8  # image pixels per latent pixel, for every family here
-# Families whose weights come with their own Python code (NewBie: its Jina CLIP v2 text encoder): their folders load
-# only with model.trust_remote_code (random weights are built in code and need none).
-REMOTE_CODE_FAMILIES: tuple = ("newbie",)
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 WEIGHTS = ("pretrained", "random")
 ATTENTIONS = ("sdpa", "xformers")
 OFFLOADS = ("none", "model", "sequential")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")  # torch pickles: they can run code when loaded
-NOISE_SCHEDULERS = ("euler", "euler_a", "ddim", "dpmpp_2m_karras", "unipc")  # epsilon/v-prediction UNets
-FLOW_SCHEDULERS = ("flow_euler",)  # flow-matching families (DiTs): FlowMatchEulerDiscreteScheduler
 SCHEDULERS = NOISE_SCHEDULERS + FLOW_SCHEDULERS
-FAMILY_SCHEDULERS = {"sd": NOISE_SCHEDULERS, "sdxl": NOISE_SCHEDULERS, "z_image": FLOW_SCHEDULERS,
-                     "lumina2": FLOW_SCHEDULERS, "newbie": FLOW_SCHEDULERS}
-# How a family's enlarged stages hold their composition when job.anchor / job.dilation are null: (anchor, dilated
-# sampling's power), measured on the test beds (BENCHMARKS.md "The low-frequency anchor"). The UNets keep their
-# base's sun at 1920x1080 and 3840x2160 with the anchor, dilated sampling adding nothing; the Z-Image-layout test
-# bed keeps it and sharpens the rim with dilated sampling alone (the anchor left it blurred, 20 px against 4).
-FAMILY_STAGE_GUIDES = {"sd": (1.0, 0.0), "sdxl": (1.0, 0.0), "z_image": (0.0, 0.5), "lumina2": (0.0, 0.5),
-                       "newbie": (0.0, 0.5)}
 TILING_METHODS = ("uniform", "gaussian", "shifted")
 WRAPS = ("none", "x", "y", "both")
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
@@ -99,7 +63,7 @@ class ConfigError(TesseraError, ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "demo"  # demo | demo_random | sd15 | sdxl | z_image | lumina2 | newbie: the family (MODEL_FAMILIES)
+    name: str = "demo"  # demo | demo_random | sd15 | sdxl | z_image | lumina2 | newbie: the family (families.MODELS)
     path: Optional[str] = None  # a local diffusers folder or one .safetensors file; demo: none (shipped);
     #                             demo_random: its cache folder (None: $TESSERA_CACHE/demo-v1)
     config: Optional[str] = None  # for a single-file path: a local diffusers folder with the pipeline's configs
@@ -109,7 +73,7 @@ class ModelConfig:
     attention: str = "sdpa"  # sdpa (torch) | xformers (must be installed)
     offload: str = "none"  # none | model | sequential: diffusers' CPU offload (GPU workers only)
     allow_pickle: bool = False  # load .ckpt/.bin/.pt/.pth weights (torch pickles)
-    trust_remote_code: bool = False  # for families whose weights ship Python code (REMOTE_CODE_FAMILIES: newbie)
+    trust_remote_code: bool = False  # for families whose weights ship Python code (FamilySpec.remote_code: newbie)
     compile: bool = False  # torch.compile the denoiser for the fixed tile shape (GPU; compile time paid once)
     stage_path: Optional[str] = None  # a hires checkpoint: a diffusers folder of the same family whose weights run
     #                                   the enlarged stages (and an init image's); the base stays model.path's
@@ -151,13 +115,13 @@ class JobConfig:
     upscale: str = "pixel"  # between stages: pixel (decode, bicubic, encode) or latent (bicubic on the latents)
     skip_residual: float = 0.0  # DemoFusion's skip residual, the power of its cosine weight (3 in the paper); 0: off
     dilation: Optional[float] = None  # DemoFusion's dilated sampling, the power of its cosine weight (1 in the paper);
-    #                                  0: off; null: the family's (FAMILY_STAGE_GUIDES)
+    #                                  0: off; null: the family's (FamilySpec.dilation)
     strength_decay: float = 1.0  # the k-th enlarged stage runs strength * strength_decay ** (k - 1) of its schedule
     guide_clock: str = "stage"  # the skip residual's and dilation's cosine weights run over the whole schedule
     #                                (DemoFusion's, whose stages start from noise) or over each stage's own steps
     anchor: Optional[float] = None  # each enlarged stage's predicted clean canvas keeps its reference's low
     #                      frequencies by this weight (1: exactly, 0: off; tiling.progressive.low_pass_anchor); null:
-    #                      the family's (FAMILY_STAGE_GUIDES)
+    #                      the family's (FamilySpec.anchor)
     anchor_sigma: float = 1.0  # that low-pass Gaussian's sigma, in the previous stage's latent pixels
     init_image: Optional[str] = None  # img2img / upscaling: a picture, a folder of them, or a Parquet file whose
     #                                   `init_image` (or `path`) column lists them; the stages start from it
@@ -283,9 +247,9 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
         _check(j.upscale == "pixel", "job.upscale", j.upscale, "must be pixel with model.stage_path: the stages' "
                "model has its own VAE, so its latents are not the base's (each stage encodes the picture anew)")
     _one_of("job.scheduler", j.scheduler, ("auto",) + SCHEDULERS)
-    fits = FAMILY_SCHEDULERS[MODEL_FAMILIES[m.name]]
-    _check(j.scheduler == "auto" or j.scheduler in fits, "job.scheduler", j.scheduler,
-           f"does not fit model={m.name} ({MODEL_FAMILIES[m.name]} family); use one of {', '.join(fits)}")
+    fam = family_of(m.name)
+    _check(j.scheduler == "auto" or j.scheduler in fam.schedulers, "job.scheduler", j.scheduler,
+           f"does not fit model={m.name} ({fam.name} family); use one of {', '.join(fam.schedulers)}")
     if j.prompt_template is not None:
         _check(isinstance(j.prompt_template, str) and "{prompt}" in j.prompt_template, "job.prompt_template",
                j.prompt_template, "must contain {prompt}, where each prompt goes")
@@ -387,9 +351,10 @@ def validate_model(m: ModelConfig) -> None:
     _one_of("model.weights", m.weights, WEIGHTS)
     _one_of("model.attention", m.attention, ATTENTIONS)
     _one_of("model.offload", m.offload, OFFLOADS)
-    family = MODEL_FAMILIES[m.name]
+    fam = family_of(m.name)
+    family = fam.name
     _int_in("model.deep_cache", m.deep_cache, 0, DEEP_CACHE_MAX)
-    _check(m.deep_cache <= 1 or family not in FAMILY_PATCH, "model.deep_cache", m.deep_cache,
+    _check(m.deep_cache <= 1 or not fam.patch, "model.deep_cache", m.deep_cache,
            f"caches a UNet's deep features; model={m.name} ({family} family) is a transformer")
     if m.stage_path is not None:
         _check(m.weights == "pretrained", "model.stage_path", m.stage_path, "not used with model.weights=random")
@@ -408,7 +373,7 @@ def validate_model(m: ModelConfig) -> None:
             _check(not value, name, value, "not used with model.weights=random (the architecture is built in code); "
                    "unset it")
         return
-    if family in REMOTE_CODE_FAMILIES:  # random weights (above) are built in code: nothing shipped runs
+    if fam.remote_code:  # random weights (above) are built in code: nothing shipped runs
         _check(m.trust_remote_code, "model.trust_remote_code", m.trust_remote_code,
                f"model={m.name} runs code shipped with its weights; set it to true only for weights you trust")
     if m.name == "demo":
@@ -428,9 +393,9 @@ def validate_model(m: ModelConfig) -> None:
         if not m.allow_pickle:
             _check_no_pickles("model.path", m.path)
         return
-    if family not in SINGLE_FILE_FAMILIES:
+    if fam.single_file is None:
         raise ConfigError("model.path", m.path, f"model={m.name} loads only from a diffusers folder (model_index.json "
-                          f"and its component folders), not a single file: {FOLDER_ONLY_WHY[family]}")
+                          f"and its component folders), not a single file: {fam.folder_only}")
     suffix = os.path.splitext(path)[1].lower()
     if suffix in PICKLE_SUFFIXES:
         _check(m.allow_pickle, "model.path", m.path,
@@ -439,7 +404,7 @@ def validate_model(m: ModelConfig) -> None:
     else:
         _check(suffix == ".safetensors", "model.path", m.path,
                "must be a diffusers folder (with model_index.json) or a .safetensors file")
-    transformer_only = family in TRANSFORMER_FILE_FAMILIES
+    transformer_only = fam.single_file == "transformer"
     _check(bool(m.config), "model.config", m.config,
            f"a single file of model={m.name} holds the transformer only: set model.config to a local diffusers "
            "folder of the same model, for the transformer's config and the text encoder, tokenizer, VAE and "
@@ -465,15 +430,15 @@ def _check_pipeline_folder(name: str, value: str, family: str) -> None:
             cls = json.load(f).get("_class_name")
     except (OSError, ValueError, AttributeError) as e:
         raise ConfigError(name, value, f"unreadable model_index.json ({e})") from e
-    want = FAMILY_PIPELINES[family]
-    _check(cls in (None, want, *PIPELINE_ALIASES.get(family, ())), name, value,
-           f"holds a {cls}, not a {want} (the {family} family)")
+    fam = family_of(family)
+    _check(cls in (None, fam.pipeline, *fam.pipeline_aliases), name, value,
+           f"holds a {cls}, not a {fam.pipeline} (the {family} family)")
 
 
 def _check_patches(cfg: TesseraConfig) -> None:
     """A transformer family sees each tile as whole patches: tiling.tile, and a canvas side smaller than a tile
     (which is then the tile's side), must be multiples of the patch."""
-    p = FAMILY_PATCH.get(MODEL_FAMILIES[cfg.model.name])
+    p = family_of(cfg.model.name).patch
     if not p:
         return
     t = cfg.tiling.tile
@@ -511,7 +476,7 @@ def _pickle_only_components(path: str) -> List[str]:
 def scheduler_of(cfg: TesseraConfig) -> str:
     """`job.scheduler`, with `auto` resolved to the model family's first (what ids and the manifest record)."""
     j = cfg.job
-    return FAMILY_SCHEDULERS[MODEL_FAMILIES[cfg.model.name]][0] if j.scheduler == "auto" else j.scheduler
+    return family_of(cfg.model.name).schedulers[0] if j.scheduler == "auto" else j.scheduler
 
 
 def effective_prompt(job: JobConfig, prompt: str) -> str:

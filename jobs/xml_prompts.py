@@ -27,6 +27,7 @@ import xml.etree.ElementTree as ET
 from typing import Dict, List, NamedTuple, Optional, Tuple
 from xml.sax.saxutils import escape
 
+from .families import FAMILIES
 from .spec import ConfigError
 
 MAX_CHARACTERS = 4
@@ -302,12 +303,13 @@ def split(sections: Tuple[Section, ...]):
 
 
 def expand(text: str, family: str, field: str = "prompt") -> Optional[XmlSplit]:
-    """What an XML prompt renders as for `family` (None for a plain prompt): for NewBie the prompt as written
-    when no character is placed, else the split as XML; for the other families the same, flattened to tags."""
+    """What an XML prompt renders as for `family` (None for a plain prompt): for a family that reads XML (its
+    FamilySpec.xml_prompts: NewBie) the prompt as written when no character is placed, else the split as XML; for
+    the other families the same, flattened to tags."""
     if not is_xml(text):
         return None
     sections = parse(text, field)
-    write, fmt = (to_xml, "xml") if family == "newbie" else (flatten, "tags")
+    write, fmt = (to_xml, "xml") if FAMILIES[family].xml_prompts == "xml" else (flatten, "tags")
     parts = split(sections)
     if parts is None:
         return XmlSplit(fmt, text if fmt == "xml" else flatten(sections), ())

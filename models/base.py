@@ -7,30 +7,41 @@ from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
+from jobs.families import FamilySpec, family_of
+
 from . import deepcache
 
 
 @dataclass(frozen=True)
 class Family:
-    """One model family: how its weights load and which adapter serves them.
+    """How torch loads a model family and which adapter serves it; the rest of what the family is, its
+    :class:`jobs.families.FamilySpec`, is `spec` (by `name`).
 
     `adapter(pipe, name, device, dtype, offload=..., weights=...)` wraps a loaded diffusers pipeline;
     `random_pipeline(device, dtype)` builds the family's full-size architecture with random weights
     (benchmarks only; configs written out in code, nothing downloaded); `pipeline_kwargs` go to
-    `from_pretrained` / `from_single_file`.  The pipeline class is diffusers' `pipeline` (the name in
-    `jobs.spec.FAMILY_PIPELINES`), or `pipeline_class` for a family whose pipeline diffusers does not ship.
-    `single_file_transformer` names the diffusers transformer class whose `from_single_file` reads the family's
-    single files, which hold the transformer alone (`jobs.spec.TRANSFORMER_FILE_FAMILIES`); None where a single
-    file is a whole pipeline (SD, SDXL) or is not taken.
+    `from_pretrained` / `from_single_file`.  The pipeline class is diffusers' `pipeline` (the spec's name), or
+    `pipeline_class` for a family whose pipeline diffusers does not ship.  `single_file_transformer` names the
+    diffusers transformer class whose `from_single_file` reads the family's single files where they hold the
+    transformer alone (the spec's `single_file` is "transformer"); None where a single file is a whole pipeline
+    (SD, SDXL) or is not taken.
     """
 
     name: str
-    pipeline: str
     adapter: Callable[..., Any]
     random_pipeline: Callable[[torch.device, torch.dtype], Any]
     pipeline_kwargs: Dict[str, Any] = field(default_factory=dict)
     pipeline_class: Optional[type] = None
     single_file_transformer: Optional[str] = None
+
+    @property
+    def spec(self) -> FamilySpec:
+        return family_of(self.name)
+
+    @property
+    def pipeline(self) -> str:
+        """The diffusers pipeline class's name (model_index.json's `_class_name`)."""
+        return self.spec.pipeline
 
 
 class PromptCache:
@@ -70,7 +81,6 @@ class Adapter:
     hooks) and chosen the VAE's dtype; inputs go to `device`, the execution device."""
 
     denoiser = "unet"
-    native = 512  # the family's native side in pixels, where the model's config does not say (`native_size`)
 
     def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
                  weights: str = "pretrained"):
@@ -102,9 +112,19 @@ class Adapter:
         return shallow(self.unet, x, t, enc, added, deepcache.per_call(deep.features, halves))
 
     @property
+    def family(self) -> str:
+        """The family's name (`jobs.families.MODELS` of the model name)."""
+        return family_of(self.name).name
+
+    @property
+    def native(self) -> int:
+        """The family's native side in pixels, where the model's config does not say (`native_size`)."""
+        return family_of(self.name).native
+
+    @property
     def native_size(self) -> int:
         """The side in pixels of the pictures the model was trained on: a UNet's `sample_size` times the VAE
-        factor (512 for SD 1.5, 1024 for SDXL), else the family's `native`."""
+        factor (512 for SD 1.5, 1024 for SDXL), else the family's `native` (`jobs.families.FamilySpec`)."""
         side = getattr(getattr(self, self.denoiser).config, "sample_size", None)
         if isinstance(side, (list, tuple)):
             side = int((side[0] * side[-1]) ** 0.5)

@@ -63,13 +63,11 @@ def byte_tokenizer(bos: bool, model_max_length: int = 512, chat_template: Option
 class FlowModel(Adapter):
     """One loaded flow-matching DiT pipeline behind Tessera's model interface (see `models`).
 
-    Subclasses set `family` and implement `_encode_pair(prompt, negative)` and `_guided(x, s, cond, guidance)`:
+    Subclasses implement `_encode_pair(prompt, negative)` and `_guided(x, s, cond, guidance)`:
     the guided velocity for tiles `x` at normalised time `s` (a [n] tensor, 0 = noise), as their pipeline
     computes it."""
 
-    family = "flow"
     denoiser = "transformer"
-    native = 1024  # Z-Image, Lumina 2 and NewBie are trained at about 1024 x 1024 (their configs do not say)
 
     def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
                  weights: str = "pretrained"):

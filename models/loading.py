@@ -3,7 +3,7 @@
 Every path is local (``local_files_only=True``); the options are checked before any weights are read:
 
 * a diffusers folder: ``from_pretrained``, safetensors only unless ``model.allow_pickle``; a family whose
-  weights ship Python code (``jobs.spec.REMOTE_CODE_FAMILIES``) only with ``model.trust_remote_code``;
+  weights ship Python code (``jobs.families.FamilySpec.remote_code``) only with ``model.trust_remote_code``;
 * one ``.safetensors`` (or, with ``model.allow_pickle``, ``.ckpt``) file in the original (LDM / A1111)
   layout: ``from_single_file(..., config=model.config)``, where ``model.config`` is a local diffusers
   folder of the same architecture that supplies the component configs, the scheduler and the tokenizers
@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from jobs.spec import REMOTE_CODE_FAMILIES, ConfigError, ModelConfig, validate_model
+from jobs.spec import ConfigError, ModelConfig, validate_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -88,7 +88,7 @@ def load_pipeline(family, m: ModelConfig, device: torch.device, dtype: torch.dty
     # allow_pickle: safetensors where a component has them, pickles where not (False would refuse safetensors)
     folder = dict(local_files_only=True, dtype=dtype, use_safetensors=None if m.allow_pickle else True,
                   **family.pipeline_kwargs)
-    if family.name in REMOTE_CODE_FAMILIES:
+    if family.spec.remote_code:
         folder["trust_remote_code"] = m.trust_remote_code
     if os.path.isdir(path):
         return cls.from_pretrained(path, **folder)
@@ -149,7 +149,7 @@ def compile_denoiser(adapter) -> None:
 
 def load_model(model_cfg: ModelConfig):
     """Load `model_cfg` from local files (or build random weights) onto this process's device: the adapter
-    of its family (models.FAMILIES)."""
+    of its family (`models.family`)."""
     from . import family as family_of
 
     validate_model(model_cfg)

@@ -81,7 +81,6 @@ def random_pipeline(device: torch.device, dtype: torch.dtype):
 class Lumina2Model(FlowModel):
     """One loaded `Lumina2Pipeline` behind Tessera's model interface."""
 
-    family = "lumina2"
     max_sequence_length = MAX_SEQUENCE_LENGTH
     cfg_normalization = True  # Lumina2Pipeline's default
     cfg_trunc = 1.0  # guidance while the normalised time 1 - t/1000 is below this; 1.0: every step, as the pipeline
@@ -130,5 +129,5 @@ class Lumina2Model(FlowModel):
         return self.transformer(x, s, **cond.inputs(slice(1, None), n), return_dict=False)[0].float()
 
 
-FAMILY = Family(name="lumina2", pipeline="Lumina2Pipeline", adapter=Lumina2Model, random_pipeline=random_pipeline,
+FAMILY = Family(name="lumina2", adapter=Lumina2Model, random_pipeline=random_pipeline,
                 single_file_transformer="Lumina2Transformer2DModel")

@@ -228,7 +228,6 @@ def random_pipeline(device: torch.device, dtype: torch.dtype) -> NewbiePipeline:
 class NewbieModel(Lumina2Model):
     """One loaded :class:`NewbiePipeline` behind Tessera's model interface."""
 
-    family = "newbie"
     max_sequence_length = MAX_SEQUENCE_LENGTH
     cfg_normalization = False  # demo.py: renorm_cfg 0
     cfg_trunc = 0.25  # demo.py: guidance while 1 - t/1000 < 0.25
@@ -258,6 +257,5 @@ class NewbieModel(Lumina2Model):
         return NewbieCond(super()._encode_pair(prompt, negative), pooled)
 
 
-FAMILY = Family(name="newbie", pipeline="NewbiePipeline", adapter=NewbieModel, random_pipeline=random_pipeline,
-                pipeline_class=NewbiePipeline)
+FAMILY = Family(name="newbie", adapter=NewbieModel, random_pipeline=random_pipeline, pipeline_class=NewbiePipeline)
 

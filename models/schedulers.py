@@ -1,6 +1,6 @@
 """The diffusers schedulers behind `job.scheduler`, built from a model's own scheduler config.
 
-Which of them fit which family is `jobs.spec.FAMILY_SCHEDULERS` (checked before anything runs): the
+Which of them fit which family is `jobs.families.FamilySpec.schedulers` (checked before anything runs): the
 noise-prediction UNets (SD 1.x, SDXL) take the first five; `flow_euler` is for flow-matching families.
 """
 from __future__ import annotations

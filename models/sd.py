@@ -68,8 +68,6 @@ def random_pipeline(device: torch.device, dtype: torch.dtype):
 class SDModel(Adapter):
     """One loaded SD 1.x pipeline behind Tessera's model interface (`models.base.Adapter`)."""
 
-    family = "sd"
-
     @torch.no_grad()
     def _embed(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -102,5 +100,5 @@ class SDModel(Adapter):
         return eps
 
 
-FAMILY = Family(name="sd", pipeline="StableDiffusionPipeline", adapter=SDModel, random_pipeline=random_pipeline,
+FAMILY = Family(name="sd", adapter=SDModel, random_pipeline=random_pipeline,
                 pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False})

@@ -74,9 +74,6 @@ def random_pipeline(device: torch.device, dtype: torch.dtype):
 class SDXLModel(SDModel):
     """One loaded SDXL (base) pipeline behind Tessera's model interface."""
 
-    family = "sdxl"
-    native = 1024
-
     def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
                  weights: str = "pretrained"):
         # Both encoders, or only the second (as diffusers allows); the pooled embedding is the second's.
@@ -150,5 +147,5 @@ class SDXLModel(SDModel):
         return eps
 
 
-FAMILY = Family(name="sdxl", pipeline="StableDiffusionXLPipeline", adapter=SDXLModel, random_pipeline=random_pipeline,
+FAMILY = Family(name="sdxl", adapter=SDXLModel, random_pipeline=random_pipeline,
                 pipeline_kwargs={"add_watermarker": False})

@@ -72,7 +72,6 @@ def random_pipeline(device: torch.device, dtype: torch.dtype):
 class ZImageModel(FlowModel):
     """One loaded `ZImagePipeline` behind Tessera's model interface."""
 
-    family = "z_image"
     patch_size = 2  # ZImagePipeline's (the transformer's forward default)
 
     def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
@@ -113,5 +112,5 @@ class ZImageModel(FlowModel):
         return v.squeeze(2)
 
 
-FAMILY = Family(name="z_image", pipeline="ZImagePipeline", adapter=ZImageModel, random_pipeline=random_pipeline,
+FAMILY = Family(name="z_image", adapter=ZImageModel, random_pipeline=random_pipeline,
                 single_file_transformer="ZImageTransformer2DModel")

@@ -15,7 +15,7 @@ import torch
 from cluster.renderer import Renderer, denoise_request, start_canvas
 from conftest import SMALL, assert_renders_small, compose
 from jobs import ConfigError, plan, validate
-from jobs import spec
+from jobs import families
 from models import family, load_model
 from models.flow import CHAT_TEMPLATE, byte_tokenizer
 from tiling import decode_tiled_shared
@@ -96,7 +96,7 @@ def cfg_of(name, dit_dirs, *overrides):
 def pipeline_of(name, path):
     import diffusers
 
-    pipe = getattr(diffusers, spec.FAMILY_PIPELINES[name]).from_pretrained(path, local_files_only=True)
+    pipe = getattr(diffusers, families.FAMILIES[name].pipeline).from_pretrained(path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -112,22 +112,10 @@ def render_latents(renderer: Renderer, req, tiling) -> torch.Tensor:
 def test_dit_families_are_registered_and_their_configs_compose():
     for name, cls in (("z_image", "ZImageModel"), ("lumina2", "Lumina2Model")):
         f = family(name)
-        assert f.name == spec.MODEL_FAMILIES[name] and f.adapter.__name__ == cls
-        assert spec.FAMILY_SCHEDULERS[f.name] == ("flow_euler",) and spec.FAMILY_PATCH[f.name] == 2
+        assert f.name == families.MODELS[name] and f.adapter.__name__ == cls
+        assert families.FAMILIES[f.name].schedulers == ("flow_euler",) and families.FAMILIES[f.name].patch == 2
         cfg = compose(f"model={name}")
         assert cfg.model.name == name and cfg.model.weights == "pretrained"
-
-
-def test_the_single_file_tables_agree():
-    """jobs.spec (no torch) and models/ name the same transformer-file families, and diffusers reads each class."""
-    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
-
-    fams = set(spec.MODEL_FAMILIES.values())
-    assert fams == set(spec.SINGLE_FILE_FAMILIES) | set(spec.FOLDER_ONLY_WHY) and "newbie" in spec.FOLDER_ONLY_WHY
-    for f in fams:
-        cls = family(f).single_file_transformer
-        assert bool(cls) == (f in spec.TRANSFORMER_FILE_FAMILIES), f
-        assert cls is None or cls in SINGLE_FILE_LOADABLE_CLASSES
 
 
 def _count(module) -> int:

@@ -5,6 +5,8 @@ written offline as models.demo does), saved with save_pretrained and loaded back
 key check: for a canvas that fits in one tile, Tessera's tiled loop gives the latents of the plain
 diffusers pipeline for the same noise and settings, for SDXL and for SD 1.x (the demo model).
 """
+import dataclasses
+import importlib
 import shutil
 
 import pytest
@@ -14,7 +16,7 @@ from PIL import Image
 from cluster.renderer import Renderer, denoise_request
 from conftest import SMALL, assert_renders_small, compose
 from jobs import ConfigError, plan, validate
-from jobs import spec
+from jobs import families, spec
 from models import family, load_model, resolve_path
 from models.demo import _build_tokenizer, _write_vocab_files, load_demo_pipeline
 from tiling.grid import Tile
@@ -88,11 +90,32 @@ def test_every_model_name_has_a_family_with_an_adapter_and_schedulers():
     from models.schedulers import SCHEDULERS
 
     assert tuple(SCHEDULERS) == spec.SCHEDULERS
-    for name, fam in spec.MODEL_FAMILIES.items():
+    for name, fam in families.MODELS.items():
         f = family(name)
-        assert f.name == fam and f.pipeline == spec.FAMILY_PIPELINES[fam]
-        assert set(spec.FAMILY_SCHEDULERS[fam]) <= set(SCHEDULERS)
+        assert f.name == fam and f.pipeline == families.FAMILIES[fam].pipeline
+        assert set(families.FAMILIES[fam].schedulers) <= set(SCHEDULERS)
     assert family("sdxl").adapter.__name__ == "SDXLModel" and family("sd15").adapter.__name__ == "SDModel"
+
+
+def test_each_family_spec_names_the_module_that_loads_it():
+    """jobs.families (no torch) and models/ agree: each spec's module holds the FAMILY of its name, whose adapter
+    runs a transformer exactly where the spec has a patch size (of the adapter's patches, where it fixes them),
+    and names the transformer class that reads single files exactly where the spec says a single file holds the
+    transformer alone (a class diffusers' single-file loader knows)."""
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    from models.base import Adapter
+
+    assert set(families.MODELS.values()) == set(families.FAMILIES)
+    for name, fam in families.FAMILIES.items():
+        f = importlib.import_module(fam.module).FAMILY
+        assert f is family(name) and f.name == name and f.spec is fam
+        assert issubclass(f.adapter, Adapter) and f.adapter.denoiser == ("transformer" if fam.patch else "unet")
+        assert getattr(f.adapter, "patch_size", fam.patch) == fam.patch, name
+        assert fam.single_file in ("pipeline", "transformer", None)
+        assert (fam.single_file is None) == bool(fam.folder_only), name
+        assert bool(f.single_file_transformer) == (fam.single_file == "transformer"), name
+        assert f.single_file_transformer is None or f.single_file_transformer in SINGLE_FILE_LOADABLE_CLASSES
 
 
 @pytest.mark.parametrize("model", ["demo", "demo_random", "sd15", "sdxl"])
@@ -277,7 +300,7 @@ def test_options_that_need_a_gpu_or_a_package_fail_clearly_on_this_worker():
 
 
 def test_remote_code_families_need_trust(monkeypatch):
-    monkeypatch.setattr(spec, "REMOTE_CODE_FAMILIES", ("sd",))
+    monkeypatch.setitem(families.FAMILIES, "sd", dataclasses.replace(families.FAMILIES["sd"], remote_code=True))
     with pytest.raises(ConfigError, match=r"^model.trust_remote_code=False: model=demo_random runs code shipped"):
         validate(compose())
     validate(compose("model.trust_remote_code=true"))

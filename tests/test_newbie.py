@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from cluster.renderer import Renderer, denoise_request
 from conftest import SMALL, assert_renders_small, compose
 from jobs import ConfigError, plan, validate
-from jobs import spec
+from jobs import families
 from models import family, load_model
 from models.flow import byte_tokenizer
 from models.newbie import NewbieModel, NewbiePipeline, NewbieTransformer2DModel
@@ -162,9 +162,10 @@ def model(newbie_dir):
 
 def test_newbie_is_registered_and_its_config_composes(newbie_dir):
     f = family("newbie")
-    assert f.name == spec.MODEL_FAMILIES["newbie"] and f.adapter is NewbieModel and f.pipeline_class is NewbiePipeline
-    assert spec.FAMILY_PIPELINES["newbie"] == "NewbiePipeline" and spec.FAMILY_PATCH["newbie"] == 2
-    assert spec.FAMILY_SCHEDULERS["newbie"] == ("flow_euler",) and spec.REMOTE_CODE_FAMILIES == ("newbie",)
+    newbie, remote_code = families.FAMILIES["newbie"], tuple(n for n, s in families.FAMILIES.items() if s.remote_code)
+    assert f.name == families.MODELS["newbie"] and f.adapter is NewbieModel and f.pipeline_class is NewbiePipeline
+    assert newbie.pipeline == "NewbiePipeline" and newbie.patch == 2
+    assert newbie.schedulers == ("flow_euler",) and remote_code == ("newbie",)
     cfg = compose("model=newbie")
     assert cfg.model.name == "newbie" and cfg.model.trust_remote_code is False  # never by default
     with pytest.raises(ConfigError, match=r"^job.scheduler='euler': does not fit model=newbie"):
