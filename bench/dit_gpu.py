@@ -13,7 +13,8 @@ what a user would script with diffusers alone for a coherent 4K picture, on the 
 `StableDiffusionXLPipeline` at 1344x768, a Lanczos upscale, `StableDiffusionXLImg2ImgPipeline` on the whole frame at
 the job's strength, VAE tiling on, the PNG written (after a warm-up of the same shapes). `--bulk N` also renders N
 images of each strategy as a bulk worker does (two calls at once, as the Ray actor runs them: one image's PNG
-written while the next denoises): seconds per image in steady bulk. `--overlap-probe` times one denoise and one
+written, and where memory allows its decode run, while the next denoises): seconds per image in steady bulk;
+`--bulk-serial` again with `Renderer.overlap` off (each decode under the device lock). `--overlap-probe` times one denoise and one
 decode apart and then at once (the decode on a second CUDA stream), for what overlapping them would save.
 """
 from __future__ import annotations
@@ -174,6 +175,8 @@ def main() -> None:
     ap.add_argument("--peer", choices=["hires"], help="sdxl: diffusers' hires fix on the same modules, after the strategies")
     ap.add_argument("--method", default="gaussian", choices=["uniform", "gaussian", "shifted"])
     ap.add_argument("--bulk", type=int, default=0, help="also N images of each strategy as a bulk worker renders them")
+    ap.add_argument("--bulk-serial", action="store_true",
+                    help="with --bulk, also each strategy's bulk with Renderer.overlap off (every decode under the device lock)")
     ap.add_argument("--overlap-probe", action="store_true", help="time a denoise and a decode apart and at once")
     args = ap.parse_args()
     out = Path(args.out)
@@ -232,8 +235,13 @@ def main() -> None:
             if args.bulk:
                 job = dataclasses.replace(job, seeds=list(range(1, args.bulk + 1)))
                 reqs = plan(dataclasses.replace(cfg, model=model, job=job))
-                results[-1].update(bulk(r, reqs, cfg.tiling))
+                results[-1].update(bulk(r, reqs, cfg.tiling), overlap=r.overlap)
                 print(json.dumps(results[-1]), flush=True)
+                if args.bulk_serial:
+                    r.overlap = False
+                    results.append(dict(results[-1], **bulk(r, reqs, cfg.tiling), overlap=False))
+                    r.overlap = True
+                    print(json.dumps(results[-1]), flush=True)
             if args.overlap_probe and k == 0:
                 results.append(dict(overlap_probe(r, req, cfg.tiling), model=name, strategy=strategy))
                 print(json.dumps(results[-1]), flush=True)

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
@@ -26,7 +26,7 @@ from models.deepcache import DeepStep, why_not
 from models.loading import compile_denoiser
 from models.schedulers import tile_seq_len, timestep_kwargs
 from tiling import (TileBatch, decode_tiled_shared, decoder_sweeps, denoise_canvases, encode_tiled, fitting_tile,
-                    free_memory, padded_size, seam_score, step_layouts, to_uint8)
+                    free_memory, padded_size, seam_score, step_layouts, tile_bytes, to_uint8)
 from tiling.features import FeatureCanvas
 from tiling.progressive import (Dilation, dilation_stride, first_step, low_pass_anchor, noised, resize,
                                 skip_residual, stage_sizes)
@@ -295,9 +295,11 @@ class Renderer:
     """Holds one model for the whole job (and its hires checkpoint, `model.stage_path`, for the enlarged
     stages); `predict` serves tile batches, `render_group` whole images.
 
-    Thread-safe for two callers (a Ray actor with max_concurrency=2): the device work (denoise, decode)
-    holds a lock, the CPU work (image encoding, seam scores, hashing, the write) does not, so one image's
-    PNG is written while the next one denoises."""
+    Thread-safe for two callers (a Ray actor with max_concurrency=2): the denoise holds the device lock, the CPU
+    work (image encoding, seam scores, hashing, the write) no lock, so one image's PNG is written while the next
+    one denoises. The final decode holds the device lock too, unless it fits beside a denoise (`_fits_beside`: on
+    a GPU without offload, where the free memory holds both): then it runs on its own CUDA stream under the
+    decode lock alone, while the other call's next denoise runs (the same kernels: the same pixels)."""
 
     def __init__(self, model: ModelConfig, output: OutputConfig, threads: Optional[int] = None):
         if threads:
@@ -323,6 +325,14 @@ class Renderer:
         self.output = output
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._device = threading.Lock()
+        # held by a decode, and by whatever must see no decode beside it: the VAE plan, a denoise whose peak is
+        # measured, an fp32 retry (the VAE's dtype changes); taken after the device lock, never before it
+        self._decoding = threading.RLock()
+        gpu = self.model.device.type == "cuda" and model.offload == "none"
+        self._stream = torch.cuda.Stream(self.model.device) if gpu else None  # for a decode beside a denoise
+        self.overlap = gpu  # decodes may run beside a denoise (bench/dit_gpu.py compares without)
+        self._vae_plans = {}  # (tiling.vae_tile, h, w) -> (the VAE tile chosen last, the free memory it saw)
+        self._peaks = {}  # (group_key, images) -> the memory its denoise took above what was allocated before
         self._batches = {}  # tile size -> automatic batch size
         self._sweeps = {}  # image id -> its tiled decode's Sweeps, while a tile-parallel decode runs
         self._sweep_models = {}  # image id -> the adapter whose VAE runs them
@@ -359,11 +369,31 @@ class Renderer:
     def vae_tile(self, tiling: TilingConfig, h: int, w: int) -> int:
         """`tiling.vae_tile`, or for 0 (auto) the side that this worker's free memory allows for an h x w latent
         canvas (`tiling.vae.fitting_tile`: the whole frame, one exact sweep, when it fits; 80% of a GPU's free
-        memory, 40% of a CPU machine's available memory, which other workers may share)."""
-        if tiling.vae_tile:
-            return tiling.vae_tile
-        device = self.model.device
-        return fitting_tile(self.model.vae, h, w, free_memory(device, 0.8 if device.type == "cuda" else 0.4))
+        memory, 40% of a CPU machine's available memory, which other workers may share), chosen with no decode
+        beside it (holding the decode lock), so that a picture never depends on what the worker's other call did;
+        a decode beside a denoise takes the side chosen last for its canvas size (`_vae_plans`)."""
+        with self._decoding:
+            device, free = self.model.device, free_memory(self.model.device, 1.0)
+            share = 0.8 if device.type == "cuda" else 0.4
+            tile = tiling.vae_tile or fitting_tile(self.model.vae, h, w, share * free)
+            self._vae_plans[(tiling.vae_tile, h, w)] = (tile, free)
+        return tile
+
+    def _fits_beside(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, zs) -> bool:
+        """Whether the decode of a group's canvases may run beside the other call's next denoise: `overlap` on,
+        the group's denoise peak measured, and each canvas's VAE tile chosen here before, alone (`vae_tile`), its
+        decode and that peak within 80% of the free memory it was chosen in."""
+        peak = self._peaks.get((group_key(reqs[0]), len(reqs)))
+        if not self.overlap or peak is None:
+            return False
+        for z in zs:
+            key = (tiling.vae_tile, *z.shape[-2:])
+            if key not in self._vae_plans:
+                return False
+            tile, free = self._vae_plans[key]
+            if tile_bytes(self.final_model(reqs[0]).vae, *z.shape[-2:], tile) + peak > 0.8 * free:
+                return False
+        return True
 
     def _predict(self, batch: TileBatch, t, cond, guidance: float, pad_to: int = 0, model=None,
                  features: Optional[FeatureCanvas] = None) -> torch.Tensor:
@@ -420,12 +450,24 @@ class Renderer:
                 notes += [n for n in (self._prompt_note(reqs[0].prompt),) if n]
             while True:
                 try:
-                    with self._device, self._in_fp32(fp32):
+                    peak_key = (group_key(reqs[0]), len(reqs))
+                    measure = self.overlap and peak_key not in self._peaks
+                    with ExitStack() as held:
+                        held.enter_context(self._device)
+                        if fp32 or measure:  # the VAE's dtype changes / the peak is this denoise's alone
+                            held.enter_context(self._decoding)
+                        held.enter_context(self._in_fp32(fp32))
+                        base = self._peak_start() if measure else 0
                         t0 = time.perf_counter()
                         zs = self._denoise(reqs, tiling, batch, tick)
                         seconds = (time.perf_counter() - t0) / len(reqs)
+                        if measure:
+                            self._peaks[peak_key] = self._peak_since(base)
                         finite = all(bool(torch.isfinite(z).all()) for z in zs)
-                        decoded = self._decode_group(reqs, tiling, zs) if finite else None
+                        beside = finite and not fp32 and self._fits_beside(reqs, tiling, zs)
+                        decoded = self._decode_group(reqs, tiling, zs) if finite and not beside else None
+                    if beside:
+                        decoded = self._decode_beside(reqs, tiling, zs)
                 except torch.OutOfMemoryError as e:
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
@@ -448,18 +490,53 @@ class Renderer:
         return [failed_row(req, started, d, self.worker, notes) if isinstance(d, Exception)
                 else self.write(req, tiling, d, started, seconds, notes) for req, d in zip(reqs, decoded)]
 
-    def _decode_group(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, zs) -> Optional[list]:
+    def _decode_group(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, zs,
+                      beside: bool = False) -> Optional[list]:
         """Each canvas of a group decoded (`_decode`), or the exception that stopped its decode, so that one
-        image's failure fails that image alone; None where a decode was non-finite (the group is retried)."""
+        image's failure fails that image alone; None where a decode was non-finite (the group is retried).
+        `beside` a denoise, running out of memory is raised (`_decode_beside` decodes alone then)."""
         out = []
-        for req, z in zip(reqs, zs):
-            try:
-                out.append(self._decode(req, tiling, z))
-            except DecodeError:
-                return None
-            except Exception as e:  # noqa: BLE001 - that image's row says why
-                out.append(e)
+        with self._decoding:
+            for req, z in zip(reqs, zs):
+                try:
+                    tile = self._vae_plans[(tiling.vae_tile, *z.shape[-2:])][0] if beside else None
+                    out.append(self._decode(req, tiling, z, tile))
+                except DecodeError:
+                    return None
+                except Exception as e:  # noqa: BLE001 - that image's row says why
+                    if beside and isinstance(e, torch.OutOfMemoryError):
+                        raise
+                    out.append(e)
         return out
+
+    def _decode_beside(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, zs) -> Optional[list]:
+        """`_decode_group` without the device lock, on this worker's own CUDA stream, beside the other call's next
+        denoise; out of memory there, the group is decoded again alone (holding the device lock)."""
+        try:
+            stream = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
+            with stream:
+                if self._stream is not None:
+                    self._stream.wait_stream(torch.cuda.default_stream(self._stream.device))  # the canvases done
+                return self._decode_group(reqs, tiling, zs, beside=True)
+        except torch.OutOfMemoryError:
+            log.warning("CUDA out of memory decoding beside a denoise: decoded again alone")
+            if self._stream is not None:
+                torch.cuda.empty_cache()
+            with self._device:
+                return self._decode_group(reqs, tiling, zs)
+
+    def _peak_start(self) -> int:
+        """Start measuring the device memory a block takes (on a GPU; 0 elsewhere): the memory allocated now."""
+        device = self.model.device
+        if device.type != "cuda":
+            return 0
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+
+    def _peak_since(self, base: int) -> int:
+        device = self.model.device
+        return torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
 
     def _denoise(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int, tick) -> List[torch.Tensor]:
         features = FeatureCanvas(reqs[0].deep_cache) if reqs[0].deep_cache > 1 else None  # DeepCache's
@@ -561,14 +638,14 @@ class Renderer:
             return failed_row(req, started_at, e, self.worker)
         return self.write(req, tiling, decoded, started_at, seconds_denoise)
 
-    def _decode(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor):
-        """(uint8 pixels, seconds, the VAE tile side it ran with) of a finished canvas; raises what stops the
-        decode (`tiling.vae.DecodeError` for a non-finite one)."""
+    def _decode(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor, tile: Optional[int] = None):
+        """(uint8 pixels, seconds, the VAE tile side it ran with: `tile`, else `vae_tile`'s) of a finished canvas;
+        raises what stops the decode (`tiling.vae.DecodeError` for a non-finite one)."""
         m = self.final_model(req)
         m.vae_on_device(True)
         try:
             t0 = time.perf_counter()
-            tile = self.vae_tile(tiling, *z.shape[-2:])
+            tile = tile or self.vae_tile(tiling, *z.shape[-2:])
             img = decode_tiled_shared(m.vae, m.unscale(z), tile, tiling.vae_overlap, passes=tiling.vae_passes,
                                       **wraps(tiling))
             return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tile

@@ -131,3 +131,36 @@ def test_an_automatic_vae_tile_decodes_the_whole_frame_when_it_fits(tmp_path, mo
     (tight, t), (tiled, t16) = rendered("tiling.vae_tile=0"), rendered("tiling.vae_tile=16")
     assert np.array_equal(t, t16) and not np.array_equal(t, whole)
     assert tight["seam_score_vae"] == tiled["seam_score_vae"] and not np.isnan(tight["seam_score_vae"])
+
+
+def test_a_decode_beside_the_next_denoise_gives_the_same_pictures(tmp_path, monkeypatch):
+    """`Renderer.overlap` (on for a GPU without offload; forced here on the CPU, where it runs without a stream):
+    from the second image on, the decode runs under the decode lock alone while the other call denoises, with
+    the VAE tile chosen alone: the same bytes as one call at a time. Out of memory beside a denoise, the group is
+    decoded again alone and the row is ok."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = compose(*SMALL, f"output.dir={tmp_path / 'serial'}", "job.seeds=[1,2,3,4]", "tiling.vae_tile=0")
+    reqs = plan(cfg)
+    serial = _renderer(cfg, threads=1)
+    assert not serial.overlap  # a CPU: off by default
+    expected = [serial.render(req, cfg.tiling)["sha256"] for req in reqs]
+
+    cfg.output.dir = str(tmp_path / "beside")
+    r = _renderer(cfg, threads=1)
+    r.overlap, calls, inner = True, [], r._decode
+
+    def decode(req, tiling, z, tile=None):
+        calls.append(tile)
+        if tile is not None and calls.count(None) == 1 and len(calls) == 2:  # the first decode beside
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return inner(req, tiling, z, tile)
+
+    monkeypatch.setattr(r, "_decode", decode)
+    with ThreadPoolExecutor(2) as pool:
+        rows = list(pool.map(lambda req: r.render_group([req], cfg.tiling)[0], reqs))
+    assert [row["status"] for row in rows] == ["ok"] * 4, [row["error"] for row in rows]
+    assert [row["sha256"] for row in rows] == expected
+    # the first alone (its VAE tile chosen: the whole 25x17 frame), the second beside (out of memory), then in
+    # either order that one again alone and the last two beside
+    assert calls[:2] == [None, 25] and sorted(calls[2:], key=lambda t: t is None) == [25, 25, None]

@@ -478,17 +478,23 @@ def activation_bytes(vae, dtype_bytes: int, slack: float = 3.0) -> float:
 LADDER = (256, 192, 128, 96, 64, 48, 32, 16)  # tile sides tried below the whole frame, latent pixels
 
 
+def tile_bytes(vae, h: int, w: int, tile: int) -> float:
+    """What the tiled decode or encode of an h x w latent canvas in `tile`-sided tiles takes at its peak (in the
+    dtype the tiled decode runs the VAE in): the whole frame's activations when the tile covers it, else one
+    tile's window (the tile and the context its convolutions need on each side)."""
+    per_px = activation_bytes(vae, _work_dtype(vae).itemsize)
+    if tile >= max(h, w):
+        return h * w * per_px
+    context = max(decoder_needs(vae) + encoder_needs(vae))
+    return (min(tile, h) + 2 * context) * (min(tile, w) + 2 * context) * per_px
+
+
 def fitting_tile(vae, h: int, w: int, free_bytes: float) -> int:
     """The VAE tile side (latent pixels) that costs what memory forces and no more for an h x w canvas:
-    max(h, w), the whole frame in one sweep (the exact full-frame pass), when its activations (in the dtype
-    the tiled decode runs the VAE in) fit in `free_bytes`; else the largest side of `LADDER` whose window (the
-    tile and the context its convolutions need on each side) fits; at least the ladder's smallest."""
-    per_px = activation_bytes(vae, _work_dtype(vae).itemsize)
-    if h * w * per_px <= free_bytes:
-        return max(h, w)
-    context = max(decoder_needs(vae) + encoder_needs(vae))
-    for side in LADDER:
-        if side < max(h, w) and (min(side, h) + 2 * context) * (min(side, w) + 2 * context) * per_px <= free_bytes:
+    max(h, w), the whole frame in one sweep (the exact full-frame pass), when it fits in `free_bytes`
+    (`tile_bytes`); else the largest side of `LADDER` that fits; at least the ladder's smallest."""
+    for side in (max(h, w),) + tuple(s for s in LADDER if s < max(h, w)):
+        if tile_bytes(vae, h, w, side) <= free_bytes:
             return side
     return LADDER[-1]
 
