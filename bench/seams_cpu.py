@@ -45,10 +45,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cluster.renderer import Renderer, denoise_request, now, seam_scores  # noqa: E402
+from cluster.renderer import Renderer, now  # noqa: E402
 from jobs import plan  # noqa: E402
 from jobs.spec import TesseraConfig  # noqa: E402
 from tiling import to_uint8, wrap_seam_score  # noqa: E402
+from tiling.render import denoise_request, seam_scores  # noqa: E402
 from tiling.seams import gradients  # noqa: E402
 from tiling.vae import decode_each  # noqa: E402
 
