@@ -3,7 +3,7 @@
     python3 bench/seams_cpu.py --width 3840 --height 2160 --steps 20 --images /tmp/seams4k-img \
         --out bench/results/seams-cpu-4k.json        # ~15 min on 2 idle cores; BENCHMARKS.md "Seams"
 
-Every image is denoised through `cluster.renderer.denoise_request` (the renderer's own loop, tiles 64/16
+Every image is denoised through `tiling.render.denoise_request` (the renderer's own loop, tiles 64/16
 latent unless told) and decoded in one or more ways; each row is one (denoise, decode) pair:
 
 - `naive`: what a plain tiler does in both stages. Denoise: `uniform` with no overlap, tiles side by side
