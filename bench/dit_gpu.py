@@ -34,9 +34,10 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench.gpu import sync  # noqa: E402
-from cluster.renderer import Renderer, tile_steps  # noqa: E402
+from cluster.renderer import Renderer  # noqa: E402
 from jobs import plan  # noqa: E402
 from jobs.spec import TesseraConfig  # noqa: E402
+from tiling.render import tile_steps  # noqa: E402
 
 RUNS = {"z_image": (9, 0.0), "lumina2": (8, 4.0), "newbie": (8, 5.0),
         "sdxl": (8, 7.0)}  # sdxl: not a DiT; here to check its memory under --offload model

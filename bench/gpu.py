@@ -30,9 +30,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from cluster.renderer import Renderer, groups_of, layouts_of  # noqa: E402
+from cluster.renderer import Renderer  # noqa: E402
 from jobs import plan  # noqa: E402
 from jobs.spec import TesseraConfig  # noqa: E402
+from tiling.render import groups_of, layouts_of  # noqa: E402
 
 PEAK_BF16 = 790e12  # H100/H200 dense bf16 as measured by a large bf16 matmul on those GPUs; fp16 the same
 W, H, STEPS, GUIDANCE = 3840, 2160, 30, 7.0

@@ -18,8 +18,9 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.gpu import cfg_for  # noqa: E402
-from cluster.renderer import Renderer, denoise_group  # noqa: E402
+from cluster.renderer import Renderer  # noqa: E402
 from jobs import plan  # noqa: E402
+from tiling.render import denoise_group  # noqa: E402
 
 
 def per_call(fn, n: int = 10) -> float:

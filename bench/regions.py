@@ -78,7 +78,8 @@ def score(pixels: np.ndarray, means: dict) -> dict:
 
 def render(renderer, req, tiling):
     """`Renderer.render_group` for one image, returning its final latent canvas too."""
-    from cluster.renderer import denoise_group, now
+    from cluster.renderer import now
+    from tiling.render import denoise_group
 
     started = now()
     conds = [renderer.model.encode(*pair) for pair in req.prompt_pairs()]

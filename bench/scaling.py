@@ -28,10 +28,10 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from cluster.progress import Progress  # noqa: E402
-from cluster.renderer import layouts_of  # noqa: E402
 from cluster.scheduler import connect, run_bulk, run_tile_parallel, start_workers  # noqa: E402
 from jobs import plan  # noqa: E402
 from jobs.spec import TesseraConfig  # noqa: E402
+from tiling.render import layouts_of  # noqa: E402
 
 
 SMOKE = False  # --smoke: the random-weight demo model at 512x256 on CPU workers, to check the script

@@ -3,7 +3,7 @@
     python3 bench/seams_cpu.py --width 3840 --height 2160 --steps 20 --images /tmp/seams4k-img \
         --out bench/results/seams-cpu-4k.json        # ~15 min on 2 idle cores; BENCHMARKS.md "Seams"
 
-Every image is denoised through `cluster.renderer.denoise_request` (the renderer's own loop, tiles 64/16
+Every image is denoised through `tiling.render.denoise_request` (the renderer's own loop, tiles 64/16
 latent unless told) and decoded in one or more ways; each row is one (denoise, decode) pair:
 
 - `naive`: what a plain tiler does in both stages. Denoise: `uniform` with no overlap, tiles side by side
@@ -45,10 +45,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cluster.renderer import Renderer, denoise_request, now, seam_scores  # noqa: E402
+from cluster.renderer import Renderer, now  # noqa: E402
 from jobs import plan  # noqa: E402
 from jobs.spec import TesseraConfig  # noqa: E402
 from tiling import to_uint8, wrap_seam_score  # noqa: E402
+from tiling.render import denoise_request, seam_scores  # noqa: E402
 from tiling.seams import gradients  # noqa: E402
 from tiling.vae import decode_each  # noqa: E402
 

@@ -1,9 +1,9 @@
 """Ray: start or join a cluster, workers that each hold a loaded model, and the scheduler that feeds them.
 
 Ray is imported with the scheduler, on first use of its names: the renderer (`cluster.renderer`) runs without it."""
-from .renderer import Renderer, denoise_request
+from .renderer import Renderer
 
-__all__ = ["Renderer", "denoise_request", "ClusterError", "connect", "run_job"]
+__all__ = ["Renderer", "ClusterError", "connect", "run_job"]
 
 
 def __getattr__(name):

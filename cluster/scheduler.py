@@ -1,6 +1,6 @@
 """Ray at the edges: connect, start workers that each hold a model, and feed them a job's images.
 
-Two modes over one denoise loop (`cluster.renderer.denoise_request`):
+Two modes over one denoise loop (`tiling.render.denoise_request`):
   bulk           each worker owns whole images (groups of one prompt's seeds, stepped together); every
                  worker is kept busy with two groups in flight.
   tile_parallel  the driver runs the loop for one image at a time and fans each step's tile batches
@@ -22,9 +22,10 @@ import ray
 from jobs import ImageRequest
 from jobs.spec import TesseraConfig, TesseraError, TilingConfig
 from tiling import assemble, merged, to_uint8
+from tiling.render import denoise_request, iter_groups, stages_of, tile_steps
 
 from .progress import Progress
-from .renderer import Renderer, denoise_request, failed_row, iter_groups, now, stages_of, tile_steps
+from .renderer import Renderer, failed_row, now
 
 READY_TIMEOUT_S = 900  # model load on every worker
 

@@ -7,7 +7,7 @@ tile:
 * the scheduler is `FlowMatchEulerDiscreteScheduler`, its timesteps t = 1000 sigma run from noise (1000) to
   data; its sigmas are linspace(1, 1/steps, steps), shifted (statically, or by `mu` from the image's token
   count when the config asks for dynamic shifting): `models.schedulers.timestep_kwargs`, called by
-  `cluster.renderer.start_canvas` with the token count of one tile (`patch_size` crosses to the driver in
+  `tiling.render.start_canvas` with the token count of one tile (`patch_size` crosses to the driver in
   `Renderer.info()`);
 * the transformer takes the normalised time 1 - t/1000 (0 is noise, 1 the image) and predicts the velocity
   from noise to data; the scheduler steps along data-to-noise, so `predict` returns the *negated*, guided

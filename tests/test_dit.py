@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.renderer import Renderer, denoise_request, start_canvas
+from cluster.renderer import Renderer
 from conftest import SMALL, assert_renders_small, compose
 from jobs import ConfigError, plan, validate
 from jobs import families
 from models import family, load_model
 from models.flow import CHAT_TEMPLATE, byte_tokenizer
 from tiling import decode_tiled_shared
+from tiling.render import denoise_request, start_canvas
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster.renderer import Renderer, denoise_request
+from cluster.renderer import Renderer
 from conftest import SMALL, assert_renders_small, compose
 from jobs import ConfigError, plan, validate
 from jobs import families, spec
 from models import family, load_model, resolve_path
 from models.demo import _build_tokenizer, _write_vocab_files, load_demo_pipeline
 from tiling.grid import Tile
+from tiling.render import denoise_request
 
 # --------------------------------------------------------------------------------------------- fixtures
 

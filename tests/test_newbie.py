@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cluster.renderer import Renderer, denoise_request
+from cluster.renderer import Renderer
 from conftest import SMALL, assert_renders_small, compose
 from jobs import ConfigError, plan, validate
 from jobs import families
@@ -36,6 +36,7 @@ from models import family, load_model
 from models.flow import byte_tokenizer
 from models.newbie import NewbieModel, NewbiePipeline, NewbieTransformer2DModel
 from test_dit import tiny_flux_vae
+from tiling.render import denoise_request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -300,7 +300,7 @@ def test_newbie_reads_xml_behind_its_xml_system_prompt(model):
 
 def region_latents(renderer, req, tiling):
     """The final latent of `req` denoised as a worker does it: each tile under the prompts whose boxes it touches."""
-    from cluster.renderer import denoise_request
+    from tiling.render import denoise_request
 
     conds = [renderer.model.encode(*pair) for pair in req.prompt_pairs()]
     return denoise_request(lambda bs, t: [renderer._predict(b, t, conds[b.prompt], req.guidance) for b in bs],

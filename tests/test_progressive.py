@@ -108,8 +108,8 @@ def test_cosine_weight_runs_from_one_to_zero():
 
 
 def _stages(*overrides, native=256):
-    from cluster.renderer import stage_tile, stages_of
     from jobs import plan
+    from tiling.render import stage_tile, stages_of
 
     req = plan(compose(*overrides))[0]
     info = {"vae_scale_factor": 8, "native_size": native}

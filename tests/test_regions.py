@@ -168,8 +168,9 @@ def test_the_test_bed_draws_each_region_in_its_palette(tmp_path):
     sys.path.insert(0, str(ASSETS))
     from scenes import count_suns, scenes
 
-    from cluster.renderer import Renderer, denoise_request
+    from cluster.renderer import Renderer
     from tiling import to_uint8
+    from tiling.render import denoise_request
 
     cfg = compose(*TESTBED, "job.width=768", "job.height=256", "job.strategy=direct", REGIONS, f"output.dir={tmp_path}")
     renderer = Renderer(cfg.model, cfg.output)

@@ -5,9 +5,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cluster.renderer import Renderer, denoise_request, groups_of
+from cluster.renderer import Renderer
 from conftest import SMALL, compose
 from jobs import plan
+from tiling.render import denoise_request, groups_of
 
 
 def _renderer(cfg, threads=None):

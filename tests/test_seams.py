@@ -225,8 +225,8 @@ def demo(tmp_path_factory):
 
 def demo_latent(renderer, cfg):
     """The request of a config's image and its finished latent canvas, through the renderer's own loop."""
-    from cluster.renderer import denoise_request
     from jobs import plan
+    from tiling.render import denoise_request
 
     req = plan(cfg)[0]
     z = denoise_request(lambda bs, t: [renderer.predict(b, t, req.prompt, req.negative_prompt, req.guidance)
@@ -239,7 +239,7 @@ def naive_scores(renderer, req, cfg, z):
     statistics, no context, no overlap), pasted side by side; scored at those tiles' borders."""
     import torch
 
-    from cluster.renderer import seam_scores
+    from tiling.render import seam_scores
     from tiling import to_uint8
     from tiling.vae import decode_each
 
@@ -286,7 +286,8 @@ def test_a_wrapped_image_laid_beside_itself_shows_no_edge(demo, capsys, tmp_path
     """wrap=both: the edges where the image meets its copy score like one line inside it (the score of a
     single line spreads by 0.05 or more at this size; seeds 0-7: 0.85 to 1.09), and the borders inside,
     wrapped grids included, within 5% of 1. The same seeds without wrap score 1.18 to 1.59 across x."""
-    from cluster.renderer import latent_size, now
+    from cluster.renderer import now
+    from tiling.render import latent_size
 
     renderer, config = demo
     cfg = config("tiling.method=gaussian", "tiling.overlap=4", "tiling.wrap=both")

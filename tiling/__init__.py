@@ -1,4 +1,7 @@
-"""Pure tensor math of tiled diffusion: grids, blend weights, fusion, the denoise loop, tiled decode."""
+"""Pure tensor math of tiled diffusion: grids, blend weights, fusion, the denoise loop, tiled decode.
+
+`tiling.render` (an image request's stages, canvases, layouts and denoise over that math) is imported on its own:
+it builds each loop's scheduler through `models.schedulers`, which this package does not load."""
 from .blend import METHODS, tile_weights
 from .fuse import crop, fuse, weight_sum
 from .grid import Tile, axis_starts, layout, padded_size, scale_tiles, step_layouts
