@@ -239,7 +239,8 @@ class Renderer:
         Two faults are retried here, and said in the rows' `warnings`: CUDA out of memory while denoising halves
         the tile batch and starts the group again, down to one tile a call (then the rows fail); non-finite
         latents or decode (NaN, inf: an fp16/bf16 overflow) start the group again once with the model in fp32
-        (then the rows fail: no black picture is ever marked ok)."""
+        (then the rows fail: no black picture is ever marked ok). The decode runs beside the other call's next
+        denoise where `_fits_beside` says the memory holds both (`_decode_beside`)."""
         started, notes = now(), []
         try:
             batch, fp32 = self.batch_size(tiling), False
