@@ -40,7 +40,7 @@ from jobs.spec import TesseraConfig  # noqa: E402
 from tiling.render import tile_steps  # noqa: E402
 
 RUNS = {"z_image": (9, 0.0), "lumina2": (8, 4.0), "newbie": (8, 5.0),
-        "sdxl": (8, 7.0)}  # sdxl: not a DiT; here to check its memory under --offload model
+        "sdxl": (8, 7.0), "sd15": (30, 7.0)}  # the UNets: not DiTs; sdxl here for its memory under --offload model
 
 
 def time_round_trips(r: Renderer) -> list:
@@ -175,6 +175,9 @@ def main() -> None:
                          "progressive:anchor=1,dilation=0, progressive:upscale=latent; each renders the same image, after a warm-up of the first")
     ap.add_argument("--peer", choices=["hires"], help="sdxl: diffusers' hires fix on the same modules, after the strategies")
     ap.add_argument("--method", default="gaussian", choices=["uniform", "gaussian", "shifted"])
+    ap.add_argument("--tile", type=int, nargs=3, default=[128, 32, 4], metavar=("TILE", "OVERLAP", "BATCH"),
+                    help="tiling.tile, tiling.overlap, tiling.batch (SD 1.5 as bench/gpu.py runs it: 64 0 16)")
+    ap.add_argument("--dtype", default="bf16", help="model.dtype (bench/gpu.py runs SD 1.5 in fp16)")
     ap.add_argument("--bulk", type=int, default=0, help="also N images of each strategy as a bulk worker renders them")
     ap.add_argument("--bulk-serial", action="store_true",
                     help="with --bulk, also each strategy's bulk with Renderer.overlap off (every decode under the device lock)")
@@ -187,11 +190,11 @@ def main() -> None:
         steps, guidance = RUNS[name]
         steps = args.steps or steps
         cfg = TesseraConfig()
-        cfg.model.name, cfg.model.weights, cfg.model.dtype = name, "random", "bf16"
+        cfg.model.name, cfg.model.weights, cfg.model.dtype = name, "random", args.dtype
         cfg.model.offload, cfg.model.attention, cfg.model.compile = args.offload, args.attention, args.compile
         cfg.job.width, cfg.job.height = args.size
         cfg.job.steps, cfg.job.guidance = steps, guidance
-        cfg.tiling.tile, cfg.tiling.overlap, cfg.tiling.batch = 128, 32, 4
+        cfg.tiling.tile, cfg.tiling.overlap, cfg.tiling.batch = args.tile
         cfg.tiling.method = args.method
         cfg.output.dir = tempfile.mkdtemp()
         t0 = time.perf_counter()
@@ -203,7 +206,8 @@ def main() -> None:
         flops = float("nan")
         if not args.compile:  # counted on the eager model (a compiled one would compile in here)
             with FlopCounterMode(display=False) as fc:
-                m.predict(torch.zeros(4, m.latent_channels, 128, 128), torch.tensor(999.0), cond, guidance)
+                m.predict(torch.zeros(4, m.latent_channels, args.tile[0], args.tile[0]), torch.tensor(999.0), cond,
+                          guidance)
             flops = fc.get_total_flops() / 4
         for k, strategy in enumerate(args.strategies):
             fields = dict(kv.partition("=")[::2] for kv in strategy.partition(":")[2].split(",") if kv)
