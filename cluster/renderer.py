@@ -29,7 +29,7 @@ from tiling import (TileBatch, decode_tiled_shared, decoder_sweeps, encode_tiled
                     to_uint8)
 from tiling.features import FeatureCanvas
 from tiling.progressive import resize
-from tiling.render import Stage, denoise_group, group_key, seam_scores, stages_of, wraps
+from tiling.render import ModelInfo, Stage, denoise_group, group_key, seam_scores, stages_of, wraps
 from tiling.vae import DecodeError
 
 log = logging.getLogger("tessera")
@@ -149,11 +149,10 @@ class Renderer:
         """The adapter whose VAE decodes `req`'s finished canvas: the one that ran its last stage."""
         return self.model_of(stages_of(req, self.info())[-1].refine)
 
-    def info(self) -> dict:
+    def info(self) -> ModelInfo:
         m = self.model
-        return {"scheduler_config": m.scheduler_config, "latent_channels": m.latent_channels,
-                "vae_scale_factor": m.vae_scale_factor, "patch_size": getattr(m, "patch_size", None),
-                "native_size": m.native_size, "worker": self.worker, "device": str(m.device)}
+        return ModelInfo(m.scheduler_config, m.latent_channels, m.vae_scale_factor, m.native_size,
+                         getattr(m, "patch_size", None), self.worker, str(m.device))
 
     def batch_size(self, tiling: TilingConfig) -> int:
         """`tiling.batch`, or for 0 (auto) as many tiles as the free GPU memory holds (4 on a CPU)."""

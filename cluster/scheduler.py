@@ -196,7 +196,7 @@ def run_tile_parallel(workers, requests: Iterable[ImageRequest], cfg: TesseraCon
                                     workers[0].reference.remote([req], cfg.tiling, k, zs, stage)),
                                 stage_predict=predict_of(True) if cfg.model.stage_path else None)
             seconds = time.perf_counter() - t0
-            decoded = decode_across(workers, req, cfg.tiling, z, info["vae_scale_factor"],
+            decoded = decode_across(workers, req, cfg.tiling, z, info.vae_scale_factor,
                                     stages_of(req, info)[-1].refine)
         except RAY_FAULTS as e:
             on_row(failed_row(req, started, fault(e)))
@@ -239,4 +239,4 @@ def run_job(cfg: TesseraConfig, requests: Iterable[ImageRequest], on_row: Callab
     finally:
         for w in workers:
             ray.kill(w)
-    return {"mode": mode, "workers": len(workers), "device": info["device"]}
+    return {"mode": mode, "workers": len(workers), "device": info.device}

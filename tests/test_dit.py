@@ -19,7 +19,7 @@ from jobs import families
 from models import family, load_model
 from models.flow import CHAT_TEMPLATE, byte_tokenizer
 from tiling import decode_tiled_shared
-from tiling.render import denoise_request, start_canvas
+from tiling.render import ModelInfo, denoise_request, start_canvas
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,7 +169,7 @@ def test_the_schedule_follows_one_tile_not_the_canvas(dit_dirs):
     from models.schedulers import calculate_shift as ours, tile_seq_len
 
     m = load_model(cfg_of("z_image", dit_dirs).model)
-    info = {"scheduler_config": m.scheduler_config, "latent_channels": 16, "vae_scale_factor": 8, "patch_size": 2}
+    info = ModelInfo(m.scheduler_config, latent_channels=16, vae_scale_factor=8, native_size=1024, patch_size=2)
     small = plan(cfg_of("z_image", dit_dirs, "job.width=128", "job.height=128", "tiling.tile=16",
                        "tiling.overlap=4", "job.steps=4"))[0]
     big = plan(cfg_of("z_image", dit_dirs, "job.width=400", "job.height=256", "tiling.tile=16",
@@ -244,7 +244,7 @@ def test_renders_a_multi_tile_image_through_the_renderer(dit_dirs, tmp_path, nam
     args = (*SMALL, f"output.dir={tmp_path}", "job.guidance=3.0", "job.negative_prompt=haze")
     cfg = cfg_of(name, dit_dirs, *args)
     r = Renderer(cfg.model, cfg.output)
-    assert r.info()["patch_size"] == 2 and r.model.latent_channels == 16
+    assert r.info().patch_size == 2 and r.model.latent_channels == 16
     assert_renders_small(r, cfg, cfg_of(name, dit_dirs, *args, "job.seeds=[1]"), tmp_path)
 
 

@@ -394,5 +394,5 @@ def test_renders_a_multi_tile_image_through_the_renderer(newbie_dir, tmp_path):
     args = (*SMALL, f"output.dir={tmp_path}", "job.guidance=3.0", "job.negative_prompt=haze")
     cfg = cfg_of(newbie_dir, *args)
     r = Renderer(cfg.model, cfg.output)
-    assert r.info()["patch_size"] == 2 and r.model.latent_channels == 16
+    assert r.info().patch_size == 2 and r.model.latent_channels == 16
     assert_renders_small(r, cfg, cfg_of(newbie_dir, *args, "job.seeds=[1]"), tmp_path)

@@ -109,10 +109,10 @@ def test_cosine_weight_runs_from_one_to_zero():
 
 def _stages(*overrides, native=256):
     from jobs import plan
-    from tiling.render import stage_tile, stages_of
+    from tiling.render import ModelInfo, stage_tile, stages_of
 
     req = plan(compose(*overrides))[0]
-    info = {"vae_scale_factor": 8, "native_size": native}
+    info = ModelInfo({}, 4, 8, native)
     return [(s, stage_tile(req, s, info)) for s in stages_of(req, info)]
 
 

@@ -45,7 +45,7 @@ def render(testbed, *overrides):
 
 def test_the_test_bed_loads_as_sd_and_knows_its_native_size(testbed):
     renderer, _ = testbed
-    assert renderer.model.native_size == 256 and renderer.info()["native_size"] == 256
+    assert renderer.model.native_size == 256 and renderer.info().native_size == 256
 
 
 def test_direct_draws_a_sun_per_tile_and_progressive_draws_one(testbed):

@@ -2,14 +2,15 @@
 layouts, the denoise of a group of images over a `predict` callable, its tile-step count and the seam scores of
 its finished picture.
 
-Plain functions of an `ImageRequest`, its `TilingConfig` and the model's `info` (`cluster.renderer.Renderer.info`:
-the scheduler config, latent channels, VAE factor, patch and native size), called by the worker (`Renderer`) and by
+Plain functions of an `ImageRequest`, its `TilingConfig` and the loaded model's `ModelInfo` (`Renderer.info`: the
+scheduler config, latent channels, VAE factor, patch and native size), called by the worker (`Renderer`) and by
 the tile-parallel driver (`cluster.scheduler`) alike. No Ray, no files: `predict` and `reference` bring the model.
 A loop's scheduler is built by `models.schedulers` from the model's config (the one import of `models` here).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,6 +24,21 @@ from .progressive import (Dilation, dilation_stride, first_step, low_pass_anchor
 from .regions import Region, region_bootstrap, region_predict
 from .sampling import denoise_canvases
 from .seams import gradients, image_borders, seam_score
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the render math needs of a loaded model (`cluster.renderer.Renderer.info`; sent to the tile-parallel
+    driver): its scheduler's config, latent channels, VAE factor (pixels per latent pixel), native size (pixels)
+    and, for a transformer, its patch size; the worker and device that hold it, for the summary."""
+
+    scheduler_config: Mapping
+    latent_channels: int
+    vae_scale_factor: int
+    native_size: int
+    patch_size: Optional[int] = None  # None for a UNet
+    worker: str = ""
+    device: str = "cpu"
 
 
 def latent_hw(width: int, height: int, factor: int) -> Tuple[int, int]:
@@ -57,19 +73,19 @@ class Stage(NamedTuple):
         return Stage(*latent_hw(width, height, factor), first, (width, height), refine)
 
 
-def native_side(req: ImageRequest, info: dict) -> int:
+def native_side(req: ImageRequest, info: ModelInfo) -> int:
     """The side (pixels) whose square is the base's area: `job.base_size`, else the model's native size."""
-    return req.base_size or info["native_size"]
+    return req.base_size or info.native_size
 
 
-def stages_of(req: ImageRequest, info: dict) -> List[Stage]:
+def stages_of(req: ImageRequest, info: ModelInfo) -> List[Stage]:
     """The image's denoise loops, smallest first, the last at its own size. `direct`: one loop at full size;
-    `progressive`: a base at the model's native area (`job.base_size`, else `info["native_size"]`), or the
+    `progressive`: a base at the model's native area (`job.base_size`, else `info.native_size`), or the
     init image, then stages of at most `job.stage_factor` each (`tiling.progressive.stage_sizes`)."""
-    f = info["vae_scale_factor"]
+    f = info.vae_scale_factor
     if req.strategy == "direct" and not req.init_image:
         return [Stage.of(req.width, req.height, f)]
-    align = f * (info.get("patch_size") or 1)
+    align = f * (info.patch_size or 1)
     sizes = stage_sizes(req.width, req.height, native_side(req, info), req.stage_factor, align,
                         start=req.init_size if req.init_image else None)
     later = [Stage.of(w, h, f, first_step(req.steps, req.strength * req.strength_decay ** k), True)
@@ -77,38 +93,38 @@ def stages_of(req: ImageRequest, info: dict) -> List[Stage]:
     return later if req.init_image else [Stage.of(*sizes[0], f)] + later  # an init picture is the first size
 
 
-def start_canvas(info: dict, req: ImageRequest, stage: Optional[Stage] = None, generator=None):
+def start_canvas(info: ModelInfo, req: ImageRequest, stage: Optional[Stage] = None, generator=None):
     """One loop's fresh scheduler (timesteps set, begun at the stage's first), the noise [1, C, h, w] drawn on
     the CPU from the image's generator (seeded with its seed: the picture does not depend on the device), and
     that generator (the scheduler's steps draw from it too). A base's canvas is that noise scaled to the
     scheduler's first sigma; an enlarged stage's is its reference noised to the first timestep (`noised`).
 
     A flow transformer's schedule (sigmas, dynamic shift) follows its pipeline for a picture the size of one
-    tile, the input the model sees (`info["patch_size"]`; see models/flow.py)."""
-    stage = stage or Stage.of(req.width, req.height, info["vae_scale_factor"])
-    scheduler = make_scheduler(req.scheduler, info["scheduler_config"])
-    seq_len = tile_seq_len(stage.h, stage.w, stage_tile(req, stage, info), info.get("patch_size"))
+    tile, the input the model sees (`info.patch_size`; see models/flow.py)."""
+    stage = stage or Stage.of(req.width, req.height, info.vae_scale_factor)
+    scheduler = make_scheduler(req.scheduler, info.scheduler_config)
+    seq_len = tile_seq_len(stage.h, stage.w, stage_tile(req, stage, info), info.patch_size)
     scheduler.set_timesteps(req.steps, **timestep_kwargs(scheduler.config, req.steps, seq_len))
     if stage.refine and hasattr(scheduler, "set_begin_index"):  # DDIM finds its place from t alone
         scheduler.set_begin_index(stage.first)
     g = generator or torch.Generator("cpu").manual_seed(req.seed)
-    noise = torch.randn((1, info["latent_channels"], stage.h, stage.w), generator=g)
+    noise = torch.randn((1, info.latent_channels, stage.h, stage.w), generator=g)
     return scheduler, noise if stage.refine else noise * getattr(scheduler, "init_noise_sigma", 1.0), g
 
 
-def stage_tile(req: ImageRequest, stage: Stage, info: dict) -> int:
+def stage_tile(req: ImageRequest, stage: Stage, info: ModelInfo) -> int:
     """A loop's tile side (latent pixels): `tiling.tile`, except for a progressive render's base, which is drawn
     whole as hires-fix draws it (at the native area the model composes the frame; tiles of the native size would
     each compose one of their own: two suns in a 344x192 base of the test bed cut in two tiles). A base whose
     long side passes twice the native side (an extreme aspect) stays tiled, and so does a picture no larger
     than the base (one stage: the direct render)."""
     base = req.strategy == "progressive" and not stage.refine and stage.size != (req.width, req.height)
-    if base and max(stage.h, stage.w) <= 2 * native_side(req, info) // info["vae_scale_factor"]:
+    if base and max(stage.h, stage.w) <= 2 * native_side(req, info) // info.vae_scale_factor:
         return max(stage.h, stage.w, req.tile)
     return req.tile
 
 
-def stage_layouts(req: ImageRequest, tiling: TilingConfig, stage: Stage, number: int, steps: int, info: dict):
+def stage_layouts(req: ImageRequest, tiling: TilingConfig, stage: Stage, number: int, steps: int, info: ModelInfo):
     """Every step's tiles of one loop (the same grid each step, or `shifted`'s seeded moving grid; each stage
     draws its own offsets), of side `stage_tile`."""
     return step_layouts(stage.h, stage.w, stage_tile(req, stage, info), tiling.overlap, tiling.method, steps,
@@ -120,7 +136,7 @@ def stage_layouts(req: ImageRequest, tiling: TilingConfig, stage: Stage, number:
 Reference = Callable[[int, Optional[List[torch.Tensor]], "Stage"], List[torch.Tensor]]
 
 
-def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int,
+def denoise_group(predict, info: ModelInfo, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int,
                   device="cpu", callback: Optional[Callable[[int, int], None]] = None,
                   reference: Optional[Reference] = None, stage_predict=None) -> List[torch.Tensor]:
     """The finished latent canvases of images that share a `group_key`, stepped together on `device`, stage
@@ -148,9 +164,9 @@ def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: Til
             start = float(t0) if reqs[0].guide_clock == "stage" else None
             if reqs[0].skip_residual:
                 guide = skip_residual(schedulers, refs, [n for _, n, _ in begun], reqs[0].skip_residual, start)
-            stride = dilation_stride(stage.h, stage.w, native_side(reqs[0], info) // info["vae_scale_factor"])
+            stride = dilation_stride(stage.h, stage.w, native_side(reqs[0], info) // info.vae_scale_factor)
             if reqs[0].dilation and stride > 1:
-                dilation = Dilation(stride, reqs[0].dilation, info.get("patch_size") or 1, start)
+                dilation = Dilation(stride, reqs[0].dilation, info.patch_size or 1, start)
             if reqs[0].anchor:  # the blur's side in the previous stage's (or the init picture's) pixels
                 before = stages[number - 1].size if number else reqs[0].init_size
                 sigma = reqs[0].anchor_sigma * stage.size[0] / before[0]
@@ -164,7 +180,7 @@ def denoise_group(predict, info: dict, reqs: Sequence[ImageRequest], tiling: Til
     return zs
 
 
-def denoise_request(predict, info: dict, req: ImageRequest, tiling: TilingConfig,
+def denoise_request(predict, info: ModelInfo, req: ImageRequest, tiling: TilingConfig,
                     callback: Optional[Callable[[int, int], None]] = None, batch: Optional[int] = None,
                     device="cpu", reference: Optional[Reference] = None, stage_predict=None) -> torch.Tensor:
     """The finished latent canvas of one image (a group of one)."""
@@ -204,7 +220,7 @@ def layouts_of(req: ImageRequest, tiling: TilingConfig, factor: int):
     return step_layouts(h, w, tiling.tile, tiling.overlap, tiling.method, req.steps, req.seed, **wraps(tiling))
 
 
-def tile_steps(req: ImageRequest, tiling: TilingConfig, info: dict) -> int:
+def tile_steps(req: ImageRequest, tiling: TilingConfig, info: ModelInfo) -> int:
     """Tile-steps of one image, every stage, for the progress bar."""
     return sum(len(tiles) for number, stage in enumerate(stages_of(req, info))
                for tiles in stage_layouts(req, tiling, stage, number, req.steps - stage.first, info))
