@@ -104,6 +104,17 @@ def test_one_tile_with_its_own_statistics_is_the_full_decode(vae, z, full):
     assert torch.allclose(decode_tiled_shared(vae, z, tile=64, overlap=0, passes=1), full, atol=1e-5)
 
 
+def test_a_whole_frame_tile_is_diffusers_own_decode_and_encode(vae, z, full):
+    """The one place that calls diffusers' VAE blocks (tiling.vae.autoencoder) splits Decoder.forward and
+    Encoder.forward: with one tile covering the frame it must give diffusers' own outputs (bit for bit today),
+    so that a change in diffusers under it fails here."""
+    x = torch.rand(1, 3, 8 * 24, 8 * 32, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean
+    torch.testing.assert_close(decode_tiled_shared(vae, z, tile=32, overlap=0), full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(encode_tiled(vae, x, tile=32, overlap=0), mean, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("h, w, tile, overlap", [(13, 21, 8, 3), (5, 9, 16, 4), (9, 3, 4, 0)])
 def test_exact_output_size(vae, h, w, tile, overlap):
     z = latent(h, w)
