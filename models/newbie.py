@@ -106,8 +106,9 @@ class NewbieTransformer2DModel(Lumina2Transformer2DModel):
         Coupled to diffusers: `Lumina2Transformer2DModel.forward` rewritten over its modules (`time_caption_embed`,
         `rope_embedder`, `x_embedder`, the refiners, `layers`, `norm_out`), since it has no argument for another
         adaLN input.  Checked against diffusers 0.42.1 (its gradient checkpointing and `attention_kwargs` left out:
-        inference only, no LoRA scale); tests/test_newbie.py::test_the_forward_walks_diffusers_lumina2_forward_to_the_bit
-        holds it to diffusers' own forward bit for bit and fails when that changes."""
+        inference only, no LoRA scale); tests/test_newbie.py's
+        `test_the_forward_walks_diffusers_lumina2_forward_to_the_bit` holds it to diffusers' own forward bit for bit
+        and fails when that changes."""
         b, _, h, w = hidden_states.shape
         t_emb, caption = self.time_caption_embed(hidden_states, timestep, encoder_hidden_states)
         temb = self.time_text_embed(torch.cat([t_emb, self.clip_text_pooled_proj(pooled_projections)], dim=-1))

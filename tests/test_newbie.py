@@ -322,8 +322,9 @@ def test_jina_clip_stays_out_of_cpu_offload(newbie_dir):
 
     pipe = NewbiePipeline.from_pretrained(newbie_dir, trust_remote_code=True)
     place(pipe, family("newbie"), cfg_of(newbie_dir, "model.offload=model").model, torch.device("cpu"), torch.float32)
-    assert {n: hasattr(getattr(pipe, n), "_hf_hook") for n in ("text_encoder", "transformer", "vae", "text_encoder_2")} \
-        == {"text_encoder": True, "transformer": True, "vae": True, "text_encoder_2": False}
+    names = ("text_encoder", "transformer", "vae", "text_encoder_2")
+    hooked = {n: hasattr(getattr(pipe, n), "_hf_hook") for n in names}
+    assert hooked == {"text_encoder": True, "transformer": True, "vae": True, "text_encoder_2": False}
 
 
 # ---------------------------------------------------------------------------------- text conditioning
