@@ -15,13 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub, ever
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-from hydra.core.config_store import ConfigStore  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from jobs import ConfigError, Manifest, OutputLock, Plan, TesseraConfig, TesseraError, recover  # noqa: E402
+from jobs import ConfigError, Manifest, OutputLock, Plan, TesseraConfig, TesseraError, recover
 
 ConfigStore.instance().store(name="tessera_schema", node=TesseraConfig)
 log = logging.getLogger("tessera")

@@ -12,8 +12,8 @@ latent unless told) and decoded in one or more ways; each row is one (denoise, d
   GroupNorm statistics (`tiling.vae.decode_each` with context 0);
 - `naive denoise, full-frame decode`: the same latent decoded in one piece (isolates the denoise stage;
   Tessera's tiled decode matches the full one to 70+ dB, and this is far cheaper);
-- `uniform`, `gaussian`, `shifted`: Tessera's methods and its decode (`Renderer.finish`, so the scores are
-  the manifest's);
+- `uniform`, `gaussian`, `shifted`: Tessera's methods and its decode (`Renderer._decode` and `write`, as
+  `render_group` runs them, so the scores are the manifest's);
 - `gaussian, naive decode` and `gaussian, full-frame decode`: the gaussian latent decoded naively, and in
   one piece with `vae.decode` (no VAE tiles at all: the floor the measure reads on this picture);
 - `gaussian, wrap=both`: scored inside at the wrapped grids' borders (tiles that cross an edge end inside
@@ -105,7 +105,7 @@ def main() -> None:
             t0 = time.perf_counter()
             tiling = cfg.tiling
             if decode == "shared":
-                row = renderer.finish(req, tiling, z, started, seconds_denoise)
+                row = renderer.write(req, tiling, renderer._decode(req, tiling, z), started, seconds_denoise)
                 assert row["status"] == "ok", row["error"]
                 pixels = np.asarray(Image.open(out_dir / row["path"]))
                 manifest = {"manifest_seam_score": row["seam_score"], "manifest_seam_score_vae": row["seam_score_vae"]}

@@ -25,7 +25,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY = ["model=demo_random", "job.width=64", "job.height=64", "job.steps=2", "tiling.tile=8", "tiling.overlap=2",
         "tiling.vae_tile=8", "tiling.vae_overlap=2", "job.strategy=direct"]

@@ -228,7 +228,8 @@ class Renderer:
             return self._predict(batch, t, m.encode(prompt, negative), guidance, pad_to, m).cpu()
 
     def render(self, req: ImageRequest, tiling: TilingConfig, progress=None) -> dict:
-        """Denoise, decode and write one image; a failure becomes a `failed` row, never an exception."""
+        """`render_group` of one image, its one row: a convenience for the benches (bench/coherence.py,
+        dit_gpu.py, wrap_seam.py) and the tests; workers call `render_group`."""
         return self.render_group([req], tiling, progress)[0]
 
     def render_group(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, progress=None) -> List[dict]:
@@ -424,17 +425,6 @@ class Renderer:
             for a in vaes:
                 a.vae_on_device(False)
         return out
-
-    def finish(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor, started_at: datetime,
-               seconds_denoise: float) -> dict:
-        """Decode a finished canvas in tiles on this worker, write the image file, return its manifest row (a
-        `failed` one if the decode fails)."""
-        try:
-            with self._device:
-                decoded = self._decode(req, tiling, z)
-        except Exception as e:  # noqa: BLE001 - recorded in the manifest
-            return failed_row(req, started_at, e, self.worker)
-        return self.write(req, tiling, decoded, started_at, seconds_denoise)
 
     def _decode(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor, tile: Optional[int] = None):
         """(uint8 pixels, seconds, the VAE tile side it ran with: `tile`, else `vae_tile`'s) of a finished canvas;

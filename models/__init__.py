@@ -19,7 +19,9 @@ from __future__ import annotations
 import importlib
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers / transformers are imported
+# The one place Tessera sets these (run.py, the workers and the benches import diffusers through this package),
+# before diffusers / transformers are imported; a user's own setting stands.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time notices (no torchvision, ...)

@@ -24,7 +24,8 @@ class Family:
     `pipeline_class` for a family whose pipeline diffusers does not ship.  `single_file_transformer` names the
     diffusers transformer class whose `from_single_file` reads the family's single files where they hold the
     transformer alone (the spec's `single_file` is "transformer"); None where a single file is a whole pipeline
-    (SD, SDXL) or is not taken.
+    (SD, SDXL) or is not taken.  `offload_keep` names the pipeline components that diffusers' CPU offload
+    (`model.offload`) leaves out, moved to the GPU whole (`models.loading.cpu_offload`).
     """
 
     name: str
@@ -33,6 +34,7 @@ class Family:
     pipeline_kwargs: Dict[str, Any] = field(default_factory=dict)
     pipeline_class: Optional[type] = None
     single_file_transformer: Optional[str] = None
+    offload_keep: Tuple[str, ...] = ()
 
     @property
     def spec(self) -> FamilySpec:

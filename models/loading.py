@@ -15,11 +15,13 @@ Every path is local (``local_files_only=True``); the options are checked before 
 * ``model.weights=random``: the family's full-size architecture, random weights, for benchmarks.
 
 Then the VAE's dtype (fp32 when fp16 is asked and the VAE has ``force_upcast``), the attention backend,
-and the placement: on the device, or under diffusers' model / sequential CPU offload (GPU only).
+and the placement: on the device, or under diffusers' model / sequential CPU offload (GPU only; `cpu_offload`,
+the family's `offload_keep` and, under sequential offload, the VAE left out of it).
 """
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import torch
 
@@ -118,7 +120,7 @@ def load_transformer_file(family, m: ModelConfig, path: str, config: str, dtype:
                           "architecture in model.config's transformer/config.json") from e
 
 
-def place(pipe, m: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+def place(pipe, family, m: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
     """VAE dtype, attention backend, then the device or CPU offload hooks (in that order: dtype changes
     must precede the hooks)."""
     vae = pipe.vae
@@ -127,15 +129,30 @@ def place(pipe, m: ModelConfig, device: torch.device, dtype: torch.dtype) -> Non
     if m.attention == "xformers":
         pipe.enable_xformers_memory_efficient_attention()
     # sdpa: diffusers' default attention processors already call torch's scaled_dot_product_attention.
-    if m.offload == "model":
+    if m.offload == "none":
+        pipe.to(device)
+        return
+    # sequential: the VAE (~0.2 GB) stays on the GPU: its weights would sit on the meta device, streamed in by hooks
+    # on each submodule's forward, and the tiled decode runs a copy of its blocks that those hooks do not fit.
+    cpu_offload(pipe, m.offload, device, (*family.offload_keep, *(("vae",) if m.offload == "sequential" else ())))
+
+
+def cpu_offload(pipe, mode: str, device: torch.device, keep: Sequence[str] = ()) -> None:
+    """diffusers' CPU offload of `pipe` onto `device`, `mode` "model" (`enable_model_cpu_offload`) or "sequential"
+    (`enable_sequential_cpu_offload`), the components named in `keep` left out of it: moved to `device` whole, no
+    hooks.
+
+    The one place Tessera reaches into diffusers' offload internals (checked against diffusers 0.42.1): neither
+    method takes the components to leave out; both read the pipeline's private `_exclude_from_cpu_offload` (a class
+    attribute diffusers' own pipelines set, e.g. for a safety checker), so it is widened here on this instance.
+    tests/test_models.py::test_cpu_offload_leaves_the_kept_components_whole fails if diffusers stops honouring it."""
+    pipe._exclude_from_cpu_offload = [*pipe._exclude_from_cpu_offload, *keep]
+    if mode == "model":
         pipe.enable_model_cpu_offload(device=device)
-    elif m.offload == "sequential":
-        # The VAE (~0.2 GB) stays on the GPU: its weights would sit on the meta device, streamed in by hooks
-        # on each submodule's forward, and the tiled decode runs a copy of its blocks that those hooks do not fit.
-        pipe._exclude_from_cpu_offload = [*pipe._exclude_from_cpu_offload, "vae"]
+    elif mode == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     else:
-        pipe.to(device)
+        raise ValueError(f"CPU offload mode {mode!r}: 'model' or 'sequential'")
 
 
 def compile_denoiser(adapter) -> None:
@@ -158,5 +175,5 @@ def load_model(model_cfg: ModelConfig):
     device, dtype = pick_device_dtype(model_cfg.dtype)
     check_runtime(model_cfg, device)
     pipe = load_pipeline(fam, model_cfg, device, dtype)
-    place(pipe, model_cfg, device, dtype)
+    place(pipe, fam, model_cfg, device, dtype)
     return fam.adapter(pipe, model_cfg.name, device, dtype, offload=model_cfg.offload, weights=model_cfg.weights)

@@ -101,7 +101,14 @@ class NewbieTransformer2DModel(Lumina2Transformer2DModel):
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: torch.Tensor, pooled_projections: torch.Tensor, return_dict: bool = True):
         """Lumina 2's forward, conditioned on `temb = time_text_embed([t_emb, clip_text_pooled_proj(pooled)])`
-        wherever Lumina 2 uses the timestep embedding (noise refiner, joint blocks, output norm)."""
+        wherever Lumina 2 uses the timestep embedding (noise refiner, joint blocks, output norm).
+
+        Coupled to diffusers: `Lumina2Transformer2DModel.forward` rewritten over its modules (`time_caption_embed`,
+        `rope_embedder`, `x_embedder`, the refiners, `layers`, `norm_out`), since it has no argument for another
+        adaLN input.  Checked against diffusers 0.42.1 (its gradient checkpointing and `attention_kwargs` left out:
+        inference only, no LoRA scale); tests/test_newbie.py's
+        `test_the_forward_walks_diffusers_lumina2_forward_to_the_bit` holds it to diffusers' own forward bit for bit
+        and fails when that changes."""
         b, _, h, w = hidden_states.shape
         t_emb, caption = self.time_caption_embed(hidden_states, timestep, encoder_hidden_states)
         temb = self.time_text_embed(torch.cat([t_emb, self.clip_text_pooled_proj(pooled_projections)], dim=-1))
@@ -155,12 +162,9 @@ class JinaTextStandIn(nn.Module):
 
 class NewbiePipeline(DiffusionPipeline):
     """A NewBie diffusers folder's components, loaded from local files; Tessera's adapter drives them (no __call__).
-
-    Jina CLIP stays out of diffusers' CPU offload (kept on the GPU, 1.1 GB in bf16): accelerate's hooks wrap a
-    module's `forward`, and its text features come from `get_text_features`."""
+    Under CPU offload Jina CLIP (`text_encoder_2`) stays on the GPU: `FAMILY.offload_keep`."""
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
-    _exclude_from_cpu_offload = ["text_encoder_2"]
     system_prompt = SYSTEM_PROMPT
 
     def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2):
@@ -257,5 +261,8 @@ class NewbieModel(Lumina2Model):
         return NewbieCond(super()._encode_pair(prompt, negative), pooled)
 
 
-FAMILY = Family(name="newbie", adapter=NewbieModel, random_pipeline=random_pipeline, pipeline_class=NewbiePipeline)
+# Jina CLIP stays out of diffusers' CPU offload (kept on the GPU, 1.1 GB in bf16): accelerate's hooks wrap a module's
+# `forward`, and its text features come from `get_text_features`.
+FAMILY = Family(name="newbie", adapter=NewbieModel, random_pipeline=random_pipeline, pipeline_class=NewbiePipeline,
+                offload_keep=("text_encoder_2",))
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as models/__init__.py does: some test modules import diffusers first
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,14 +5,12 @@ import logging
 import os
 import threading
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import pytest
+import torch
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from models import demo  # noqa: E402
-from models.demo import (  # noqa: E402
+from models import demo
+from models.demo import (
     DEMO_VERSION,
     SHIPPED_DEMO,
     build_demo_pipeline,

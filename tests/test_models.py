@@ -288,6 +288,24 @@ def test_bad_model_files_are_named(tmp_path, sdxl_dir):
         validate(compose("model=sdxl", f"model.path={tmp_path / 'model.onnx'}"))
 
 
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_cpu_offload_leaves_the_kept_components_whole(mode):
+    """`models.loading.place` under CPU offload, with the CPU standing in for the GPU: every component gets
+    accelerate's hooks (`_hf_hook`; sequential: its weights wait on the meta device) but those left out of it, the
+    VAE under sequential offload, which keeps real weights and no hook.  This guards `models.loading.cpu_offload`,
+    the one place that sets diffusers' private `_exclude_from_cpu_offload` (checked against diffusers 0.42.1): it
+    fails if diffusers stops reading that attribute."""
+    from models.loading import place
+
+    pipe = build_tiny_sdxl()
+    place(pipe, family("sdxl"), spec.ModelConfig(name="sdxl", offload=mode), torch.device("cpu"), torch.float32)
+    kept = {"vae"} if mode == "sequential" else set()
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module, devices = getattr(pipe, name), {p.device.type for p in getattr(pipe, name).parameters()}
+        assert hasattr(module, "_hf_hook") is (name not in kept), name
+        assert devices == ({"meta"} if mode == "sequential" and name not in kept else {"cpu"}), (name, devices)
+
+
 def test_options_that_need_a_gpu_or_a_package_fail_clearly_on_this_worker():
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only refusal")

@@ -12,7 +12,8 @@ The equality checks, and what they prove:
   Lumina2Transformer2DModel (same weights) whose timestep embedding is replaced, through a forward hook, by
   `time_text_embed([t_emb, clip_text_pooled_proj(pooled)])` written here from NewBie's models/model.py
   (`NextDiT_CLIP.forward`), on a batch whose captions differ in length.  So the variant is Lumina 2 plus exactly the
-  published conditioning, with the published layer names.
+  published conditioning, with the published layer names.  `test_the_forward_walks_diffusers_lumina2_forward_to_the_bit`
+  holds the forward's walk over Lumina 2's modules to diffusers' own forward, bit for bit.
 * `test_one_tile_equals_the_official_sampling_loop`: for a canvas of one tile, Tessera's tiled render equals a plain
   loop written here from NewBie's demo.py: its `encode_prompt` (Gemma's penultimate layer of the system-prompted
   texts padded to a multiple of 8, Jina's pooled features of the raw texts), `forward_with_cfg` at the demo's
@@ -279,6 +280,51 @@ def test_the_transformer_is_lumina2_with_the_published_adaln_input():
     assert got.shape == (2, 16, 8, 12)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (other - got).abs().mean() > 1e-2  # the pooled text moves the prediction
+
+
+@pytest.mark.parametrize("caption", [4, 7])
+def test_the_forward_walks_diffusers_lumina2_forward_to_the_bit(caption):
+    """NewbieTransformer2DModel.forward re-walks Lumina2Transformer2DModel's modules (checked against diffusers
+    0.42.1).  Diffusers' own forward, run on the same module with the adaLN input NewBie computes from the same
+    layers (a hook on `time_caption_embed`), gives the same output to the bit: captions of unequal lengths (the
+    masked joint path) and of equal ones (no mask).  A diffusers release whose Lumina 2 forward walks otherwise
+    fails here."""
+    from diffusers import Lumina2Transformer2DModel
+
+    ours = NewbieTransformer2DModel(**TINY_TRANSFORMER, clip_text_dim=CLIP_DIM).eval()
+    ours.load_state_dict(released_state_dict(), strict=True)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 16, 8, 12, generator=g), torch.tensor([0.3, 0.9])
+    text, pooled = torch.randn(2, 7, 32, generator=g), torch.randn(2, CLIP_DIM, generator=g)
+    mask = torch.tensor([[1] * 7, [1] * caption + [0] * (7 - caption)], dtype=torch.bool)
+
+    def newbie_adaln(module, args, out):
+        t_emb, text_emb = out
+        return ours.time_text_embed(torch.cat([t_emb, ours.clip_text_pooled_proj(pooled)], dim=-1)), text_emb
+
+    hook = ours.time_caption_embed.register_forward_hook(newbie_adaln)
+    try:
+        with torch.no_grad():
+            want = Lumina2Transformer2DModel.forward(ours, x, t, text, mask, return_dict=False)[0]
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        got = ours(x, t, text, mask, pooled, return_dict=False)[0]
+    assert got.shape == want.shape == (2, 16, 8, 12)
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
+def test_jina_clip_stays_out_of_cpu_offload(newbie_dir):
+    """`model.offload=model` (the CPU standing in for the GPU): Gemma, the transformer and the VAE get accelerate's
+    hooks, Jina CLIP (`FAMILY.offload_keep`) none, since its text features come from `get_text_features`, which the
+    hooks do not wrap."""
+    from models.loading import place
+
+    pipe = NewbiePipeline.from_pretrained(newbie_dir, trust_remote_code=True)
+    place(pipe, family("newbie"), cfg_of(newbie_dir, "model.offload=model").model, torch.device("cpu"), torch.float32)
+    names = ("text_encoder", "transformer", "vae", "text_encoder_2")
+    hooked = {n: hasattr(getattr(pipe, n), "_hf_hook") for n in names}
+    assert hooked == {"text_encoder": True, "transformer": True, "vae": True, "text_encoder_2": False}
 
 
 # ---------------------------------------------------------------------------------- text conditioning

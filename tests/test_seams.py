@@ -249,12 +249,19 @@ def naive_scores(renderer, req, cfg, z):
     return seam_scores(to_uint8(img, req.width, req.height), req, tiling, 8)
 
 
-def tessera_scores(renderer, req, cfg, z, tiling=None):
-    """The manifest row's seam scores: Tessera's shared-statistics tiled decode, written and scored."""
+def tessera_row(renderer, req, tiling, z):
+    """The manifest row of a finished latent: Tessera's shared-statistics tiled decode (`Renderer._decode`), the
+    file written and its seams scored (`Renderer.write`), as `Renderer.render_group` does after its denoise."""
     from cluster.renderer import now
 
-    row = renderer.finish(req, tiling or cfg.tiling, z, now(), 0.0)
+    row = renderer.write(req, tiling, renderer._decode(req, tiling, z), now(), 0.0)
     assert row["status"] == "ok", row["error"]
+    return row
+
+
+def tessera_scores(renderer, req, cfg, z, tiling=None):
+    """The manifest row's seam scores: Tessera's shared-statistics tiled decode, written and scored."""
+    row = tessera_row(renderer, req, tiling or cfg.tiling, z)
     return {k: row[k] for k in ("seam_score", "seam_score_vae")}
 
 
@@ -286,13 +293,12 @@ def test_a_wrapped_image_laid_beside_itself_shows_no_edge(demo, capsys, tmp_path
     """wrap=both: the edges where the image meets its copy score like one line inside it (the score of a
     single line spreads by 0.05 or more at this size; seeds 0-7: 0.85 to 1.09), and the borders inside,
     wrapped grids included, within 5% of 1. The same seeds without wrap score 1.18 to 1.59 across x."""
-    from cluster.renderer import now
     from tiling.render import latent_size
 
     renderer, config = demo
     cfg = config("tiling.method=gaussian", "tiling.overlap=4", "tiling.wrap=both")
     req, z = demo_latent(renderer, cfg)
-    row = renderer.finish(req, cfg.tiling, z, now(), 0.0)
+    row = tessera_row(renderer, req, cfg.tiling, z)
     pixels = np.asarray(Image.open(Path(cfg.output.dir) / row["path"]))
     h, w = latent_size(req, 8)
     for tile, overlap in ((cfg.tiling.tile, cfg.tiling.overlap), (cfg.tiling.vae_tile, cfg.tiling.vae_overlap)):
