@@ -298,8 +298,8 @@ class Renderer:
         with self._decoding:
             for req, z in zip(reqs, zs):
                 try:
-                    tile = self._vae_plans[(tiling.vae_tile, *z.shape[-2:])][0] if beside else None
-                    out.append(self._decode(req, tiling, z, tile))
+                    out.append(self._decode(req, tiling, z, self._vae_plans[(tiling.vae_tile, *z.shape[-2:])][0])
+                               if beside else self._decode(req, tiling, z))
                 except DecodeError:
                     return None
                 except Exception as e:  # noqa: BLE001 - that image's row says why
