@@ -251,11 +251,7 @@ class Renderer:
                 try:
                     peak_key = (group_key(reqs[0]), len(reqs))
                     measure = self.overlap and peak_key not in self._peaks
-                    with ExitStack() as held:
-                        held.enter_context(self._device)
-                        if fp32 or measure:  # the VAE's dtype changes / the peak is this denoise's alone
-                            held.enter_context(self._decoding)
-                        held.enter_context(self._in_fp32(fp32))
+                    with self._holding(fp32, measure):
                         base = self._peak_start() if measure else 0
                         t0 = time.perf_counter()
                         zs = self._denoise(reqs, tiling, batch, tick)
@@ -288,6 +284,18 @@ class Renderer:
             return [failed_row(req, started, e, self.worker, notes) for req in reqs]
         return [failed_row(req, started, d, self.worker, notes) if isinstance(d, Exception)
                 else self.write(req, tiling, d, started, seconds, notes) for req, d in zip(reqs, decoded)]
+
+    @contextmanager
+    def _holding(self, fp32: bool, measure: bool):
+        """The device lock for a denoise; the decode lock too where no decode may run beside it (an fp32 retry
+        changes the VAE's dtype, a `measure`d denoise's memory peak must be its own); the models in fp32 for a
+        retry."""
+        with ExitStack() as held:
+            held.enter_context(self._device)
+            if fp32 or measure:
+                held.enter_context(self._decoding)
+            held.enter_context(self._in_fp32(fp32))
+            yield
 
     def _decode_group(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, zs,
                       beside: bool = False) -> Optional[list]:
