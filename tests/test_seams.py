@@ -1,7 +1,6 @@
 """The seam score, the heat map and the seam tool (bench/inspect_seams.py), on images whose seams are known; the score's
 bounds on random-demo renders (a naive tiler scores clearly above 1, Tessera's methods within 5% of 1)."""
 import math
-import os
 import re
 import subprocess
 import sys

@@ -6,7 +6,6 @@ Direct tiled txt2img gives one sun per tile; the progressive strategy (the defau
 and one horizon. The VAE runs as one tile (tiling.vae_tile=128 covers these canvases), which is the full-frame
 decode: it changes nothing the measures see and saves most of the CPU time.
 """
-import os
 import sys
 from pathlib import Path
 
