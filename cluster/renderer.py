@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import List, Optional, Sequence
@@ -176,11 +176,10 @@ class Renderer:
             self._vae_plans[(tiling.vae_tile, h, w)] = (tile, free)
         return tile
 
-    def _fits_beside(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, zs) -> bool:
-        """Whether the decode of a group's canvases may run beside the other call's next denoise: `overlap` on,
-        the group's denoise peak measured, and each canvas's VAE tile chosen here before, alone (`vae_tile`), its
-        decode and that peak within 80% of the free memory it was chosen in."""
-        peak = self._peaks.get((group_key(reqs[0]), len(reqs)))
+    def _fits_beside(self, req: ImageRequest, tiling: TilingConfig, zs, peak: Optional[int]) -> bool:
+        """Whether the decode of a group's canvases (`req` the first image's) may run beside the other call's next
+        denoise: `overlap` on, the group's denoise `peak` measured, and each canvas's VAE tile chosen here before,
+        alone (`vae_tile`), its decode and that peak within 80% of the free memory it was chosen in."""
         if not self.overlap or peak is None:
             return False
         for z in zs:
@@ -188,7 +187,7 @@ class Renderer:
             if key not in self._vae_plans:
                 return False
             tile, free = self._vae_plans[key]
-            if tile_bytes(self.final_model(reqs[0]).vae, *z.shape[-2:], tile) + peak > 0.8 * free:
+            if tile_bytes(self.final_model(req).vae, *z.shape[-2:], tile) + peak > 0.8 * free:
                 return False
         return True
 
@@ -249,7 +248,7 @@ class Renderer:
                 notes += [n for n in (self._prompt_note(reqs[0].prompt),) if n]
             while True:
                 try:
-                    peak_key = (group_key(reqs[0]), len(reqs))
+                    peak_key = (group_key(reqs[0]), len(reqs))  # what `_fits_beside` reads back
                     measure = self.overlap and peak_key not in self._peaks
                     with self._holding(fp32, measure):
                         base = self._peak_start() if measure else 0
@@ -259,7 +258,8 @@ class Renderer:
                         if measure:
                             self._peaks[peak_key] = self._peak_since(base)
                         finite = all(bool(torch.isfinite(z).all()) for z in zs)
-                        beside = finite and not fp32 and self._fits_beside(reqs, tiling, zs)
+                        beside = (finite and not fp32
+                                  and self._fits_beside(reqs[0], tiling, zs, self._peaks.get(peak_key)))
                         decoded = self._decode_group(reqs, tiling, zs) if finite and not beside else None
                     if beside:
                         decoded = self._decode_beside(reqs, tiling, zs)
@@ -320,15 +320,13 @@ class Renderer:
         """`_decode_group` without the device lock, on this worker's own CUDA stream, beside the other call's next
         denoise; out of memory there, the group is decoded again alone (holding the device lock)."""
         try:
-            stream = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
-            with stream:
+            with torch.cuda.stream(self._stream):  # no stream (a CPU): the caller's
                 if self._stream is not None:
                     self._stream.wait_stream(torch.cuda.default_stream(self._stream.device))  # the canvases done
                 return self._decode_group(reqs, tiling, zs, beside=True)
         except torch.OutOfMemoryError:
             log.warning("CUDA out of memory decoding beside a denoise: decoded again alone")
-            if self._stream is not None:
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()
             with self._device:
                 return self._decode_group(reqs, tiling, zs)
 

@@ -34,7 +34,6 @@ from .loading import DTYPES, load_model, pick_device_dtype, quiet, resolve_path 
 from .schedulers import SCHEDULERS, make_scheduler  # noqa: E402
 
 
-
 def family(name: str):
     """The :class:`models.base.Family` of a family name ("sd") or a model name ("sd15"): the ``FAMILY`` of the
     module its spec names (``jobs.families.FamilySpec.module``)."""
