@@ -99,6 +99,21 @@ def test_shared_statistics_match_the_full_decode_and_beat_separate_tiles(vae, z,
     assert psnr(shared, full) >= psnr(own_stats, full) + 12
 
 
+def test_an_attention_free_vae_decodes_and_encodes_tiled_as_whole():
+    """The light demo VAE's layout (bench/train_light_vae.py): no mid-block attention, so the latent-resolution
+    stage is convolutions and GroupNorms only; the tiled decode and encode still match the whole-frame pass."""
+    vae = small_vae(mid_block_add_attention=False)
+    assert vae.decoder.mid_block.attentions[0] is None
+    z = latent(24, 32)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(7)) * 2 - 1,
+                                        scale_factor=4, mode="bilinear")
+    with torch.no_grad():
+        full, mean = vae.decode(z).sample[0], vae.encode(x).latent_dist.mean
+    assert psnr(decode_tiled_shared(vae, z, tile=8, overlap=2), full) >= 45
+    tiled = encode_tiled(vae, x, tile=8, overlap=2)
+    assert (10 * torch.log10(mean.var() / ((tiled - mean) ** 2).mean())).item() >= 45
+    torch.testing.assert_close(decode_tiled_shared(vae, z, tile=32, overlap=0), full, atol=1e-6, rtol=0)
+
 
 def test_one_tile_with_its_own_statistics_is_the_full_decode(vae, z, full):
     assert torch.allclose(decode_tiled_shared(vae, z, tile=64, overlap=0, passes=1), full, atol=1e-5)
