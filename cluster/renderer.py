@@ -111,11 +111,11 @@ class Renderer:
                       if getattr(self.stage_model, k) != getattr(self.model, k)]
             if differ:
                 raise ConfigError("model.stage_path", model.stage_path, "does not fit the model: " + ", ".join(differ))
-        if model.deep_cache > 1:  # the family is a UNet one (validated); this checks the loaded UNet itself
+        if model.deep_cache > 1:  # the family can (validated); this checks the loaded denoiser itself
             for m in self.models():
                 why = why_not(getattr(m, m.denoiser))
                 if why:
-                    raise ConfigError("model.deep_cache", model.deep_cache, f"cannot split this model's UNet: {why}")
+                    raise ConfigError("model.deep_cache", model.deep_cache, f"cannot split this model's denoiser: {why}")
         self.compiled = model.compile
         if model.compile:
             for m in self.models():

@@ -30,7 +30,8 @@ class FamilySpec:
     or None: it loads from diffusers folders only, for the reason `folder_only`.  `remote_code`: its weights ship
     Python code, so its folders load only with model.trust_remote_code.  `anchor`, `dilation`: how its enlarged
     stages hold their composition when job.anchor / job.dilation are null.  `xml_prompts`: how an XML prompt
-    reaches its text encoder (jobs.xml_prompts): "xml" as written, "tags" flattened.
+    reaches its text encoder (jobs.xml_prompts): "xml" as written, "tags" flattened.  `deep_cache`: its denoiser
+    runs in two parts for model.deep_cache (models/deepcache.py).
     """
 
     name: str
@@ -46,6 +47,7 @@ class FamilySpec:
     pipeline_aliases: Tuple[str, ...] = ()
     remote_code: bool = False
     xml_prompts: str = "tags"
+    deep_cache: bool = False
 
 
 # The stage guides were measured on the test beds (BENCHMARKS.md "The low-frequency anchor"): the UNets keep their
@@ -53,11 +55,12 @@ class FamilySpec:
 # bed keeps it and sharpens the rim with dilated sampling alone (the anchor left it blurred, 20 px against 4).
 # The DiTs are trained at about 1024 x 1024 (their configs do not say).
 FAMILIES: Dict[str, FamilySpec] = {f.name: f for f in (
-    FamilySpec("sd", "models.sd", "StableDiffusionPipeline", NOISE_SCHEDULERS, native=512, anchor=1.0, dilation=0.0),
+    FamilySpec("sd", "models.sd", "StableDiffusionPipeline", NOISE_SCHEDULERS, native=512, anchor=1.0, dilation=0.0,
+               deep_cache=True),
     FamilySpec("sdxl", "models.sdxl", "StableDiffusionXLPipeline", NOISE_SCHEDULERS, native=1024, anchor=1.0,
-               dilation=0.0),
+               dilation=0.0, deep_cache=True),
     FamilySpec("z_image", "models.zimage", "ZImagePipeline", FLOW_SCHEDULERS, native=1024, anchor=0.0, dilation=0.5,
-               patch=2, single_file="transformer"),
+               patch=2, single_file="transformer", deep_cache=True),
     FamilySpec("lumina2", "models.lumina2", "Lumina2Pipeline", FLOW_SCHEDULERS, native=1024, anchor=0.0,
                dilation=0.5, patch=2, single_file="transformer", pipeline_aliases=("Lumina2Text2ImgPipeline",)),
     # NewbiePipeline is not in diffusers: models/newbie.py holds it.  Its Jina CLIP v2 text encoder is shipped code.

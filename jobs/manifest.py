@@ -72,7 +72,7 @@ SCHEMA = pa.schema([
     ("mtime_ns", pa.int64()),  # the file's modification time when written: resume compares it and the size
     ("warnings", pa.string()),  # what the image's render should tell (a truncated prompt, a retry), "; "-joined
     ("regions", pa.string()),  # JSON: the region prompts [{box, prompt, negative_prompt, weight, feather}], or null
-    ("deep_cache", pa.int64()),  # model.deep_cache: the whole UNet every N-th step (0, 1: every step)
+    ("deep_cache", pa.int64()),  # model.deep_cache: the whole denoiser every N-th step (0, 1: every step)
 ])
 TORN = "_torn"  # where unreadable parts are moved (ignored by pyarrow.dataset, as every _ name)
 STATUSES = ("ok", "failed")

@@ -93,7 +93,7 @@ class ImageRequest:
     regions: Tuple[RegionPrompt, ...] = ()  # region prompts over `prompt`, the background (an XML prompt's
     #                                         placed characters after job.regions)
     stage_model: Optional[str] = None  # model.stage_path's folder name (a hires checkpoint), or None
-    deep_cache: int = 0  # model.deep_cache: the whole UNet every N-th step (0, 1: every step)
+    deep_cache: int = 0  # model.deep_cache: the whole denoiser every N-th step (0, 1: every step)
 
     def prompt_pairs(self) -> Tuple[Tuple[str, str], ...]:
         """(prompt, negative) of the background and of each region: what `TileBatch.prompt` indexes."""

@@ -30,7 +30,7 @@ MODEL_NAMES = tuple(MODELS)
 # Which weights the shipped demo holds, for image ids (its folder's place on disk depends on the install, its pixels
 # do not): the test bed of ../shared/testbed as copied into the project on 2026-12-01; a new name with new weights.
 DEMO_WEIGHTS = "scenes-sd-2026-12-01"
-DEEP_CACHE_MAX = 10  # model.deep_cache: at most the whole UNet every 10th step
+DEEP_CACHE_MAX = 10  # model.deep_cache: at most the whole denoiser every 10th step
 VAE_FACTOR = 8  # image pixels per latent pixel, for every family here
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 WEIGHTS = ("pretrained", "random")
@@ -77,8 +77,9 @@ class ModelConfig:
     compile: bool = False  # torch.compile the denoiser for the fixed tile shape (GPU; compile time paid once)
     stage_path: Optional[str] = None  # a hires checkpoint: a diffusers folder of the same family whose weights run
     #                                   the enlarged stages (and an init image's); the base stays model.path's
-    deep_cache: int = 0  # DeepCache: the whole UNet every N-th step of each loop, its outermost level alone in
-    #                      between on the deep features cached in canvas coordinates (models/deepcache.py); 0, 1: off
+    deep_cache: int = 0  # DeepCache: the whole denoiser every N-th step of each loop, in between a UNet's outermost
+    #                      level alone (Z-Image: its first block) on the deep features cached in canvas coordinates
+    #                      (models/deepcache.py); 0, 1: off
 
 
 @dataclass
@@ -354,8 +355,9 @@ def validate_model(m: ModelConfig) -> None:
     fam = family_of(m.name)
     family = fam.name
     _int_in("model.deep_cache", m.deep_cache, 0, DEEP_CACHE_MAX)
-    _check(m.deep_cache <= 1 or not fam.patch, "model.deep_cache", m.deep_cache,
-           f"caches a UNet's deep features; model={m.name} ({family} family) is a transformer")
+    _check(m.deep_cache <= 1 or fam.deep_cache, "model.deep_cache", m.deep_cache,
+           f"caches the deep features of a UNet or of Z-Image's transformer; model={m.name} ({family} family) has "
+           "no two-part forward here")
     if m.stage_path is not None:
         _check(m.weights == "pretrained", "model.stage_path", m.stage_path, "not used with model.weights=random")
         _check(isinstance(m.stage_path, str) and os.path.isdir(os.path.expanduser(m.stage_path)), "model.stage_path",

@@ -99,19 +99,25 @@ class Adapter:
         self._cache = PromptCache(self._encode_pair)
         self.deep_calls = (deepcache.full, deepcache.shallow)  # model.compile compiles them too
 
-    def unet_call(self, x: torch.Tensor, t, enc: torch.Tensor, added: Optional[dict] = None, deep=None,
-                  halves: int = 1) -> torch.Tensor:
-        """The UNet's prediction for a model batch x (`halves` tiles' copies: 2 under guidance, negatives first),
-        the whole UNet, or under DeepCache (`deep`, a `models.deepcache.DeepStep`) a full call that hands its deep
-        features to `deep.keep` per tile, or a shallow one on `deep.features`."""
-        if deep is None:
-            return self.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+    def deep_call(self, deep, halves: int, *inputs):
+        """The denoiser under DeepCache (`deep`, a `models.deepcache.DeepStep`) on a model batch (`inputs`, as
+        `deep_calls` take them after the denoiser; `halves` copies of the tiles: 2 under guidance): a full call
+        that hands its deep features to `deep.keep` per tile, or a shallow one on `deep.features`."""
         full, shallow = self.deep_calls
+        net = getattr(self, self.denoiser)
         if deep.features is None:
-            out, feats = full(self.unet, x, t, enc, added)
+            out, feats = full(net, *inputs)
             deep.keep(deepcache.per_tile(feats, halves))
             return out
-        return shallow(self.unet, x, t, enc, added, deepcache.per_call(deep.features, halves))
+        return shallow(net, *inputs, deepcache.per_call(deep.features, halves))
+
+    def unet_call(self, x: torch.Tensor, t, enc: torch.Tensor, added: Optional[dict] = None, deep=None,
+                  halves: int = 1) -> torch.Tensor:
+        """The UNet's prediction for a model batch x (`halves` tiles' copies: 2 under guidance, negatives first):
+        the whole UNet, or under DeepCache (`deep`) `deep_call`'s."""
+        if deep is None:
+            return self.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+        return self.deep_call(deep, halves, x, t, enc, added)
 
     @property
     def family(self) -> str:

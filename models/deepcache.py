@@ -1,4 +1,4 @@
-"""DeepCache (Ma, Fang and Wang, CVPR 2024) for the UNet families: the UNet's forward in two parts.
+"""DeepCache (Ma, Fang and Wang, CVPR 2024): the denoiser's forward in two parts, for the UNets and for Z-Image.
 
 A UNet's deep blocks change little from one denoising step to the next; its outermost level (the first down block
 and the last up block, at the latent's own resolution) carries the detail. So a *full* call runs the whole UNet and
@@ -11,10 +11,20 @@ This is the one module that walks `diffusers.UNet2DConditionModel`'s blocks by h
 0.42, without ControlNet, T2I-adapter or GLIGEN inputs, which Tessera never passes); `tests/test_deepcache.py` holds
 `full`'s prediction to the model's own `forward` bit for bit, so a diffusers release that changes the forward fails
 there loudly.
+
+Z-Image's single-stream transformer has no levels; its analogue is the first-block cache of the DiT literature
+(FORA, Delta-DiT; diffusers' FirstBlockCache decides by a threshold, here at DeepCache's fixed interval): a *full*
+call runs every block and returns the residual the blocks after the first add to the image tokens, a *shallow*
+call runs the embedders, the refiners, the first block and the final layer, and adds a cached residual between
+them. The residual is a map of tokens, one per 2x2 patch; `dit_full` returns it at the latent's resolution (each
+token repeated over its patch), so the same canvas cache holds it and tiles whose windows start on any latent
+pixel find it (`dit_shallow` averages each patch back to a token). `dit_full` walks
+`ZImageTransformer2DModel.forward` (diffusers 0.42, its basic mode: one image a sample, no ControlNet), and the
+same test holds it to the forward bit for bit.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -41,10 +51,13 @@ def per_call(feats: torch.Tensor, halves: int) -> torch.Tensor:
 
 
 def why_not(unet) -> Optional[str]:
-    """None where `unet` can run in two parts, else why not (a transformer, a class-conditioned UNet, ...)."""
+    """None where the denoiser `unet` can run in two parts, else why not (another transformer than Z-Image's, a
+    class-conditioned UNet, ...)."""
     unet = getattr(unet, "_orig_mod", unet)
+    if type(unet).__name__ == "ZImageTransformer2DModel":
+        return None if len(unet.layers) >= 2 else "the transformer has one block"
     if not hasattr(unet, "up_blocks") or not hasattr(unet, "down_blocks"):
-        return f"{type(unet).__name__} is not a UNet"
+        return f"{type(unet).__name__} is neither a UNet nor Z-Image's transformer"
     if len(unet.down_blocks) < 2 or unet.class_embedding is not None or unet.config.center_input_sample:
         return "the UNet has one level, class embeddings or a centred input"
     if unet.config.addition_embed_type not in (None, "text_time"):
@@ -123,3 +136,67 @@ def shallow(unet, sample: torch.Tensor, t, enc: torch.Tensor, added: Optional[di
             x = attention(x, encoder_hidden_states=enc, return_dict=False)[0]
         res += (x,)
     return _out(unet, _up(unet.up_blocks[-1], deep.to(x.dtype), res, emb, enc))
+
+
+def _dit_begin(tr, x: List[torch.Tensor], t: torch.Tensor, caps: List[torch.Tensor], p: int = 2, f: int = 1):
+    """Z-Image's forward up to its main blocks: (the unified sequence, its rotary frequencies and mask, the
+    time embedding, the images' sizes), as `ZImageTransformer2DModel.forward` computes them in its basic mode."""
+    device = x[0].device
+    adaln = tr.t_embedder(t * tr.t_scale).type_as(x[0])
+    xs, cs, size, x_pos, cap_pos, x_pad, cap_pad = tr.patchify_and_embed(x, caps, p, f)
+    x_lens = [len(v) for v in xs]
+    h = tr.all_x_embedder[f"{p}-{f}"](torch.cat(xs, dim=0))
+    h, h_freqs, h_mask, _, _ = tr._prepare_sequence(list(h.split(x_lens, dim=0)), x_pos, x_pad, tr.x_pad_token,
+                                                    None, device)
+    for layer in tr.noise_refiner:
+        h = layer(h, h_mask, h_freqs, adaln, None, None, None)
+    cap_lens = [len(c) for c in cs]
+    c = tr.cap_embedder(torch.cat(cs, dim=0))
+    c, c_freqs, c_mask, _, _ = tr._prepare_sequence(list(c.split(cap_lens, dim=0)), cap_pos, cap_pad,
+                                                    tr.cap_pad_token, None, device)
+    for layer in tr.context_refiner:
+        c = layer(c, c_mask, c_freqs)
+    u, u_freqs, u_mask, _ = tr._build_unified_sequence(h, h_freqs, x_lens, None, c, c_freqs, cap_lens, None, None,
+                                                       None, None, None, False, device)
+    return u, u_freqs, u_mask, adaln, size
+
+
+def _dit_end(tr, u: torch.Tensor, adaln: torch.Tensor, size, p: int = 2, f: int = 1) -> List[torch.Tensor]:
+    return tr.unpatchify(list(tr.all_final_layer[f"{p}-{f}"](u, c=adaln).unbind(dim=0)), size, p, f)
+
+
+def _grid(size, p: int) -> Tuple[int, int, int]:
+    (frames, h, w), = set(size)  # a batch of tiles: one size
+    return frames * (h // p) * (w // p), h // p, w // p
+
+
+@torch.no_grad()
+def dit_full(tr, x: List[torch.Tensor], t: torch.Tensor, caps: List[torch.Tensor]
+             ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """(Z-Image's prediction, as its forward returns it, for n images [C, 1, h, w]; the residual its blocks after
+    the first add to the image tokens, [n, D, h, w] in float32, each token over its 2x2 patch)."""
+    tr = getattr(tr, "_orig_mod", tr)
+    u, freqs, mask, adaln, size = _dit_begin(tr, x, t, caps)
+    u = tr.layers[0](u, mask, freqs, adaln, None, None, None)
+    first = u
+    for layer in tr.layers[1:]:
+        u = layer(u, mask, freqs, adaln, None, None, None)
+    p = 2
+    n_img, gh, gw = _grid(size, p)
+    deep = (u[:, :n_img].float() - first[:, :n_img].float()).view(len(x), gh, gw, -1).permute(0, 3, 1, 2)
+    return _dit_end(tr, u, adaln, size), deep.repeat_interleave(p, 2).repeat_interleave(p, 3)
+
+
+@torch.no_grad()
+def dit_shallow(tr, x: List[torch.Tensor], t: torch.Tensor, caps: List[torch.Tensor], deep: torch.Tensor
+                ) -> List[torch.Tensor]:
+    """Z-Image's prediction with the blocks after the first replaced by the residual `deep` (as `dit_full`
+    returns it): dit_shallow(x, t, caps, dit_full(x, t, caps)[1]) is dit_full's prediction up to rounding."""
+    tr = getattr(tr, "_orig_mod", tr)
+    u, freqs, mask, adaln, size = _dit_begin(tr, x, t, caps)
+    u = tr.layers[0](u, mask, freqs, adaln, None, None, None)
+    p = 2
+    n_img, gh, gw = _grid(size, p)
+    tokens = torch.nn.functional.avg_pool2d(deep.float(), p).flatten(2).transpose(1, 2)  # [n, tokens, D]
+    u = torch.cat([(u[:, :n_img].float() + tokens).to(u.dtype), u[:, n_img:]], dim=1)
+    return _dit_end(tr, u, adaln, size)

@@ -75,17 +75,20 @@ class FlowModel(Adapter):
         self.num_train_timesteps = self.scheduler_config.get("num_train_timesteps", 1000)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, t, cond, guidance: float, tiles=None, canvas=None) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, t, cond, guidance: float, tiles=None, canvas=None, deep=None) -> torch.Tensor:
         """What `FlowMatchEulerDiscreteScheduler.step` takes for tiles [n, C, h, w] at scheduler timestep t: the
         negated, guided velocity (both halves of guidance in one transformer call).  Tiles carry no size
-        conditioning here (`tiles`, `canvas` unused): see the module docstring on positions."""
+        conditioning here (`tiles`, `canvas` unused): see the module docstring on positions.  `deep`: under
+        DeepCache (Z-Image only: `models.deepcache.dit_full`), `Adapter.deep_call`'s step."""
         n, _, h, w = x.shape
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"model={self.name}: a {h}x{w} latent tile is not whole {p}x{p} patches "
                              f"(tiling.tile and a canvas smaller than a tile must be multiples of {p})")
         s = (1.0 - torch.as_tensor(t, dtype=torch.float32, device=self.device) / self.num_train_timesteps).expand(n)
-        return -self._guided(x.to(self.device, self.dtype), s, cond, guidance).float()
+        x = x.to(self.device, self.dtype)
+        v = self._guided(x, s, cond, guidance) if deep is None else self._guided(x, s, cond, guidance, deep=deep)
+        return -v.float()
 
     def _guided(self, x: torch.Tensor, s: torch.Tensor, cond, guidance: float) -> torch.Tensor:
         raise NotImplementedError

@@ -160,8 +160,8 @@ def compile_denoiser(adapter) -> None:
     static shapes; the renderer feeds it one batch shape (short batches padded), so it compiles once per tile
     size, on the first call, and the worker reuses it for the whole job."""
     setattr(adapter, adapter.denoiser, torch.compile(getattr(adapter, adapter.denoiser), dynamic=False))
-    if adapter.denoiser == "unet":  # DeepCache's two halves of its forward (model.deep_cache)
-        adapter.deep_calls = tuple(torch.compile(f, dynamic=False) for f in adapter.deep_calls)
+    # DeepCache's two parts of the forward (model.deep_cache), compiled lazily: on their first call, if any
+    adapter.deep_calls = tuple(torch.compile(f, dynamic=False) for f in adapter.deep_calls)
 
 
 def load_model(model_cfg: ModelConfig):

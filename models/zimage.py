@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import deepcache
 from .base import Family, seeded_build
 from .flow import CHAT_TEMPLATE, FLUX_VAE, FlowModel, byte_tokenizer
 
@@ -77,6 +78,7 @@ class ZImageModel(FlowModel):
     def __init__(self, pipe, name: str, device: torch.device, dtype: torch.dtype, offload: str = "none",
                  weights: str = "pretrained"):
         super().__init__(pipe, name, device, dtype, offload, weights)
+        self.deep_calls = (deepcache.dit_full, deepcache.dit_shallow)
         patches = tuple(self.transformer.config.all_patch_size)
         if self.patch_size not in patches:
             raise ValueError(f"model={name}: the transformer has patch sizes {patches}; ZImagePipeline uses "
@@ -98,17 +100,24 @@ class ZImageModel(FlowModel):
         self._release_text_encoders()
         return cond
 
-    def _guided(self, x: torch.Tensor, s: torch.Tensor, cond: ZImageCond, guidance: float) -> torch.Tensor:
+    def _call(self, x: torch.Tensor, s: torch.Tensor, caps, deep, halves: int):
+        """The transformer on a model batch x [m, C, h, w] (`halves` copies of the tiles), whole or under
+        DeepCache (`deep`)."""
+        xs = list(x.unsqueeze(2).unbind(0))
+        if deep is None:
+            return self.transformer(xs, s, caps, return_dict=False)[0]
+        return self.deep_call(deep, halves, xs, s, caps)
+
+    def _guided(self, x: torch.Tensor, s: torch.Tensor, cond: ZImageCond, guidance: float, deep=None
+                ) -> torch.Tensor:
         n = x.shape[0]
         if guidance > 0:  # ZImagePipeline: prompts first, then negatives, in one call
-            out = self.transformer(list(torch.cat([x, x]).unsqueeze(2).unbind(0)), torch.cat([s, s]),
-                                   [cond.prompt] * n + [cond.negative] * n, return_dict=False)[0]
+            out = self._call(torch.cat([x, x]), torch.cat([s, s]), [cond.prompt] * n + [cond.negative] * n, deep, 2)
             pos = torch.stack([o.float() for o in out[:n]])
             neg = torch.stack([o.float() for o in out[n:]])
             v = pos + guidance * (pos - neg)
         else:
-            out = self.transformer(list(x.unsqueeze(2).unbind(0)), s, [cond.prompt] * n, return_dict=False)[0]
-            v = torch.stack([o.float() for o in out])
+            v = torch.stack([o.float() for o in self._call(x, s, [cond.prompt] * n, deep, 1)])
         return v.squeeze(2)
 
 

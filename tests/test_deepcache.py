@@ -1,5 +1,7 @@
 """DeepCache (model.deep_cache): the UNet's forward in two parts, the features kept in canvas coordinates, the
 renders that use them, and the options' validation."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from tiling.fuse import crop
 from tiling.grid import layout, step_layouts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def _sdxl_unet_inputs(n, h, w):
@@ -46,6 +49,30 @@ def test_the_two_part_forward_is_the_unets_own_bit_for_bit(family, hw):
     assert torch.equal(deepcache.shallow(unet, x, 500, enc, added, deep), ref)
     later = deepcache.shallow(unet, x, 400, enc, added, deep)  # another step on the cached feature: close, not equal
     assert not torch.equal(later, ref) and torch.isfinite(later).all()
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (22, 40)])
+def test_z_images_two_part_forward_is_its_own(hw):
+    """`dit_full` is diffusers' ZImageTransformer2DModel.forward bit for bit (the Z-Image test bed's transformer,
+    captions of two lengths), its residual over 2x2 patches at the latent's size; the first block and the final
+    layer on that residual give the same prediction (up to float rounding: the residual is a difference)."""
+    from diffusers import ZImageTransformer2DModel
+
+    tr = ZImageTransformer2DModel.from_pretrained(str(ASSETS / "scenes-zimage" / "transformer")).eval()
+    assert deepcache.why_not(tr) is None
+    torch.manual_seed(0)
+    x = list(torch.randn(3, 16, 1, *hw).unbind(0))
+    caps = [torch.randn(7, 64), torch.randn(7, 64), torch.randn(9, 64)]
+    t = torch.full((3,), 0.3)
+    with torch.no_grad():
+        ref = tr(x, t, caps, return_dict=False)[0]
+    out, deep = deepcache.dit_full(tr, x, t, caps)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref)) and deep.shape == (3, 256, *hw)
+    assert torch.equal(deep[..., ::2, ::2], deep[..., 1::2, 1::2])  # one token over its patch
+    again = deepcache.dit_shallow(tr, x, t, caps, deep)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(again, ref))
+    later = deepcache.dit_shallow(tr, x, t + 0.1, caps, deep)  # another step on the cached residual: not equal
+    assert not any(torch.allclose(a, b, atol=1e-3) for a, b in zip(later, ref))
 
 
 def test_features_per_tile_and_per_call_are_inverse():
@@ -153,16 +180,17 @@ def test_a_unet_that_cannot_be_split_is_refused_when_the_worker_loads_it(monkeyp
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=2, class_embed_type="timestep")
     assert "class embeddings" in deepcache.why_not(classy)
-    assert "is not a UNet" in deepcache.why_not(torch.nn.Linear(2, 2))
+    assert "is neither a UNet nor Z-Image's" in deepcache.why_not(torch.nn.Linear(2, 2))
     monkeypatch.setattr(renderer_module, "why_not", lambda unet: "the UNet has class embeddings")
     cfg = compose(*SMALL, "model.deep_cache=2")
-    with pytest.raises(ConfigError, match=r"^model.deep_cache=2: cannot split this model's UNet: the UNet has class"):
+    with pytest.raises(ConfigError, match=r"^model.deep_cache=2: cannot split this model's denoiser: the UNet has class"):
         renderer_module.Renderer(cfg.model, cfg.output, threads=1)
 
 
 @pytest.mark.parametrize("overrides,message", [
     (["model.deep_cache=11"], "model.deep_cache=11: must be an integer from 0"),
-    (["model=z_image", "model.weights=random", "model.deep_cache=3"], "model.deep_cache=3: caches a UNet's"),
+    (["model=lumina2", "model.weights=random", "model.deep_cache=3"],
+     "model.deep_cache=3: caches the deep features of a UNet or of Z-Image's transformer; model=lumina2"),
     (["model.deep_cache=3", "cluster.mode=tile_parallel"], "model.deep_cache=3: needs cluster.mode bulk or auto"),
 ])
 def test_a_bad_deep_cache_is_one_clear_error(overrides, message):
