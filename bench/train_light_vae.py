@@ -1,15 +1,15 @@
 """Distils a light VAE for the demo model (models/scenes-sd) from its own VAE: a student AutoencoderKL in the
 teacher's latent space (4 channels, the same scaling_factor, 8x, the same block types), so the demo's UNet is
 unchanged, with no mid-block attention and narrower channels, and saves it as a diffusers VAE folder (fp16
-safetensors, as models/scenes-sd/vae) that can stand in for models/scenes-sd/vae.
+safetensors, as models/scenes-sd/vae) that can stand in for models/scenes-sd/vae (`model.vae=FOLDER`).
 
     python3 bench/train_light_vae.py OUT [--teacher models/scenes-sd/vae] [--channels 16,32,64,128] [--groups 16]
                             [--seconds S | --dec-seconds S --enc-seconds S] [--batch B] [--size PX] [--pool N]
-                            [--init teacher|random] [--report PATH] [--smoke]
+                            [--init teacher|random|FOLDER] [--report PATH] [--smoke]
 
-On one H200 the defaults are meant to take about 5 minutes: the decoder 120 s and the encoder 120 s of training
-(their clocks), plus the scene pool, the FLOP count and the checks, estimated at under a minute together (not yet
-run on a GPU when this was written). `--smoke` (64 px, 3 s a half) runs end to end on a 2-core CPU in 17 s; a
+On one H200 the shipped student (models/scenes-sd-light-vae, `model.vae=light`) took `--zoom 0.6 --dec-seconds 330
+--enc-seconds 100`: 460 s in all, the pool, FLOP count and checks about 30 s of it (BENCHMARKS.md "The light demo
+VAE": what it decodes well and what not). `--smoke` (64 px, 3 s a half) runs end to end on a 2-core CPU in 17 s; a
 CPU run at 128 px (`--size 128 --batch 8 --pool 256 --held 12 --dec-seconds 80 --enc-seconds 40 --threads 2`)
 takes 143 s and trains 62 decoder and 114 encoder steps (far too few for a usable student: the GPU run's job).
 Needs only torch, diffusers and numpy (and tests/assets/scenes.py, this repository's tiling/vae for one check);
@@ -67,8 +67,9 @@ ap.add_argument("--held", type=int, default=None, help="held-out scenes of the c
 ap.add_argument("--lr", type=float, default=1e-3)
 ap.add_argument("--mse", type=float, default=1.0, help="weight of the decoder's MSE beside its L1")
 ap.add_argument("--zoom", type=float, default=0.25, help="share of training scenes that are enlarged crops")
-ap.add_argument("--init", choices=("teacher", "random"), default="teacher",
-                help="teacher: copy the teacher's tensors whose names and shapes match (a warm start)")
+ap.add_argument("--init", default="teacher",
+                help="teacher: copy the teacher's tensors whose names and shapes match (a warm start); random; or a "
+                     "student's VAE folder to go on training (its own channels and groups)")
 ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
 ap.add_argument("--report", default=None, help="the checks' JSON, default OUT-checks.json beside OUT")
 ap.add_argument("--smoke", action="store_true", help="64 px, a few seconds a half: runs on a CPU")
@@ -96,14 +97,18 @@ cfg = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
 cfg.update(block_out_channels=tuple(int(c) for c in a.channels.split(",")), norm_num_groups=a.groups,
            mid_block_add_attention=False)
 assert len(cfg["block_out_channels"]) == len(teacher.config.block_out_channels), "keep the 8x factor: 4 blocks"
-student = AutoencoderKL(**cfg).to(dev)
+if a.init not in ("teacher", "random"):  # a student saved before: its config wins over --channels / --groups
+    student = AutoencoderKL.from_pretrained(a.init, local_files_only=True, torch_dtype=torch.float32).to(dev)
+    cfg = {k: v for k, v in student.config.items() if not k.startswith("_")}
+else:
+    student = AutoencoderKL(**cfg).to(dev)
 copied = []
 if a.init == "teacher":
     ts, ss = teacher.state_dict(), student.state_dict()
     copied = [k for k, v in ss.items() if k in ts and ts[k].shape == v.shape]
     student.load_state_dict({**ss, **{k: ts[k] for k in copied}})
 print(f"teacher {npar(teacher) / 1e6:.3f}M params, student {npar(student) / 1e6:.3f}M: block_out_channels "
-      f"{cfg['block_out_channels']}, norm_num_groups {a.groups}, no mid-block attention; {len(copied)} tensors "
+      f"{cfg['block_out_channels']}, norm_num_groups {cfg['norm_num_groups']}, no mid-block attention; {len(copied)} tensors "
       f"({sum(student.state_dict()[k].numel() for k in copied) / 1e6:.3f}M values) copied from the teacher", flush=True)
 
 

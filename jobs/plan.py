@@ -11,8 +11,8 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 from . import sources, xml_prompts
 from .images import EXTENSIONS, sha256_file
 from .families import family_of
-from .spec import (DEMO_WEIGHTS, ModelConfig, RegionConfig, TesseraConfig, check_init_image, effective_prompt,
-                   init_images, partition_date, scheduler_of, validate)
+from .spec import (DEMO_WEIGHTS, LIGHT_VAE, LIGHT_VAE_WEIGHTS, ModelConfig, RegionConfig, TesseraConfig,
+                   check_init_image, effective_prompt, init_images, partition_date, scheduler_of, validate)
 
 
 class RegionPrompt(NamedTuple):
@@ -93,6 +93,7 @@ class ImageRequest:
     regions: Tuple[RegionPrompt, ...] = ()  # region prompts over `prompt`, the background (an XML prompt's
     #                                         placed characters after job.regions)
     stage_model: Optional[str] = None  # model.stage_path's folder name (a hires checkpoint), or None
+    vae_model: Optional[str] = None  # model.vae: `light`, or its folder's name; None: the model's own VAE
     deep_cache: int = 0  # model.deep_cache: the whole denoiser every N-th step (0, 1: every step)
 
     def prompt_pairs(self) -> Tuple[Tuple[str, str], ...]:
@@ -131,6 +132,8 @@ class ImageRequest:
                 fields.append(f"Anchor sigma: {self.anchor_sigma:g}")
         if self.stage_model:
             fields.append(f"Hires checkpoint: {self.stage_model}")
+        if self.vae_model:
+            fields.append(f"VAE: {self.vae_model}")
         if self.deep_cache > 1:
             fields.append(f"DeepCache: every {self.deep_cache} steps")
         if self.init_image:
@@ -226,6 +229,8 @@ def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[s
         key["model_config"] = _real(m.config)
     if runs_stage_model(m, j, init_sha256):  # the weights the enlarged stages ran
         key["stage_model_path"] = _real(m.stage_path)
+    if m.vae is not None:  # another VAE: other pixels
+        key["vae_path"] = f"tessera:{LIGHT_VAE_WEIGHTS}" if m.vae == LIGHT_VAE else _real(m.vae)
     if m.deep_cache > 1:  # an approximation of the model's calls: other pixels
         key["deep_cache"] = int(m.deep_cache)
     if j.regions:  # no regions: the ids they had before
@@ -264,6 +269,8 @@ class Plan:
     def __iter__(self) -> Iterator[ImageRequest]:
         cfg, t, fmt = self.cfg, self.cfg.tiling, self.cfg.output.format
         folder = f"images/{self.partition}/{cfg.job.name}" if self.partition else f"images/{cfg.job.name}"
+        vae = cfg.model.vae
+        vae_model = None if vae is None else vae if vae == LIGHT_VAE else os.path.basename(os.path.normpath(vae))
         seen = set()
         self.duplicates = 0
         for prompt, j in sources.prompt_rows(cfg.job):
@@ -291,7 +298,7 @@ class Plan:
                         dilation=dilation, strength_decay=float(j.strength_decay),
                         guide_clock=j.guide_clock, anchor=anchor, anchor_sigma=float(j.anchor_sigma),
                         init_image=init, init_sha256=sha, init_size=size, regions=regions,
-                        stage_model=stage_model, deep_cache=int(cfg.model.deep_cache))
+                        stage_model=stage_model, deep_cache=int(cfg.model.deep_cache), vae_model=vae_model)
 
 
 def plan(cfg: TesseraConfig) -> list[ImageRequest]:

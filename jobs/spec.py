@@ -30,6 +30,10 @@ MODEL_NAMES = tuple(MODELS)
 # Which weights the shipped demo holds, for image ids (its folder's place on disk depends on the install, its pixels
 # do not): the test bed of ../shared/testbed as copied into the project on 2026-12-01; a new name with new weights.
 DEMO_WEIGHTS = "scenes-sd-2026-12-01"
+# `model.vae=light` (model=demo): the VAE distilled from the demo's own (bench/train_light_vae.py), shipped as
+# models/scenes-sd-light-vae; named in image ids as the demo's weights are
+LIGHT_VAE = "light"
+LIGHT_VAE_WEIGHTS = "scenes-sd-light-vae-2026-12-03"
 DEEP_CACHE_MAX = 10  # model.deep_cache: at most the whole denoiser every 10th step
 VAE_FACTOR = 8  # image pixels per latent pixel, for every family here
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -80,6 +84,9 @@ class ModelConfig:
     deep_cache: int = 0  # DeepCache: the whole denoiser every N-th step of each loop, in between a UNet's outermost
     #                      level alone (Z-Image: its first block) on the deep features cached in canvas coordinates
     #                      (models/deepcache.py); 0, 1: off
+    vae: Optional[str] = None  # another VAE in the model's latent space in place of its own: a local diffusers VAE
+    #                            folder (config.json and its weights, e.g. a fp16-safe SDXL VAE), or `light` for
+    #                            model=demo (its distilled light VAE, conf/model/demo.yaml's default); None: its own
 
 
 @dataclass
@@ -340,9 +347,9 @@ def validate_region(name: str, r: RegionConfig) -> None:
 
 def stage_model_config(m: ModelConfig) -> ModelConfig:
     """The model section that loads `model.stage_path`: the same family, dtype and options, from that folder (the
-    demo models' family loads it as any SD 1.x folder)."""
+    demo models' family loads it as any SD 1.x folder), with that folder's own VAE (not model.vae)."""
     return replace(m, name="sd15" if m.name in DEMO_MODELS else m.name, path=m.stage_path, config=None,
-                   stage_path=None)
+                   stage_path=None, vae=None)
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -358,6 +365,8 @@ def validate_model(m: ModelConfig) -> None:
     _check(m.deep_cache <= 1 or fam.deep_cache, "model.deep_cache", m.deep_cache,
            f"caches the deep features of a UNet or of Z-Image's transformer; model={m.name} ({family} family) has "
            "no two-part forward here")
+    if m.vae is not None:
+        _check_vae(m)
     if m.stage_path is not None:
         _check(m.weights == "pretrained", "model.stage_path", m.stage_path, "not used with model.weights=random")
         _check(isinstance(m.stage_path, str) and os.path.isdir(os.path.expanduser(m.stage_path)), "model.stage_path",
@@ -421,6 +430,23 @@ def validate_model(m: ModelConfig) -> None:
                "no transformer/config.json: the single file's transformer takes its config from it")
         if not m.allow_pickle:  # its other components are loaded from it, weights and all
             _check_no_pickles("model.config", m.config, skip="transformer")
+
+
+def _check_vae(m: ModelConfig) -> None:
+    """model.vae: `light` for the demo, else a local diffusers VAE folder (its latent space is checked on loading)."""
+    _check(m.weights == "pretrained", "model.vae", m.vae, "not used with model.weights=random")
+    if m.vae == LIGHT_VAE:
+        _check(m.name == "demo", "model.vae", m.vae, "the light VAE is the demo model's own (model=demo); other "
+               "models take a local diffusers VAE folder of their latent space")
+        return
+    _check(isinstance(m.vae, str) and os.path.isfile(os.path.join(os.path.expanduser(m.vae), "config.json")),
+           "model.vae", m.vae, f"must be a local diffusers VAE folder (config.json and its weights) or, for "
+           f"model=demo, {LIGHT_VAE!r}")
+    if not m.allow_pickle:
+        names = os.listdir(os.path.expanduser(m.vae))
+        _check(any(n.endswith(".safetensors") for n in names) or not any(n.endswith(PICKLE_SUFFIXES) for n in names),
+               "model.vae", m.vae, "holds only pickle weights (.bin/.ckpt/.pt/.pth), which can run code when "
+               "loaded; convert them to .safetensors or set model.allow_pickle=true for weights you trust")
 
 
 def _check_pipeline_folder(name: str, value: str, family: str) -> None:

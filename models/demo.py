@@ -4,7 +4,8 @@
 ``../shared/testbed``, a small pipeline in the Stable Diffusion 1.x layout (8.7 M-parameter UNet, 4-channel 8x VAE,
 a CLIP text encoder over a character vocabulary, DDIM) trained on procedural landscapes at 256x256.  It draws one
 sun (or moon), one horizon with mountains, and the palette its prompt names: ``a dusk landscape``, ``a day
-landscape``, ``a night landscape``.  It loads like any local SD 1.x folder.
+landscape``, ``a night landscape``.  It loads like any local SD 1.x folder.  ``models/scenes-sd-light-vae/``
+(:func:`shipped_light_vae_path`) is a light VAE distilled from its own, for ``model.vae=light``.
 
 ``model=demo_random`` is the random-weight pipeline below, for tests where what a picture shows does not matter.
 Nothing here reaches a model hub.  ``build_demo_pipeline`` builds every component in code (the
@@ -77,6 +78,8 @@ _MERGES = [
 # The trained demo's folder, package data of `models` (pyproject.toml's package-data), so an editable install, a
 # wheel and a plain checkout all carry it.
 SHIPPED_DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenes-sd")
+# its light VAE (model.vae=light): distilled from models/scenes-sd/vae by bench/train_light_vae.py
+SHIPPED_LIGHT_VAE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scenes-sd-light-vae")
 
 
 def shipped_demo_path() -> str:
@@ -89,6 +92,16 @@ def shipped_demo_path() -> str:
             "`models`); reinstall Tessera (python3 -m pip install -e .), or use model=demo_random (random weights)"
         )
     return SHIPPED_DEMO
+
+
+def shipped_light_vae_path() -> str:
+    """The folder of the demo's light VAE (``model.vae=light``), or an error saying the install lacks it."""
+    if not os.path.isfile(os.path.join(SHIPPED_LIGHT_VAE, "config.json")):
+        from jobs.spec import ConfigError
+
+        raise ConfigError("model.vae", "light", f"its weights are missing from {SHIPPED_LIGHT_VAE} (package data of "
+                          "Tessera's `models`); reinstall Tessera (python3 -m pip install -e .), or use model.vae=null")
+    return SHIPPED_LIGHT_VAE
 
 
 def default_demo_path() -> str:

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from jobs.spec import ConfigError, ModelConfig, validate_model
+from jobs.spec import LIGHT_VAE, ConfigError, ModelConfig, validate_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -120,6 +120,29 @@ def load_transformer_file(family, m: ModelConfig, path: str, config: str, dtype:
                           "architecture in model.config's transformer/config.json") from e
 
 
+def replace_vae(pipe, m: ModelConfig, dtype: torch.dtype) -> None:
+    """`model.vae`: the pipeline's VAE replaced by one of the same class and latent space read from a local folder
+    (`light`: the demo's shipped light VAE), before the VAE's dtype and device are set."""
+    from .demo import shipped_light_vae_path
+
+    path = shipped_light_vae_path() if m.vae == LIGHT_VAE else os.path.expanduser(m.vae)
+    own = pipe.vae
+    try:
+        vae = type(own).from_pretrained(path, local_files_only=True, torch_dtype=dtype,
+                                        use_safetensors=None if m.allow_pickle else True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError("model.vae", m.vae, f"is not a {type(own).__name__} folder that loads: {e}") from e
+    differ = [f"{k} {getattr(vae.config, k, None)} against the model's {getattr(own.config, k, None)}"
+              for k in ("latent_channels", "scaling_factor", "shift_factor")
+              if getattr(vae.config, k, None) != getattr(own.config, k, None)]
+    if len(vae.config.block_out_channels) != len(own.config.block_out_channels):
+        differ.append(f"{2 ** (len(vae.config.block_out_channels) - 1)}x downsampling against the model's "
+                      f"{2 ** (len(own.config.block_out_channels) - 1)}x")
+    if differ:
+        raise ConfigError("model.vae", m.vae, "is not in the model's latent space: " + ", ".join(differ))
+    pipe.register_modules(vae=vae)
+
+
 def place(pipe, family, m: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
     """VAE dtype, attention backend, then the device or CPU offload hooks (in that order: dtype changes
     must precede the hooks)."""
@@ -175,5 +198,7 @@ def load_model(model_cfg: ModelConfig):
     device, dtype = pick_device_dtype(model_cfg.dtype)
     check_runtime(model_cfg, device)
     pipe = load_pipeline(fam, model_cfg, device, dtype)
+    if model_cfg.vae is not None:
+        replace_vae(pipe, model_cfg, dtype)
     place(pipe, fam, model_cfg, device, dtype)
     return fam.adapter(pipe, model_cfg.name, device, dtype, offload=model_cfg.offload, weights=model_cfg.weights)

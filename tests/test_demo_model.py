@@ -13,11 +13,13 @@ from models import demo
 from models.demo import (
     DEMO_VERSION,
     SHIPPED_DEMO,
+    SHIPPED_LIGHT_VAE,
     build_demo_pipeline,
     default_demo_path,
     ensure_demo,
     load_demo_pipeline,
     shipped_demo_path,
+    shipped_light_vae_path,
 )
 
 
@@ -264,8 +266,8 @@ def test_pipeline_generates_deterministic_image(pipe):
 
 
 def test_the_shipped_demo_is_package_data_of_models():
-    """Every file of models/scenes-sd matches pyproject.toml's package-data, so a wheel and an editable install
-    carry the whole folder (a file the globs miss would be left out of a wheel)."""
+    """Every file of models/scenes-sd and of its light VAE matches pyproject.toml's package-data, so a wheel and an
+    editable install carry both folders (a file the globs miss would be left out of a wheel)."""
     import fnmatch
     from pathlib import Path
 
@@ -277,8 +279,11 @@ def test_the_shipped_demo_is_package_data_of_models():
     globs = project["tool"]["setuptools"]["package-data"]["models"]
     pkg = root / "models"
     assert Path(SHIPPED_DEMO) == pkg / "scenes-sd" and shipped_demo_path() == SHIPPED_DEMO
-    files = [p.relative_to(pkg).as_posix() for p in (pkg / "scenes-sd").rglob("*") if p.is_file()]
-    assert len(files) == 10 and "scenes-sd/unet/diffusion_pytorch_model.safetensors" in files
+    assert Path(SHIPPED_LIGHT_VAE) == pkg / "scenes-sd-light-vae" and shipped_light_vae_path() == SHIPPED_LIGHT_VAE
+    files = [p.relative_to(pkg).as_posix() for d in ("scenes-sd", "scenes-sd-light-vae") for p in (pkg / d).rglob("*")
+             if p.is_file()]
+    assert len(files) == 12 and "scenes-sd/unet/diffusion_pytorch_model.safetensors" in files
+    assert "scenes-sd-light-vae/diffusion_pytorch_model.safetensors" in files
     # fnmatch's * also crosses "/", setuptools' does not: match part by part
     def matches(f, g):
         return len(f.split("/")) == len(g.split("/")) and all(map(fnmatch.fnmatchcase, f.split("/"), g.split("/")))
@@ -291,6 +296,9 @@ def test_a_missing_shipped_demo_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "SHIPPED_DEMO", str(tmp_path / "scenes-sd"))
     with pytest.raises(ConfigError, match=r"^model.name='demo': its weights are missing from .*reinstall Tessera"):
         shipped_demo_path()
+    monkeypatch.setattr(demo, "SHIPPED_LIGHT_VAE", str(tmp_path / "scenes-sd-light-vae"))
+    with pytest.raises(ConfigError, match=r"^model.vae='light': its weights are missing from .*reinstall Tessera"):
+        shipped_light_vae_path()
 
 
 def test_model_demo_is_the_trained_landscape_model_with_its_own_job_and_tiling():
@@ -309,8 +317,34 @@ def test_model_demo_is_the_trained_landscape_model_with_its_own_job_and_tiling()
     assert (other.job.name, other.job.guidance, other.tiling.tile) == ("default", 7.0, 64)
     assert compose("model=demo", "job=smoke").job.name == "smoke"
     assert compose("model=demo", "tiling=default").tiling.tile == 64
+    assert cfg.model.vae is None
     m = load_model(cfg.model)
     assert (m.family, m.native_size, m.weights_kind, m.latent_channels) == ("sd", 256, "pretrained", 4)
+
+
+def test_model_vae_replaces_the_model_s_own_in_its_latent_space(tmp_path):
+    """model.vae: the light VAE or a folder, which must share the model's latent space; bad values are one error
+    naming the field, before any weights are read where the config alone can tell."""
+    from conftest import compose
+    from jobs.spec import ConfigError
+    from models import load_model
+
+    full = load_model(compose("model=demo").model).vae
+    assert full.config.block_out_channels[0] == 32 and full.config.mid_block_add_attention
+    light = load_model(compose("model=demo", "model.vae=light").model).vae  # no attention, 16 channels at the top
+    assert (light.config.block_out_channels[0], light.config.mid_block_add_attention) == (16, False)
+    folder = load_model(compose("model=demo", f"model.vae={SHIPPED_LIGHT_VAE}").model).vae
+    assert torch.equal(folder.decoder.conv_in.weight, light.decoder.conv_in.weight)
+    other = tmp_path / "vae"  # another latent space: the random demo's VAE (scaling factor 0.18215)
+    ensure_demo(str(tmp_path / "demo"))
+    os.symlink(tmp_path / "demo" / "vae", other)
+    with pytest.raises(ConfigError, match=r"^model.vae='.*/vae': is not in the model's latent space: scaling_factor"):
+        load_model(compose("model=demo", f"model.vae={other}").model)
+    for overrides, why in ((["model=sd15", f"model.path={SHIPPED_DEMO}", "model.vae=light"], "the light VAE is the demo model's own"),
+                           (["model=demo", f"model.vae={tmp_path}/none"], "must be a local diffusers VAE folder"),
+                           (["model=sdxl", "model.weights=random", "model.vae=light"], "not used with model.weights")):
+        with pytest.raises(ConfigError, match=rf"^model.vae='[^']*': {why}"):
+            load_model(compose(*overrides).model)
 
 
 @pytest.mark.parametrize("model", ["demo", "demo_random"])

@@ -63,6 +63,7 @@ def test_default_id_is_pinned():
     assert plan(cfg)[0].image_id == "699813879b103c2e"
     assert plan(TesseraConfig())[0].image_id == "a88a6df068bbebe1"  # the shipped demo with the default job
     assert plan(compose("model=demo"))[0].image_id == "b91d5be3f987871e"  # `python3 run.py`: the demo's own job
+    assert plan(compose("model=demo", "model.vae=light"))[0].image_id == "a57eb852c4b28dda"  # its light VAE
 
 
 def test_id_is_16_hex_and_repeatable():
@@ -291,6 +292,16 @@ def test_scheduler_auto_is_the_familys_first_and_keeps_ids():
     dit = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="z_image", weights="random"),
                               tiling=dataclasses.replace(cfg.tiling, tile=128, overlap=32))
     assert plan(dit)[0].scheduler == "flow_euler"
+
+
+def test_model_vae_is_named_in_the_id_and_parameters():
+    """`model.vae`: another VAE changes the pixels, so the id; the light one by name (its folder moves with the
+    install), a folder by its real path; the parameters name it."""
+    light, full = plan(compose("model=demo", "model.vae=light"))[0], plan(compose("model=demo"))[0]
+    folder = plan(compose("model=demo", f"model.vae={ROOT / 'models' / 'scenes-sd' / 'vae'}"))[0]
+    assert len({light.image_id, full.image_id, folder.image_id}) == 3
+    assert (light.vae_model, full.vae_model, folder.vae_model) == ("light", None, "vae")
+    assert "VAE: light" in light.parameters_text() and "VAE:" not in full.parameters_text()
 
 
 def test_a_hires_checkpoint_is_checked_and_named_in_the_id_and_parameters(tmp_path):

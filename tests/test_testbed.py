@@ -145,3 +145,29 @@ def test_z_image_under_deep_cache_keeps_the_test_beds_sun(tmp_path):
     assert psnr > 20, psnr
     assert count_suns(b) == count_suns(a) == 1 and horizon_jumps(b) < 0.05
     assert sun_edge_width(b) < 1.5 * sun_edge_width(a)  # measured: 5.7 px against 6.1
+
+
+def test_the_light_vae_decodes_the_test_beds_picture_at_its_own_size(testbed, tmp_path):
+    """`model.vae=light` (models/scenes-sd-light-vae, distilled from the demo's own): at the model's own 256x256 the
+    same latent decodes to the same picture within the distillation's error (BENCHMARKS.md "The light demo VAE":
+    39.9 dB over held-out scenes), one sun and one horizon; larger pictures are where it falls short, measured
+    there, not asserted here."""
+    from cluster.renderer import Renderer
+
+    small = [*TESTBED, "job.strategy=direct", "job.width=256", "job.height=256", "job.steps=12",
+             "job.prompts=['a dusk landscape']"]
+    cfg = compose(*small, f"output.dir={tmp_path}", "model.vae=light")
+    light = Renderer(cfg.model, cfg.output)
+    assert light.model.vae.config.block_out_channels[0] == 16
+    pictures, kept = {}, testbed[0].output
+    for name, r, extra in (("full", testbed[0], []), ("light", light, ["model.vae=light"])):
+        c = compose(*small, f"output.dir={tmp_path / name}", *extra)
+        r.output = c.output
+        row = r.render(plan(c)[0], c.tiling)
+        assert row["status"] == "ok", row
+        pictures[name] = np.asarray(Image.open(tmp_path / name / row["path"]).convert("RGB")).astype(np.float64)
+    testbed[0].output = kept  # the module's renderer writes where its fixture reads again
+    mse = np.mean((pictures["light"] - pictures["full"]) ** 2)
+    assert 10 * np.log10(255.0 ** 2 / mse) > 35  # 39.3 dB when written
+    light = pictures["light"].astype(np.uint8)
+    assert count_suns(light) == 1 and horizon_jumps(light) < 0.05
