@@ -94,7 +94,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         with open(a.out, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "torchao": __import__("torchao").__version__, "batch": a.batch, "latent": a.latent, "block": a.block,
+                       "torchao": __import__("torchao").__version__, "batch": a.batch, "latent": a.latent,
+                       "block": a.block,
                        "linears": linears, "command": " ".join(sys.argv), "rows": rows}, fh, indent=1)
 
 

@@ -108,7 +108,8 @@ if a.init == "teacher":
     copied = [k for k, v in ss.items() if k in ts and ts[k].shape == v.shape]
     student.load_state_dict({**ss, **{k: ts[k] for k in copied}})
 print(f"teacher {npar(teacher) / 1e6:.3f}M params, student {npar(student) / 1e6:.3f}M: block_out_channels "
-      f"{cfg['block_out_channels']}, norm_num_groups {cfg['norm_num_groups']}, no mid-block attention; {len(copied)} tensors "
+      f"{cfg['block_out_channels']}, norm_num_groups {cfg['norm_num_groups']}, no mid-block attention; "
+      f"{len(copied)} tensors "
       f"({sum(student.state_dict()[k].numel() for k in copied) / 1e6:.3f}M values) copied from the teacher", flush=True)
 
 
