@@ -86,7 +86,8 @@ class ModelConfig:
     #                      (models/deepcache.py); 0, 1: off
     vae: Optional[str] = None  # another VAE in the model's latent space in place of its own: a local diffusers VAE
     #                            folder (config.json and its weights, e.g. a fp16-safe SDXL VAE), or `light` for
-    #                            model=demo (its distilled light VAE, conf/model/demo.yaml's default); None: its own
+    #                            model=demo (its distilled light VAE: 3x quicker on a CPU, a rougher picture); None:
+    #                            its own
 
 
 @dataclass
