@@ -24,6 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.gpu import peak_gib  # noqa: E402
 from jobs.spec import ModelConfig  # noqa: E402
 from models.loading import load_model  # noqa: E402
 
@@ -90,13 +91,12 @@ def main() -> None:
         first = time.perf_counter() - t0
         rows.append({"weights": name, "compiled": compiled, "ms_per_call": round(timed(lambda: call(f), a.calls), 2),
                      "first_call_s": round(first, 1), "psnr_db_vs_bf16_eager": round(psnr(out, ref), 2),
-                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+                     "peak_gib": round(peak_gib(), 2)})
         print(json.dumps(rows[-1]), flush=True)
         with open(a.out, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "torchao": __import__("torchao").__version__, "batch": a.batch, "latent": a.latent,
-                       "block": a.block,
-                       "linears": linears, "command": " ".join(sys.argv), "rows": rows}, fh, indent=1)
+                       "block": a.block, "linears": linears, "command": " ".join(sys.argv), "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -444,10 +444,9 @@ def _check_vae(m: ModelConfig) -> None:
            "model.vae", m.vae, f"must be a local diffusers VAE folder (config.json and its weights) or, for "
            f"model=demo, {LIGHT_VAE!r}")
     if not m.allow_pickle:
-        names = os.listdir(os.path.expanduser(m.vae))
-        _check(any(n.endswith(".safetensors") for n in names) or not any(n.endswith(PICKLE_SUFFIXES) for n in names),
-               "model.vae", m.vae, "holds only pickle weights (.bin/.ckpt/.pt/.pth), which can run code when "
-               "loaded; convert them to .safetensors or set model.allow_pickle=true for weights you trust")
+        _check(not _pickles_only(os.path.expanduser(m.vae)), "model.vae", m.vae,
+               "holds only pickle weights (.bin/.ckpt/.pt/.pth), which can run code when loaded; convert them to "
+               ".safetensors or set model.allow_pickle=true for weights you trust")
 
 
 def _check_pipeline_folder(name: str, value: str, family: str) -> None:
@@ -494,12 +493,15 @@ def _pickle_only_components(path: str) -> List[str]:
     found = []
     for sub in sorted(os.listdir(path)):
         d = os.path.join(path, sub)
-        if not os.path.isdir(d):
-            continue
-        names = os.listdir(d)
-        if any(n.endswith(PICKLE_SUFFIXES) for n in names) and not any(n.endswith(".safetensors") for n in names):
+        if os.path.isdir(d) and _pickles_only(d):
             found.append(sub)
     return found
+
+
+def _pickles_only(folder: str) -> bool:
+    """Whether a component folder's weights exist only as pickles (no .safetensors beside them)."""
+    names = os.listdir(folder)
+    return any(n.endswith(PICKLE_SUFFIXES) for n in names) and not any(n.endswith(".safetensors") for n in names)
 
 
 def scheduler_of(cfg: TesseraConfig) -> str:

@@ -340,7 +340,12 @@ def test_model_vae_replaces_the_model_s_own_in_its_latent_space(tmp_path):
     os.symlink(tmp_path / "demo" / "vae", other)
     with pytest.raises(ConfigError, match=r"^model.vae='.*/vae': is not in the model's latent space: scaling_factor"):
         load_model(compose("model=demo", f"model.vae={other}").model)
-    for overrides, why in ((["model=sd15", f"model.path={SHIPPED_DEMO}", "model.vae=light"],
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "diffusion_pytorch_model.bin").write_bytes(b"")
+    for overrides, why in ((["model=demo", f"model.vae={pickled}"], "holds only pickle weights"),
+                           (["model=sd15", f"model.path={SHIPPED_DEMO}", "model.vae=light"],
                             "the light VAE is the demo model's own"),
                            (["model=demo", f"model.vae={tmp_path}/none"], "must be a local diffusers VAE folder"),
                            (["model=sdxl", "model.weights=random", "model.vae=light"], "not used with model.weights")):
