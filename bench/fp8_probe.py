@@ -9,6 +9,13 @@ more than 4 minutes on that machine, so `--block` times, compiled, only the UNet
 most of the linears' FLOPs are).
 
     python3 bench/fp8_probe.py --out fp8.json        # a GPU of compute capability >= 8.9; torchao importable
+
+Each compile of even the block takes minutes on the H200, so two processes can share the work: each warms
+(compiles) its `--rows`, touches `--ready`, waits for every `--after` file, then times its rows and touches
+`--done`, so that no timing runs beside another process's compile or timing:
+
+    python3 bench/fp8_probe.py --block --rows bf16,fp8,bf16c --ready /tmp/ra --after /tmp/rb --done /tmp/da &
+    python3 bench/fp8_probe.py --block --rows fp8c --ready /tmp/rb --after /tmp/ra /tmp/da --out fp8c.json
 """
 from __future__ import annotations
 
@@ -55,6 +62,10 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--block", action="store_true", help="the deepest transformer stack alone (quick to compile)")
     ap.add_argument("--out", default="fp8.json")
+    ap.add_argument("--rows", default="bf16,fp8,bf16c,fp8c", help="which calls: bf16 / fp8, c for compiled")
+    ap.add_argument("--ready", help="a file to touch once every row is warmed (compiled)")
+    ap.add_argument("--after", nargs="*", default=[], help="files to wait for before timing")
+    ap.add_argument("--done", help="a file to touch once every row is timed")
     a = ap.parse_args()
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
@@ -82,22 +93,37 @@ def main() -> None:
     q = copy.deepcopy(unet)
     quantize_(q, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
     linears = sum(isinstance(mod, torch.nn.Linear) for mod in unet.modules())
-    for name, net, compiled in [("bf16", unet, False), ("fp8", q, False)] + (
-            [] if a.no_compile else [("bf16", unet, True), ("fp8", q, True)]):
+    wanted = a.rows.split(",")
+    if a.no_compile:
+        wanted = [r for r in wanted if not r.endswith("c")]
+    warm = []
+    for row in wanted:
+        name, compiled = row.rstrip("c"), row.endswith("c")
+        net = {"bf16": unet, "fp8": q}[name]
         f = torch.compile(net, dynamic=False) if compiled else net
         t0 = time.perf_counter()
         out = call(f)
         torch.cuda.synchronize()
-        first = time.perf_counter() - t0
+        warm.append((name, compiled, f, time.perf_counter() - t0, psnr(out, ref)))
+        print(f"warmed {row} in {warm[-1][3]:.1f} s", flush=True)
+    touch(a.ready)
+    while not all(os.path.exists(p) for p in a.after):
+        time.sleep(1)
+    for name, compiled, f, first, db in warm:
         rows.append({"weights": name, "compiled": compiled, "ms_per_call": round(timed(lambda: call(f), a.calls), 2),
-                     "first_call_s": round(first, 1), "psnr_db_vs_bf16_eager": round(psnr(out, ref), 2),
+                     "first_call_s": round(first, 1), "psnr_db_vs_bf16_eager": round(db, 2),
                      "peak_gib": round(peak_gib(), 2)})
         print(json.dumps(rows[-1]), flush=True)
         with open(a.out, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "torchao": __import__("torchao").__version__, "batch": a.batch, "latent": a.latent,
                        "block": a.block, "linears": linears, "command": " ".join(sys.argv), "rows": rows}, fh, indent=1)
+    touch(a.done)
 
+
+def touch(path: str | None) -> None:
+    if path:
+        open(path, "w").close()
 
 if __name__ == "__main__":
     main()
