@@ -113,7 +113,7 @@ def main() -> None:
                 cfg.job.width, cfg.job.height = w, h
                 for req in plan(cfg):
                     t0 = time.perf_counter()
-                    row = renderer.render(req, cfg.tiling)
+                    row = renderer.render(req)
                     wall = time.perf_counter() - t0
                     if row["status"] != "ok":
                         print("FAILED", variant, size, row["error"], flush=True)

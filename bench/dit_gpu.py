@@ -60,14 +60,14 @@ def time_round_trips(r: Renderer) -> list:
     return total
 
 
-def bulk(r: Renderer, reqs, tiling) -> dict:
+def bulk(r: Renderer, reqs) -> dict:
     """`reqs` rendered as a bulk worker renders them: two `render_group` calls at once (the Ray actor's
     max_concurrency=2; the device lock serialises denoise and decode, the PNG is written outside it). Seconds
     per image over the whole run, and in steady state (between the first and the last image finished)."""
     done = []
 
     def one(req):
-        row = r.render_group([req], tiling)[0]
+        row = r.render_group([req])[0]
         done.append(time.perf_counter())
         return row
 
@@ -84,20 +84,19 @@ def bulk(r: Renderer, reqs, tiling) -> dict:
             "seconds_decode_and_write_bulk": sum(row["seconds_decode"] for row in rows) / len(rows)}
 
 
-def overlap_probe(r: Renderer, req, tiling) -> dict:
+def overlap_probe(r: Renderer, req) -> dict:
     """One image's denoise, and the decode of a finished canvas, timed apart and then at once (the decode in a
     second thread on its own CUDA stream, the VAE tile fixed to the one chosen alone): what a decode overlapped
     with the next image's denoise would save on this GPU."""
-    batch = r.batch_size(tiling)
-    z = r._denoise([req], tiling, batch, None)[0]
+    batch = r.batch_size(req)
+    z = r._denoise([req], batch, None)[0]
     sync()
-    _, _, tile = r._decode(req, tiling, z)
-    fixed = dataclasses.replace(tiling, vae_tile=tile)
+    _, _, tile = r._decode(req, z)
     side = torch.cuda.Stream()
 
     def denoise():
         t0 = time.perf_counter()
-        r._denoise([req], tiling, batch, None)
+        r._denoise([req], batch, None)
         sync()
         return time.perf_counter() - t0
 
@@ -105,7 +104,7 @@ def overlap_probe(r: Renderer, req, tiling) -> dict:
         t0 = time.perf_counter()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            r._decode(req, fixed, z)
+            r._decode(req, z, tile)
         side.synchronize()
         return time.perf_counter() - t0
 
@@ -217,14 +216,14 @@ def main() -> None:
             req = plan(dataclasses.replace(cfg, model=model, job=job))[0]
             # warm-up: kernels chosen, allocator grown; compiled, each variant's own shapes and calls compiled
             if len(args.strategies) > 1 and (k == 0 or args.compile and strategy not in args.strategies[:k]):
-                r.render(req, cfg.tiling)
+                r.render(req)
             torch.cuda.reset_peak_memory_stats()
             round_trips[0] = 0.0
             t0 = time.perf_counter()
-            row = r.render(req, cfg.tiling)
+            row = r.render(req)
             wall = time.perf_counter() - t0
             assert row["status"] == "ok", row["error"]
-            n = tile_steps(req, cfg.tiling, r.info())
+            n = tile_steps(req, r.info())
             results.append({"model": name, "strategy": strategy, "stages": row["stages"], "method": args.method,
                             "offload": args.offload, "attention": args.attention,
                             "compile": args.compile, "steps": steps, "guidance": guidance, "seconds_load": load,
@@ -240,15 +239,15 @@ def main() -> None:
             if args.bulk:
                 job = dataclasses.replace(job, seeds=list(range(1, args.bulk + 1)))
                 reqs = plan(dataclasses.replace(cfg, model=model, job=job))
-                results[-1].update(bulk(r, reqs, cfg.tiling), overlap=r.overlap)
+                results[-1].update(bulk(r, reqs), overlap=r.overlap)
                 print(json.dumps(results[-1]), flush=True)
                 if args.bulk_serial:
                     r.overlap = False
-                    results.append(dict(results[-1], **bulk(r, reqs, cfg.tiling), overlap=False))
+                    results.append(dict(results[-1], **bulk(r, reqs), overlap=False))
                     r.overlap = True
                     print(json.dumps(results[-1]), flush=True)
             if args.overlap_probe and k == 0:
-                results.append(dict(overlap_probe(r, req, cfg.tiling), model=name, strategy=strategy))
+                results.append(dict(overlap_probe(r, req), model=name, strategy=strategy))
                 print(json.dumps(results[-1]), flush=True)
         if args.peer == "hires" and name == "sdxl":
             results.append(hires_peer(m, args.size, steps, guidance, cfg.job.strength, out))

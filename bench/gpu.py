@@ -12,6 +12,7 @@ to 30 (its steps all cost the same); every Tessera figure is a whole image, deco
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import platform
@@ -92,7 +93,7 @@ def tile_flops(renderer: Renderer, cfg: TesseraConfig) -> float:
     """FLOPs of one tile-step (both halves of guidance) at the tile shape of this config's first step, counted
     by torch on the eager model (once per shape)."""
     model = renderer.model
-    tile = layouts_of(plan(cfg)[0], cfg.tiling, model.vae_scale_factor)[0][0]
+    tile = layouts_of(plan(cfg)[0], model.vae_scale_factor)[0][0]
     key = (id(model), tile.h, tile.w)
     if key not in _FLOPS:
         cond = model.encode("a", "b")
@@ -117,21 +118,21 @@ def tessera(renderer: Renderer, cfg: TesseraConfig, label: str) -> dict:
     """One whole image through the worker's own steps (denoise on the device, tiled VAE decode, PNG write),
     each timed and its peak memory taken."""
     req = plan(cfg)[0]
-    batch = renderer.batch_size(cfg.tiling)
+    batch = renderer.batch_size(req)
     ticks = _Ticks()
     reset_peak()
     sync()
     t0 = time.perf_counter()
-    z = renderer._denoise([req], cfg.tiling, batch, lambda i, n: ticks.remote(n))[0]
+    z = renderer._denoise([req], batch, lambda i, n: ticks.remote(n))[0]
     sync()
     t_denoise = time.perf_counter() - t0
     peak_denoise = peak_gib()
     reset_peak()
-    decoded = renderer._decode(req, cfg.tiling, z)
+    decoded = renderer._decode(req, z)
     sync()
     peak_decode = peak_gib()
     t1 = time.perf_counter()
-    row = renderer.write(req, cfg.tiling, decoded, None, t_denoise)
+    row = renderer.write(req, decoded, None, t_denoise)
     t_write = time.perf_counter() - t1
     assert row["status"] == "ok", row["error"]
     keep = Path(cfg.output.dir) / f"reference-{time.monotonic_ns()}.png"  # later runs write the same image id
@@ -162,7 +163,7 @@ def bulk(renderer: Renderer, cfg: TesseraConfig, label: str, images: int, group:
     sync()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
-        rows = [row for rows in pool.map(lambda g: renderer.render_group(g, cfg.tiling, ticks),
+        rows = [row for rows in pool.map(lambda g: renderer.render_group(g, ticks),
                                          groups_of(reqs, group)) for row in rows]
     sync()
     wall = time.perf_counter() - t0
@@ -216,12 +217,12 @@ def decode_variants(renderer: Renderer, cfg: TesseraConfig, variants) -> list:
         vae.to(dtypes[form])
         if form.endswith("-cl"):
             vae.to(memory_format=torch.channels_last)
-        cfg.tiling.vae_tile, cfg.tiling.vae_overlap, cfg.tiling.vae_passes = tile, overlap, passes
-        renderer._decode(req, cfg.tiling, z[..., :64, :64])  # warm-up
+        req = dataclasses.replace(req, vae_tile=tile, vae_overlap=overlap, vae_passes=passes)
+        renderer._decode(req, z[..., :64, :64])  # warm-up
         reset_peak()
         sync()
         t0 = time.perf_counter()
-        decoded = renderer._decode(req, cfg.tiling, z)
+        decoded = renderer._decode(req, z)
         sync()
         row = {"contender": f"VAE decode alone, tile {tile} overlap {overlap}, {passes} sweeps, {form}",
                "seconds_decode": time.perf_counter() - t0, "peak_gib_decode": peak_gib()}
@@ -387,7 +388,7 @@ def run_sdxl(steps: int, tmp: str, env, compile_too: bool, quick: bool) -> list:
     emit(results, bulk(r, cfg_for(name, "shifted", T, 0, 8, tmp, steps), f"Tessera {name} shifted {T}, bulk",
                        2 if quick else 4, 2, one["shifted"]))
     auto = cfg_for(name, "shifted", T, 0, 0, tmp, steps)
-    env[f"{name}_auto_batch"] = r.batch_size(auto.tiling)
+    env[f"{name}_auto_batch"] = r.batch_size(plan(auto)[0])
     if LEAN:
         if compile_too:
             compiled(r, results, env, name, [("shifted", 0, 8)], tmp, steps, T, 2 if quick else 4,

@@ -53,14 +53,14 @@ def main() -> None:
 
     def steps():
         return denoise_group(lambda bs, t: [r._predict(bb, t, cond, 7.0, batch) for bb in bs], r.info(), [req],
-                             cfg.tiling, batch, m.device)
+                             batch, m.device)
 
     steps()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     tiles = {"n": 0}
     denoise_group(lambda bs, t: tiles.__setitem__("n", tiles["n"] + sum(len(bb.tiles) for bb in bs)) or
-                  [r._predict(bb, t, cond, 7.0, batch) for bb in bs], r.info(), [req], cfg.tiling, batch, m.device)
+                  [r._predict(bb, t, cond, 7.0, batch) for bb in bs], r.info(), [req], batch, m.device)
     torch.cuda.synchronize()
     c = time.perf_counter() - t0
     print(f"loop: {c / tiles['n'] * 1e3:.2f} ms/tile over {tiles['n']} tile-steps ({c:.2f} s)", flush=True)

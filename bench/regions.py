@@ -76,7 +76,7 @@ def score(pixels: np.ndarray, means: dict) -> dict:
                                                           cuts[2] + off - (cuts[2] + off) % 8], period=8)}
 
 
-def render(renderer, req, tiling):
+def render(renderer, req):
     """`Renderer.render_group` for one image, returning its final latent canvas too."""
     from cluster.renderer import now
     from tiling.render import denoise_group
@@ -85,10 +85,10 @@ def render(renderer, req, tiling):
     conds = [renderer.model.encode(*pair) for pair in req.prompt_pairs()]
     t0 = time.perf_counter()
     z = denoise_group(lambda bs, t: [renderer._predict(b, t, conds[b.prompt], req.guidance) for b in bs],
-                      renderer.info(), [req], tiling, renderer.batch_size(tiling), renderer.model.device, None,
-                      lambda k, zs, stage: renderer._reference([req], tiling, k, zs, stage))[0]
+                      renderer.info(), [req], renderer.batch_size(req), renderer.model.device, None,
+                      lambda k, zs, stage: renderer._reference([req], k, zs, stage))[0]
     seconds = time.perf_counter() - t0
-    return z, renderer.write(req, tiling, renderer._decode(req, tiling, z), started, seconds)
+    return z, renderer.write(req, renderer._decode(req, z), started, seconds)
 
 
 @torch.no_grad()
@@ -136,7 +136,7 @@ def main() -> None:
                 renderer = Renderer(cfg.model, cfg.output, threads=1)
             req = plan(cfg)[0]
             t0 = time.perf_counter()
-            z, row = render(renderer, req, cfg.tiling)  # what Renderer.render does, keeping the latent
+            z, row = render(renderer, req)  # what Renderer.render does, keeping the latent
             seconds = time.perf_counter() - t0
             assert row["status"] == "ok", row["error"]
             Manifest(args.images).append([row])

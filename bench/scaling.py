@@ -84,7 +84,7 @@ def main() -> None:
     workers = start_workers(cfg)
     env["seconds_start_workers"] = time.perf_counter() - t0
     timed(run_bulk, workers, plan(config(tmp, 2, range(100, 100 + len(workers))))[:len(workers)], cfg)  # warm-up
-    per_step = len(layouts_of(plan(cfg)[0], cfg.tiling, 8)[0])
+    per_step = len(layouts_of(plan(cfg)[0], 8)[0])
     results = []
     for n in ns:
         k = args.images_per_gpu * n

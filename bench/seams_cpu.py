@@ -99,13 +99,13 @@ def main() -> None:
         req, f = plan(cfg)[0], renderer.model.vae_scale_factor
         started, t0 = now(), time.perf_counter()
         z = denoise_request(lambda bs, t: [renderer.predict(b, t, req.prompt, req.negative_prompt, req.guidance)
-                                           for b in bs], renderer.info(), req, cfg.tiling)
+                                           for b in bs], renderer.info(), req)
         seconds_denoise = time.perf_counter() - t0
         for row_label, decode in decodes:
             t0 = time.perf_counter()
-            tiling = cfg.tiling
+            spec = req
             if decode == "shared":
-                row = renderer.write(req, tiling, renderer._decode(req, tiling, z), started, seconds_denoise)
+                row = renderer.write(req, renderer._decode(req, z), started, seconds_denoise)
                 assert row["status"] == "ok", row["error"]
                 pixels = np.asarray(Image.open(out_dir / row["path"]))
                 manifest = {"manifest_seam_score": row["seam_score"], "manifest_seam_score_vae": row["seam_score_vae"]}
@@ -113,19 +113,19 @@ def main() -> None:
                 vae, zu = renderer.model.vae, renderer.model.unscale(z)
                 with torch.no_grad():
                     if decode == "naive":
-                        tiling = replace(tiling, vae_overlap=0)
-                        img = decode_each(lambda t: vae.decode(t).sample, zu, f, tiling.vae_tile, 0, context=0)
+                        spec = replace(req, vae_overlap=0)
+                        img = decode_each(lambda t: vae.decode(t).sample, zu, f, spec.vae_tile, 0, context=0)
                     else:
                         img = vae.decode(zu).sample[0].float()
                 pixels = to_uint8(img, req.width, req.height)
                 Image.fromarray(pixels).save(out_dir / f"{req.image_id}-{decode}.png")
                 manifest = {}
             seconds_decode = time.perf_counter() - t0
-            scores = seam_scores(pixels, req, tiling, f)
+            scores = seam_scores(pixels, spec, f)
             scores.update(wrap_x=wrap_seam_score(pixels, "x", f), wrap_y=wrap_seam_score(pixels, "y", f),
                           **line_spread(pixels, f))
-            r = {"case": row_label, "method": method, "overlap": tiling.overlap, "wrap": wrap, "decode": decode,
-                 "vae_tile": tiling.vae_tile, "vae_overlap": tiling.vae_overlap, **scores, **manifest,
+            r = {"case": row_label, "method": method, "overlap": spec.overlap, "wrap": wrap, "decode": decode,
+                 "vae_tile": spec.vae_tile, "vae_overlap": spec.vae_overlap, **scores, **manifest,
                  "seconds_denoise": seconds_denoise, "seconds_decode": seconds_decode}
             rows.append(r)
             print(json.dumps(r), flush=True)

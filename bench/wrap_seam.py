@@ -32,7 +32,7 @@ def main() -> None:
                 f"tiling.wrap={wrap}", "job.prompts=['a night landscape']", "job.seeds=[1]",
                 f"output.dir=/tmp/wrapcheck-{os.path.basename(root)}-{wrap}"]))
         r = Renderer(cfg.model, cfg.output, threads=1)
-        row = r.render(plan(cfg)[0], cfg.tiling)
+        row = r.render(plan(cfg)[0])
         assert row["status"] == "ok", row["error"]
         px = np.asarray(Image.open(os.path.join(cfg.output.dir, row["path"])).convert("RGB"))
         res[wrap] = {"stages": row["stages"], "wrap_seam_score_x": float(wrap_seam_score(px, "x")),

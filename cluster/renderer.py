@@ -12,15 +12,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
 from datetime import datetime, timezone
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from jobs import ImageRequest, write_image
-from jobs.spec import ConfigError, ModelConfig, OutputConfig, TilingConfig, stage_model_config
+from jobs import ImageRequest, RenderSpec, write_image
+from jobs.spec import ConfigError, ModelConfig, OutputConfig, stage_model_config
 from models import load_model
 from models.base import PromptCache
 from models.deepcache import DeepStep, why_not
@@ -129,7 +128,7 @@ class Renderer:
         gpu = self.model.device.type == "cuda" and model.offload == "none"
         self._stream = torch.cuda.Stream(self.model.device) if gpu else None  # for a decode beside a denoise
         self.overlap = gpu  # decodes may run beside a denoise (bench/dit_gpu.py compares without)
-        self._vae_plans = {}  # (tiling.vae_tile, h, w) -> (the VAE tile chosen last, the free memory it saw)
+        self._vae_plans = {}  # (spec.vae_tile, h, w) -> (the VAE tile chosen last, the free memory it saw)
         self._peaks = {}  # (group_key, images) -> the memory its denoise took above what was allocated before
         self._batches = {}  # tile size -> automatic batch size
         self._sweeps = {}  # image id -> its tiled decode's Sweeps, while a tile-parallel decode runs
@@ -154,16 +153,16 @@ class Renderer:
         return ModelInfo(m.scheduler_config, m.latent_channels, m.vae_scale_factor, m.native_size,
                          getattr(m, "patch_size", None), self.worker, str(m.device))
 
-    def batch_size(self, tiling: TilingConfig) -> int:
+    def batch_size(self, spec: RenderSpec) -> int:
         """`tiling.batch`, or for 0 (auto) as many tiles as the free GPU memory holds (4 on a CPU)."""
-        if tiling.batch:
-            return tiling.batch
-        if tiling.tile not in self._batches:
+        if spec.batch:
+            return spec.batch
+        if spec.tile not in self._batches:
             with self._device:
-                self._batches[tiling.tile] = auto_batch(self.model, tiling.tile)
-        return self._batches[tiling.tile]
+                self._batches[spec.tile] = auto_batch(self.model, spec.tile)
+        return self._batches[spec.tile]
 
-    def vae_tile(self, tiling: TilingConfig, h: int, w: int) -> int:
+    def vae_tile(self, spec: RenderSpec, h: int, w: int) -> int:
         """`tiling.vae_tile`, or for 0 (auto) the side that this worker's free memory allows for an h x w latent
         canvas (`tiling.vae.fitting_tile`: the whole frame, one exact sweep, when it fits; 80% of a GPU's free
         memory, 40% of a CPU machine's available memory, which other workers may share), chosen with no decode
@@ -172,18 +171,18 @@ class Renderer:
         with self._decoding:
             device, free = self.model.device, free_memory(self.model.device, 1.0)
             share = 0.8 if device.type == "cuda" else 0.4
-            tile = tiling.vae_tile or fitting_tile(self.model.vae, h, w, share * free)
-            self._vae_plans[(tiling.vae_tile, h, w)] = (tile, free)
+            tile = spec.vae_tile or fitting_tile(self.model.vae, h, w, share * free)
+            self._vae_plans[(spec.vae_tile, h, w)] = (tile, free)
         return tile
 
-    def _fits_beside(self, req: ImageRequest, tiling: TilingConfig, zs, peak: Optional[int]) -> bool:
+    def _fits_beside(self, req: ImageRequest, zs, peak: Optional[int]) -> bool:
         """Whether the decode of a group's canvases (`req` the first image's) may run beside the other call's next
         denoise: `overlap` on, the group's denoise `peak` measured, and each canvas's VAE tile chosen here before,
         alone (`vae_tile`), its decode and that peak within 80% of the free memory it was chosen in."""
         if not self.overlap or peak is None:
             return False
         for z in zs:
-            key = (tiling.vae_tile, *z.shape[-2:])
+            key = (req.vae_tile, *z.shape[-2:])
             if key not in self._vae_plans:
                 return False
             tile, free = self._vae_plans[key]
@@ -226,12 +225,12 @@ class Renderer:
         with self._device:
             return self._predict(batch, t, m.encode(prompt, negative), guidance, pad_to, m).cpu()
 
-    def render(self, req: ImageRequest, tiling: TilingConfig, progress=None) -> dict:
+    def render(self, req: ImageRequest, progress=None) -> dict:
         """`render_group` of one image, its one row: a convenience for the benches (bench/coherence.py,
         dit_gpu.py, wrap_seam.py) and the tests; workers call `render_group`."""
-        return self.render_group([req], tiling, progress)[0]
+        return self.render_group([req], progress)[0]
 
-    def render_group(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, progress=None) -> List[dict]:
+    def render_group(self, reqs: Sequence[ImageRequest], progress=None) -> List[dict]:
         """Images of one `group_key`, stepped together on this worker's device, decoded and written; one row
         each (a failure becomes a `failed` row, never an exception).
 
@@ -242,7 +241,7 @@ class Renderer:
         denoise where `_fits_beside` says the memory holds both (`_decode_beside`)."""
         started, notes = now(), []
         try:
-            batch, fp32 = self.batch_size(tiling), False
+            batch, fp32 = self.batch_size(reqs[0]), False
             tick = (lambda i, n: progress.add.remote(n)) if progress is not None else None
             with self._device:  # the tokenizer too: a fast tokenizer's padding state is not thread-safe
                 notes += [n for n in (self._prompt_note(reqs[0].prompt),) if n]
@@ -253,16 +252,16 @@ class Renderer:
                     with self._holding(fp32, measure):
                         base = self._peak_start() if measure else 0
                         t0 = time.perf_counter()
-                        zs = self._denoise(reqs, tiling, batch, tick)
+                        zs = self._denoise(reqs, batch, tick)
                         seconds = (time.perf_counter() - t0) / len(reqs)
                         if measure:
                             self._peaks[peak_key] = self._peak_since(base)
                         finite = all(bool(torch.isfinite(z).all()) for z in zs)
                         beside = (finite and not fp32
-                                  and self._fits_beside(reqs[0], tiling, zs, self._peaks.get(peak_key)))
-                        decoded = self._decode_group(reqs, tiling, zs) if finite and not beside else None
+                                  and self._fits_beside(reqs[0], zs, self._peaks.get(peak_key)))
+                        decoded = self._decode_group(reqs, zs) if finite and not beside else None
                     if beside:
-                        decoded = self._decode_beside(reqs, tiling, zs)
+                        decoded = self._decode_beside(reqs, zs)
                 except torch.OutOfMemoryError as e:
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
@@ -283,7 +282,7 @@ class Renderer:
         except Exception as e:  # noqa: BLE001 - recorded in the manifest, the job goes on
             return [failed_row(req, started, e, self.worker, notes) for req in reqs]
         return [failed_row(req, started, d, self.worker, notes) if isinstance(d, Exception)
-                else self.write(req, tiling, d, started, seconds, notes) for req, d in zip(reqs, decoded)]
+                else self.write(req, d, started, seconds, notes) for req, d in zip(reqs, decoded)]
 
     @contextmanager
     def _holding(self, fp32: bool, measure: bool):
@@ -297,8 +296,7 @@ class Renderer:
             held.enter_context(self._in_fp32(fp32))
             yield
 
-    def _decode_group(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, zs,
-                      beside: bool = False) -> Optional[list]:
+    def _decode_group(self, reqs: Sequence[ImageRequest], zs, beside: bool = False) -> Optional[list]:
         """Each canvas of a group decoded (`_decode`), or the exception that stopped its decode, so that one
         image's failure fails that image alone; None where a decode was non-finite (the group is retried).
         `beside` a denoise, running out of memory is raised (`_decode_beside` decodes alone then)."""
@@ -306,8 +304,8 @@ class Renderer:
         with self._decoding:
             for req, z in zip(reqs, zs):
                 try:
-                    out.append(self._decode(req, tiling, z, self._vae_plans[(tiling.vae_tile, *z.shape[-2:])][0])
-                               if beside else self._decode(req, tiling, z))
+                    out.append(self._decode(req, z, self._vae_plans[(req.vae_tile, *z.shape[-2:])][0])
+                               if beside else self._decode(req, z))
                 except DecodeError:
                     return None
                 except Exception as e:  # noqa: BLE001 - that image's row says why
@@ -316,19 +314,19 @@ class Renderer:
                     out.append(e)
         return out
 
-    def _decode_beside(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, zs) -> Optional[list]:
+    def _decode_beside(self, reqs: Sequence[ImageRequest], zs) -> Optional[list]:
         """`_decode_group` without the device lock, on this worker's own CUDA stream, beside the other call's next
         denoise; out of memory there, the group is decoded again alone (holding the device lock)."""
         try:
             with torch.cuda.stream(self._stream):  # no stream (a CPU): the caller's
                 if self._stream is not None:
                     self._stream.wait_stream(torch.cuda.default_stream(self._stream.device))  # the canvases done
-                return self._decode_group(reqs, tiling, zs, beside=True)
+                return self._decode_group(reqs, zs, beside=True)
         except torch.OutOfMemoryError:
             log.warning("CUDA out of memory decoding beside a denoise: decoded again alone")
             torch.cuda.empty_cache()
             with self._device:
-                return self._decode_group(reqs, tiling, zs)
+                return self._decode_group(reqs, zs)
 
     def _peak_start(self) -> int:
         """Start measuring the device memory a block takes (on a GPU; 0 elsewhere): the memory allocated now."""
@@ -343,7 +341,7 @@ class Renderer:
         device = self.model.device
         return torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
 
-    def _denoise(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int, tick) -> List[torch.Tensor]:
+    def _denoise(self, reqs: Sequence[ImageRequest], batch: int, tick) -> List[torch.Tensor]:
         features = FeatureCanvas(reqs[0].deep_cache) if reqs[0].deep_cache > 1 else None  # DeepCache's
 
         def predict_of(m):
@@ -352,8 +350,8 @@ class Renderer:
                                                 max(len(c.tiles) for c in bs), m, features) for b in bs]
 
         stage_predict = predict_of(self.stage_model) if self.stage_model is not self.model else None
-        return denoise_group(predict_of(self.model), self.info(), reqs, tiling, batch, self.model.device, tick,
-                             lambda k, zs, stage: self._reference(reqs, tiling, k, zs, stage), stage_predict)
+        return denoise_group(predict_of(self.model), self.info(), reqs, batch, self.model.device, tick,
+                             lambda k, zs, stage: self._reference(reqs, k, zs, stage), stage_predict)
 
     @contextmanager
     def _in_fp32(self, on: bool):
@@ -384,14 +382,12 @@ class Renderer:
         self._notes[prompt] = note
         return note
 
-    def reference(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, number: int,
-                  zs: Optional[List[torch.Tensor]], stage: Stage) -> List[torch.Tensor]:
+    def reference(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]], stage: Stage) -> List[torch.Tensor]:
         """Tile-parallel mode: `_reference` for the driver's loop; the canvases go back on the CPU."""
         with self._device:
-            return [z.cpu() for z in self._reference(reqs, tiling, number, zs, stage)]
+            return [z.cpu() for z in self._reference(reqs, number, zs, stage)]
 
-    def _reference(self, reqs: Sequence[ImageRequest], tiling: TilingConfig, number: int,
-                   zs: Optional[List[torch.Tensor]], stage: Stage) -> List[torch.Tensor]:
+    def _reference(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]], stage: Stage) -> List[torch.Tensor]:
         """Stage `number`'s starting canvases: the finished canvases `zs` of the stage before, or (zs None) the
         requests' init pictures, enlarged to the stage. `job.upscale=pixel` decodes a canvas (tiled, shared
         statistics, always: `tiling.vae_passes=1`'s tone shift between tiles would be kept by every stage after),
@@ -403,7 +399,8 @@ class Renderer:
         m = self.model_of(stage.refine)
         dec = self.model_of(stages_of(reqs[0], self.info())[number - 1].refine) if zs is not None else m
         latent = zs is not None and reqs[0].upscale == "latent"
-        passes = max(3, tiling.vae_passes)  # per-tile statistics would shift a tile's tone, and each stage keeps it
+        spec = reqs[0]
+        passes = max(3, spec.vae_passes)  # per-tile statistics would shift a tile's tone, and each stage keeps it
         out, vaes = [], [m] if dec is m else [m, dec]
         for a in vaes:
             a.vae_on_device(True)
@@ -412,50 +409,51 @@ class Renderer:
                 if zs is None:
                     picture = read_picture(req.init_image)
                 elif not latent or self.output.keep_stages:
-                    picture = decode_tiled_shared(dec.vae, dec.unscale(zs[k]), self.vae_tile(tiling, *zs[k].shape[-2:]),
-                                                  tiling.vae_overlap, passes=passes, **wraps(tiling))
+                    picture = decode_tiled_shared(dec.vae, dec.unscale(zs[k]), self.vae_tile(spec, *zs[k].shape[-2:]),
+                                                  spec.vae_overlap, passes=passes, **wraps(spec))
                     if self.output.keep_stages:
                         h, w = zs[k].shape[-2:]
                         write_image(to_uint8(picture, w * f, h * f), self.output.dir, req.stage_path(number - 1),
                                     self.output.format, self.output.quality, req.parameters_text())
                 if latent:
-                    out.append(resize(zs[k], (stage.h, stage.w), **wraps(tiling)))
+                    out.append(resize(zs[k], (stage.h, stage.w), **wraps(spec)))
                     continue
                 (w, h), (H, W) = stage.size, (stage.h * f, stage.w * f)
-                picture = F.pad(resize(picture[None], (h, w), **wraps(tiling)), (0, W - w, 0, H - h),
+                picture = F.pad(resize(picture[None], (h, w), **wraps(spec)), (0, W - w, 0, H - h),
                                 mode="replicate").clamp(-1, 1)
                 out.append(m.scale(encode_tiled(m.vae, picture.to(m.device, m.vae_dtype),
-                                                self.vae_tile(tiling, stage.h, stage.w), tiling.vae_overlap,
-                                                passes=passes, **wraps(tiling))))
+                                                self.vae_tile(spec, stage.h, stage.w), spec.vae_overlap,
+                                                passes=passes, **wraps(spec))))
         finally:
             for a in vaes:
                 a.vae_on_device(False)
         return out
 
-    def _decode(self, req: ImageRequest, tiling: TilingConfig, z: torch.Tensor, tile: Optional[int] = None):
+    def _decode(self, req: ImageRequest, z: torch.Tensor, tile: Optional[int] = None):
         """(uint8 pixels, seconds, the VAE tile side it ran with: `tile`, else `vae_tile`'s) of a finished canvas;
         raises what stops the decode (`tiling.vae.DecodeError` for a non-finite one)."""
         m = self.final_model(req)
         m.vae_on_device(True)
         try:
             t0 = time.perf_counter()
-            tile = tile or self.vae_tile(tiling, *z.shape[-2:])
-            img = decode_tiled_shared(m.vae, m.unscale(z), tile, tiling.vae_overlap, passes=tiling.vae_passes,
-                                      **wraps(tiling))
+            tile = tile or self.vae_tile(req, *z.shape[-2:])
+            img = decode_tiled_shared(m.vae, m.unscale(z), tile, req.vae_overlap, passes=req.vae_passes,
+                                      **wraps(req))
             return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tile
         finally:
             m.vae_on_device(False)
 
-    def decode_begin(self, key: str, tiling: TilingConfig, z: torch.Tensor, refined: bool = False) -> list:
-        """Tile-parallel decode, on every worker: canvas `z`'s latent-resolution stage run here (by the VAE of the
+    def decode_begin(self, req: ImageRequest, z: torch.Tensor, tile: int, refined: bool = False) -> list:
+        """Tile-parallel decode, on every worker: `req`'s canvas `z` in VAE tiles of side `tile`, its
+        latent-resolution stage run here (by the VAE of the
         model that ran its last stage: `refined`, a stage that refined a reference) and its tiles made ready to
         sweep (`decode_sweep`); returns the tiles' spans (for `tiling.vae.assemble`)."""
         m = self.model_of(refined)
         with self._device:
             m.vae_on_device(True)
             try:
-                self._sweeps[key] = decoder_sweeps(m.vae, m.unscale(z), tiling.vae_tile, tiling.vae_overlap,
-                                                   **wraps(tiling))
+                key = req.image_id
+                self._sweeps[key] = decoder_sweeps(m.vae, m.unscale(z), tile, req.vae_overlap, **wraps(req))
                 self._sweep_models[key] = m
             except BaseException:
                 m.vae_on_device(False)
@@ -481,7 +479,7 @@ class Renderer:
         if self._sweeps.pop(key, None) is not None:
             self._sweep_models.pop(key).vae_on_device(False)
 
-    def write(self, req: ImageRequest, tiling: TilingConfig, decoded, started_at: datetime,
+    def write(self, req: ImageRequest, decoded, started_at: datetime,
               seconds_denoise: float, notes: Optional[Sequence[str]] = None) -> dict:
         """Encode and write a decoded image's file (`decoded`: `_decode`'s pixels, seconds and VAE tile), score its
         seams, return its manifest row (CPU only). The seams are scored while the file is encoded (both release
@@ -491,8 +489,7 @@ class Renderer:
             stages = ">".join(f"{s.size[0]}x{s.size[1]}" for s in stages_of(req, self.info()))
             t0 = time.perf_counter()
             with ThreadPoolExecutor(1) as pool:
-                scores = pool.submit(seam_scores, pixels, req, replace(tiling, vae_tile=vae_tile),
-                                     self.model.vae_scale_factor)
+                scores = pool.submit(seam_scores, pixels, req, self.model.vae_scale_factor, vae_tile)
                 sha, size = write_image(pixels, self.output.dir, req.path, self.output.format, self.output.quality,
                                         req.parameters_text(stages))
                 seconds_write = time.perf_counter() - t0
@@ -523,6 +520,6 @@ def auto_batch(model, tile: int, budget: float = 0.8, cap_px: int = 8 * 128 * 12
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - base)
     per_tile = max(peaks[1] - peaks[0], 1)
-    free = torch.cuda.mem_get_info()[0]
+    free = free_memory(model.device, 1.0)
     fits = int((budget * free - (peaks[0] - per_tile)) // per_tile)
     return max(1, min(fits, max(1, cap_px // (tile * tile))))

@@ -14,13 +14,12 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import replace
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import ray
 
 from jobs import ImageRequest
-from jobs.spec import TesseraConfig, TesseraError, TilingConfig
+from jobs.spec import TesseraConfig, TesseraError
 from tiling import assemble, merged, to_uint8
 from tiling.render import denoise_request, iter_groups, stages_of, tile_steps
 
@@ -124,8 +123,8 @@ def run_bulk(workers, requests: Iterable[ImageRequest], cfg: TesseraConfig, on_r
     def submit(w):
         group = next(todo, None)
         if group is not None:
-            progress.expect_tiles(sum(tile_steps(r, cfg.tiling, info) for r in group))
-            pending[w.render_group.remote(group, cfg.tiling, counter)] = (w, group, now())
+            progress.expect_tiles(sum(tile_steps(r, info) for r in group))
+            pending[w.render_group.remote(group, counter)] = (w, group, now())
 
     for w in workers:
         submit(w)
@@ -140,7 +139,7 @@ def run_bulk(workers, requests: Iterable[ImageRequest], cfg: TesseraConfig, on_r
             submit(w)
 
 
-def decode_across(workers, req: ImageRequest, tiling: TilingConfig, z, factor: int, refined: bool = False):
+def decode_across(workers, req: ImageRequest, z, factor: int, refined: bool = False):
     """One canvas's tiled VAE decode spread over `workers`: each runs the latent-resolution stage and sweeps
     every len(workers)-th tile; between sweeps the tiles' GroupNorm moments are merged here in tile order, so
     the picture is the one a single worker decodes, with the VAE tile worker 0 picks for all (`tiling.vae_tile=0`),
@@ -148,11 +147,11 @@ def decode_across(workers, req: ImageRequest, tiling: TilingConfig, z, factor: i
     (uint8 pixels, seconds, that tile side); a Ray fault ends the decode on every worker and is raised."""
     t0 = time.perf_counter()
     try:
-        tiling = replace(tiling, vae_tile=ray.get(workers[0].vae_tile.remote(tiling, *z.shape[-2:])))  # one for all
+        tile = ray.get(workers[0].vae_tile.remote(req, *z.shape[-2:]))  # one for all
         canvas = ray.put(z)  # stored once, read by every worker
-        spans = ray.get([w.decode_begin.remote(req.image_id, tiling, canvas, refined) for w in workers])[0]
+        spans = ray.get([w.decode_begin.remote(req, canvas, tile, refined) for w in workers])[0]
         shares = [range(k, len(spans), len(workers)) for k in range(len(workers))]
-        applied, passes = None, 1 if len(spans) == 1 else tiling.vae_passes  # as tiling.vae.run_sweeps
+        applied, passes = None, 1 if len(spans) == 1 else req.vae_passes  # as tiling.vae.run_sweeps
         for number in range(1, passes + 1):
             last = number == passes
             parts = {}
@@ -161,8 +160,8 @@ def decode_across(workers, req: ImageRequest, tiling: TilingConfig, z, factor: i
                 parts.update(out)
             if not last:
                 applied = merged([parts[i] for i in range(len(spans))])
-        img = assemble(spans, parts, tuple(z.shape[-2:]), factor, tiling.vae_overlap)
-        return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tiling.vae_tile
+        img = assemble(spans, parts, tuple(z.shape[-2:]), factor, req.vae_overlap)
+        return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tile
     except RAY_FAULTS:
         for w in workers:
             w.decode_end.remote(req.image_id)
@@ -174,11 +173,10 @@ def run_tile_parallel(workers, requests: Iterable[ImageRequest], cfg: TesseraCon
     """One image at a time, each step's tile batches and then its decode's tiles spread over every worker; a
     worker writes the image while the next one denoises."""
     info = ray.get(workers[0].info.remote())
-    batch = ray.get(workers[0].batch_size.remote(cfg.tiling))
     writing = None  # (ref, [req], started) of the image a worker is writing
     for i, req in enumerate(requests):
         started = now()
-        progress.expect_tiles(tile_steps(req, cfg.tiling, info))
+        progress.expect_tiles(tile_steps(req, info))
 
         def predict_of(refine: bool):  # refine: the stages that refine a reference (model.stage_path's weights)
             def predict(batches, t):
@@ -191,19 +189,20 @@ def run_tile_parallel(workers, requests: Iterable[ImageRequest], cfg: TesseraCon
 
         try:
             t0 = time.perf_counter()
-            z = denoise_request(predict_of(False), info, req, cfg.tiling, lambda step, n: progress.tiles(n), batch,
+            batch = ray.get(workers[0].batch_size.remote(req))  # the worker's, once per tile size
+            z = denoise_request(predict_of(False), info, req, lambda step, n: progress.tiles(n), batch,
                                 reference=lambda k, zs, stage: ray.get(
-                                    workers[0].reference.remote([req], cfg.tiling, k, zs, stage)),
+                                    workers[0].reference.remote([req], k, zs, stage)),
                                 stage_predict=predict_of(True) if cfg.model.stage_path else None)
             seconds = time.perf_counter() - t0
-            decoded = decode_across(workers, req, cfg.tiling, z, info.vae_scale_factor,
+            decoded = decode_across(workers, req, z, info.vae_scale_factor,
                                     stages_of(req, info)[-1].refine)
         except RAY_FAULTS as e:
             on_row(failed_row(req, started, fault(e)))
             continue
         if writing is not None:
             on_row(_rows(*writing)[0])
-        writing = (workers[i % len(workers)].write.remote(req, cfg.tiling, decoded, started, seconds), [req], started)
+        writing = (workers[i % len(workers)].write.remote(req, decoded, started, seconds), [req], started)
     if writing is not None:
         on_row(_rows(*writing)[0])
 

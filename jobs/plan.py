@@ -1,11 +1,12 @@
-"""Expansion of a render job into image requests with stable ids."""
+"""Expansion of a render job into image requests: each one's `RenderSpec` (what decides its pixels, hashed into its
+stable id) and where it goes."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Optional, Tuple
 
 from . import sources, xml_prompts
@@ -37,71 +38,207 @@ def regions_of(job) -> Tuple[RegionPrompt, ...]:
                               float(r.weight), float(r.feather)) for r in job.regions)
 
 
-def xml_split(cfg: TesseraConfig, prompt: str) -> Optional[xml_prompts.XmlSplit]:
-    """The effective prompt `prompt` split by its characters' positions if it is an XML prompt (jobs.xml_prompts:
-    XML for model=newbie, tags for the other families), else None."""
-    return xml_prompts.expand(prompt, family_of(cfg.model.name).name)
+@dataclass(frozen=True, kw_only=True)
+class RenderSpec:
+    """Everything that changes an image's pixels, and nothing else; its hash is the image id (`key`, `image_id`).
 
+    The weights (what the id knows of them), the prompt, seed, size and schedule, how the canvas is cut into tiles
+    and how the VAE decodes it, the strategy and its knobs, the init picture. The renderer, the tiling math and the
+    tile-parallel driver read it alone: no config travels beside it. `ImageRequest` adds where the image goes.
+    Keys added after the first release appear in `key` only when they differ from their default, so older ids stay
+    valid; `spec_fields` builds one from a config and one prompt row."""
 
-def prompts_of_row(cfg: TesseraConfig, job, prompt: str) -> Tuple[str, Tuple[RegionPrompt, ...]]:
-    """(the background prompt as encoded, the regions: `job.regions`, then an XML prompt's placed characters, each
-    weight 1 and feather 0.05 under the job's negative prompt) of the raw prompt `prompt`."""
-    effective = effective_prompt(job, prompt)
-    split = xml_split(cfg, effective)
-    if split is None:
-        return effective, regions_of(job)
-    default = RegionConfig()
-    return split.background, regions_of(job) + tuple(
-        RegionPrompt(box, text, job.negative_prompt, default.weight, default.feather) for box, text in split.regions)
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """One image to render: what the renderer and the manifest need to know of it."""
-
-    image_id: str
-    job: str
-    prompt: str  # the effective prompt (job.prompt_template applied; an XML prompt's background): what is encoded
+    # the weights
+    model_name: str  # model.name
+    dtype: str
+    weights: str = "pretrained"
+    model_path: Optional[str] = None  # `model_path_key`
+    model_config: Optional[str] = None  # model.config's real path
+    stage_model_path: Optional[str] = None  # model.stage_path's real path, where the enlarged stages run it
+    vae_path: Optional[str] = None  # model.vae: the light VAE by name, or a folder's real path
+    deep_cache: int = 0  # model.deep_cache: the whole denoiser every N-th step (0, 1: every step)
+    # the picture
+    source_prompt: str  # the effective prompt as written (job.prompt_template applied; an XML prompt whole)
     negative_prompt: str
     seed: int
-    model: str  # model.name; "<name>+random" for model.weights=random (model_label)
     width: int
     height: int
     steps: int
     guidance: float
     scheduler: str
+    # the tiles: the denoise's (tiling.method, tile, overlap, batch, wrap) and the VAE's
     tiling_method: str
     tile: int
     overlap: int
-    format: str
-    path: str  # relative to output.dir: images/<job>/<image_id>.<ext>, or images/date=<day>/<job>/... (job.date)
-    wrap: str = "none"  # tiling.wrap: none, x, y or both
-    strategy: str = "direct"  # job.strategy, and the knobs of its stages:
+    batch: int = 0  # 0: as many as the worker's memory holds
+    wrap: str = "none"  # none, x, y or both
+    vae_tile: int = 0  # 0: what the worker's memory allows
+    vae_overlap: int = 0
+    vae_passes: int = 3
+    # the strategy (job.strategy) and the knobs of its stages
+    strategy: str = "direct"
     strength: float = 0.3
     stage_factor: float = 2.0
     base_size: int = 0  # 0: the model's native size
     upscale: str = "pixel"
     skip_residual: float = 0.0
-    dilation: float = 0.0
+    dilation: float = 0.0  # job.dilation, or the family's
     strength_decay: float = 1.0
     guide_clock: str = "stage"
-    anchor: float = 1.0
+    anchor: float = 1.0  # job.anchor, or the family's
     anchor_sigma: float = 1.0
-    init_image: Optional[str] = None  # the picture an img2img render starts from
-    init_sha256: Optional[str] = None
-    init_size: Optional[Tuple[int, int]] = None  # its (width, height)
-    regions: Tuple[RegionPrompt, ...] = ()  # region prompts over `prompt`, the background (an XML prompt's
-    #                                         placed characters after job.regions)
+    init_sha256: Optional[str] = None  # the picture an img2img render starts from
+    init_size: Optional[Tuple[int, int]] = None  # its (width, height): its sha256 decides it, so it is not hashed
+    job_regions: Tuple[RegionPrompt, ...] = ()  # job.regions (or a prompt row's)
+    xml: Optional[xml_prompts.XmlSplit] = None  # an XML prompt's split (jobs.xml_prompts)
+    image_id: str = field(init=False, compare=False)
+
+    def __post_init__(self):
+        canonical = json.dumps(self.key(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        object.__setattr__(self, "image_id", hashlib.sha256(canonical.encode()).hexdigest()[:16])
+
+    @property
+    def prompt(self) -> str:
+        """The background prompt, as encoded: the effective prompt, or an XML prompt's background."""
+        return self.xml.background if self.xml is not None else self.source_prompt
+
+    @property
+    def regions(self) -> Tuple[RegionPrompt, ...]:
+        """Region prompts over `prompt`: `job.regions`, then an XML prompt's placed characters (each weight 1 and
+        feather 0.05 under the job's negative prompt)."""
+        if self.xml is None:
+            return self.job_regions
+        d = RegionConfig()
+        return self.job_regions + tuple(RegionPrompt(box, text, self.negative_prompt, d.weight, d.feather)
+                                        for box, text in self.xml.regions)
+
+    @property
+    def model(self) -> str:
+        """The manifest's `model` value: model.name, marked "+random" when the weights are random (benchmarks)."""
+        return self.model_name if self.weights == "pretrained" else f"{self.model_name}+{self.weights}"
+
+    def key(self) -> dict:
+        """What the image id hashes."""
+        key = {
+            "model": self.model_name, "dtype": self.dtype, "model_path": self.model_path,
+            "prompt": self.source_prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
+            "width": self.width, "height": self.height, "steps": self.steps,
+            "guidance": self.guidance, "scheduler": self.scheduler,
+            "tiling": [self.tiling_method, self.tile, self.overlap, self.batch] + (
+                [self.wrap] if self.wrap != "none" else []),
+            "vae": [self.vae_tile, self.vae_overlap] + ([self.vae_passes] if self.vae_passes != 3 else []),
+        }
+        if self.weights != "pretrained":
+            key["weights"] = self.weights
+        staged = self.strategy == "progressive" or bool(self.init_sha256)
+        if self.strategy == "progressive":  # `direct`, the one strategy before, keeps the ids it had
+            key["strategy"] = [self.strategy, self.strength, self.stage_factor, self.base_size, self.upscale,
+                               self.skip_residual] + ([self.dilation] if self.dilation else [])
+            key["base"] = "whole"  # drawn as one tile (session 5); the ids of tiled bases are not reused
+        if self.init_sha256:
+            key["init"] = [self.init_sha256, self.strength]
+        if staged and self.strength_decay != 1.0:
+            key["strength_decay"] = self.strength_decay
+        if staged and self.guide_clock != "schedule":
+            key["guide_clock"] = self.guide_clock
+        if staged and self.anchor:
+            key["anchor"] = [self.anchor, self.anchor_sigma]
+        for name in ("model_config", "stage_model_path", "vae_path"):
+            if getattr(self, name):
+                key[name] = getattr(self, name)
+        if self.deep_cache > 1:  # an approximation of the model's calls: other pixels
+            key["deep_cache"] = self.deep_cache
+        if self.job_regions:  # no regions: the ids they had before
+            key["regions"] = [r.as_dict() for r in self.job_regions]
+        if self.xml is not None:  # what an XML prompt is encoded as: its format, background and placed characters
+            key["xml"] = self.xml.key()
+        return key
+
+
+def model_path_key(m: ModelConfig) -> Optional[str]:
+    """What the image id knows of the weights' place: the real path of a folder or file, the shipped demo's
+    weights by name (its folder moves with the install), nothing for random weights built in code (the random
+    demo's cache folder holds what its builder makes wherever it is)."""
+    if m.weights != "pretrained" or m.name == "demo_random":
+        return None
+    if m.name == "demo":
+        return f"tessera:{DEMO_WEIGHTS}"
+    return _real(m.path)
+
+
+def _real(path) -> str:
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def runs_stage_model(m: ModelConfig, job, init) -> bool:
+    """Whether an image's enlarged stages run `model.stage_path` (a hires checkpoint): a progressive render's, or
+    an init image's."""
+    return bool(m.stage_path) and (job.strategy == "progressive" or bool(init))
+
+
+def stage_guides(cfg: TesseraConfig) -> Tuple[float, float]:
+    """(job.anchor, job.dilation), each null one the model family's (FamilySpec.anchor, .dilation)."""
+    fam = family_of(cfg.model.name)
+    anchor, dilation = fam.anchor, fam.dilation
+    j = cfg.job
+    return (anchor if j.anchor is None else float(j.anchor)), (dilation if j.dilation is None else float(j.dilation))
+
+
+def spec_fields(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[str] = None,
+                init_size: Optional[Tuple[int, int]] = None) -> dict:
+    """The `RenderSpec` fields of one image of `cfg` (its job: the prompt row's): `prompt` is the raw prompt; the
+    effective one (job.prompt_template applied) is hashed, so a template and a prompt that spells it out give the
+    same id."""
+    m, j, t = cfg.model, cfg.job, cfg.tiling
+    anchor, dilation = stage_guides(cfg)
+    source = effective_prompt(j, prompt)
+    vae = m.vae
+    return dict(
+        model_name=m.name, dtype=m.dtype, weights=m.weights, model_path=model_path_key(m),
+        model_config=_real(m.config) if m.config else None,
+        stage_model_path=_real(m.stage_path) if runs_stage_model(m, j, init_sha256) else None,
+        vae_path=None if vae is None else f"tessera:{LIGHT_VAE_WEIGHTS}" if vae == LIGHT_VAE else _real(vae),
+        deep_cache=int(m.deep_cache),
+        source_prompt=source, negative_prompt=j.negative_prompt, seed=int(seed), width=int(j.width),
+        height=int(j.height), steps=int(j.steps), guidance=float(j.guidance), scheduler=scheduler_of(cfg),
+        tiling_method=t.method, tile=int(t.tile), overlap=int(t.overlap), batch=int(t.batch), wrap=t.wrap,
+        vae_tile=int(t.vae_tile), vae_overlap=int(t.vae_overlap), vae_passes=int(t.vae_passes),
+        strategy=j.strategy, strength=float(j.strength), stage_factor=float(j.stage_factor),
+        base_size=int(j.base_size), upscale=j.upscale, skip_residual=float(j.skip_residual), dilation=dilation,
+        strength_decay=float(j.strength_decay), guide_clock=j.guide_clock, anchor=anchor,
+        anchor_sigma=float(j.anchor_sigma), init_sha256=init_sha256, init_size=init_size,
+        job_regions=regions_of(j), xml=xml_prompts.expand(source, family_of(m.name).name))
+
+
+def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[str] = None) -> str:
+    """First 16 hex chars of sha256 over everything that changes the pixels, and nothing else (`RenderSpec`)."""
+    return RenderSpec(**spec_fields(cfg, prompt, seed, init_sha256)).image_id
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageRequest(RenderSpec):
+    """One image to render: its `RenderSpec`, and where it goes and how it is labelled (none of which changes
+    its pixels)."""
+
+    job: str
+    folder: str  # relative to output.dir: images/<job>, or images/date=<day>/<job> (job.date)
+    format: str
+    init_image: Optional[str] = None  # the init picture's path
     stage_model: Optional[str] = None  # model.stage_path's folder name (a hires checkpoint), or None
     vae_model: Optional[str] = None  # model.vae: `light`, or its folder's name; None: the model's own VAE
-    deep_cache: int = 0  # model.deep_cache: the whole denoiser every N-th step (0, 1: every step)
+
+    @property
+    def path(self) -> str:
+        """Where the image is written, relative to output.dir: <folder>/<image_id>.<ext>."""
+        return f"{self.folder}/{self.image_id}.{EXTENSIONS[self.format]}"
 
     def prompt_pairs(self) -> Tuple[Tuple[str, str], ...]:
         """(prompt, negative) of the background and of each region: what `TileBatch.prompt` indexes."""
         return ((self.prompt, self.negative_prompt),) + tuple((r.prompt, r.negative_prompt) for r in self.regions)
 
     def regions_json(self) -> Optional[str]:
-        return json.dumps([r.as_dict() for r in self.regions], ensure_ascii=False) if self.regions else None
+        regions = self.regions
+        return json.dumps([r.as_dict() for r in regions], ensure_ascii=False) if regions else None
 
     def stage_path(self, number: int) -> str:
         """Where `output.keep_stages` writes stage `number`'s picture: beside the image."""
@@ -158,90 +295,6 @@ class ImageRequest:
         return row
 
 
-def model_label(m: ModelConfig) -> str:
-    """The manifest's `model` value: model.name, marked "+random" when the weights are random (benchmarks)."""
-    return m.name if m.weights == "pretrained" else f"{m.name}+{m.weights}"
-
-
-def _real(path) -> str:
-    return os.path.realpath(os.path.expanduser(path))
-
-
-def model_path_key(m: ModelConfig) -> Optional[str]:
-    """What the image id knows of the weights' place: the real path of a folder or file, the shipped demo's
-    weights by name (its folder moves with the install), nothing for random weights built in code (the random
-    demo's cache folder holds what its builder makes wherever it is)."""
-    if m.weights != "pretrained" or m.name == "demo_random":
-        return None
-    if m.name == "demo":
-        return f"tessera:{DEMO_WEIGHTS}"
-    return _real(m.path)
-
-
-def runs_stage_model(m: ModelConfig, job, init) -> bool:
-    """Whether an image's enlarged stages run `model.stage_path` (a hires checkpoint): a progressive render's, or
-    an init image's."""
-    return bool(m.stage_path) and (job.strategy == "progressive" or bool(init))
-
-
-def stage_guides(cfg: TesseraConfig) -> Tuple[float, float]:
-    """(job.anchor, job.dilation), each null one the model family's (FamilySpec.anchor, .dilation)."""
-    fam = family_of(cfg.model.name)
-    anchor, dilation = fam.anchor, fam.dilation
-    j = cfg.job
-    return (anchor if j.anchor is None else float(j.anchor)), (dilation if j.dilation is None else float(j.dilation))
-
-
-def image_id(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optional[str] = None) -> str:
-    """First 16 hex chars of sha256 over everything that changes the pixels, and nothing else.
-
-    `prompt` is the raw prompt; the effective one (job.prompt_template applied) is hashed, so a template
-    and a prompt that spells it out give the same id.  Keys added after the first release appear only when
-    they differ from their default, so older ids stay valid."""
-    m, j, t = cfg.model, cfg.job, cfg.tiling
-    anchor, dilation = stage_guides(cfg)
-    pretrained = m.weights == "pretrained"
-    key = {
-        "model": m.name, "dtype": m.dtype,
-        "model_path": model_path_key(m),
-        "prompt": effective_prompt(j, prompt), "negative_prompt": j.negative_prompt, "seed": int(seed),
-        "width": int(j.width), "height": int(j.height), "steps": int(j.steps),
-        "guidance": float(j.guidance), "scheduler": scheduler_of(cfg),
-        "tiling": [t.method, int(t.tile), int(t.overlap), int(t.batch)] + ([t.wrap] if t.wrap != "none" else []),
-        "vae": [int(t.vae_tile), int(t.vae_overlap)] + ([int(t.vae_passes)] if t.vae_passes != 3 else []),
-    }
-    if not pretrained:
-        key["weights"] = m.weights
-    if j.strategy == "progressive":  # `direct`, the one strategy before, keeps the ids it had
-        key["strategy"] = [j.strategy, float(j.strength), float(j.stage_factor), int(j.base_size), j.upscale,
-                           float(j.skip_residual)] + ([dilation] if dilation else [])
-        key["base"] = "whole"  # drawn as one tile (session 5); the ids of tiled bases are not reused
-    if init_sha256:
-        key["init"] = [init_sha256, float(j.strength)]
-    if j.strategy == "progressive" or init_sha256:
-        if j.strength_decay != 1.0:
-            key["strength_decay"] = float(j.strength_decay)
-        if j.guide_clock != "schedule":
-            key["guide_clock"] = j.guide_clock
-        if anchor:
-            key["anchor"] = [anchor, float(j.anchor_sigma)]
-    if m.config:
-        key["model_config"] = _real(m.config)
-    if runs_stage_model(m, j, init_sha256):  # the weights the enlarged stages ran
-        key["stage_model_path"] = _real(m.stage_path)
-    if m.vae is not None:  # another VAE: other pixels
-        key["vae_path"] = f"tessera:{LIGHT_VAE_WEIGHTS}" if m.vae == LIGHT_VAE else _real(m.vae)
-    if m.deep_cache > 1:  # an approximation of the model's calls: other pixels
-        key["deep_cache"] = int(m.deep_cache)
-    if j.regions:  # no regions: the ids they had before
-        key["regions"] = [r.as_dict() for r in regions_of(j)]
-    split = xml_split(cfg, key["prompt"])
-    if split is not None:  # what an XML prompt is encoded as: its format, background and placed characters
-        key["xml"] = split.key()
-    canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
 class Plan:
     """A job's images, streamed: prompts (`job.prompts`, then `job.prompt_file`'s rows, each with its own fields)
     x init images x seeds, prompt-major, duplicates dropped.
@@ -267,7 +320,7 @@ class Plan:
         self.duplicates = 0
 
     def __iter__(self) -> Iterator[ImageRequest]:
-        cfg, t, fmt = self.cfg, self.cfg.tiling, self.cfg.output.format
+        cfg, fmt = self.cfg, self.cfg.output.format
         folder = f"images/{self.partition}/{cfg.job.name}" if self.partition else f"images/{cfg.job.name}"
         vae = cfg.model.vae
         vae_model = None if vae is None else vae if vae == LIGHT_VAE else os.path.basename(os.path.normpath(vae))
@@ -275,30 +328,18 @@ class Plan:
         self.duplicates = 0
         for prompt, j in sources.prompt_rows(cfg.job):
             row_cfg = cfg if j is cfg.job else dataclasses.replace(cfg, job=j)
-            encoded, regions = prompts_of_row(cfg, j, prompt)
-            anchor, dilation = stage_guides(row_cfg)
             for init, sha, size in self.inits:
                 stage_model = os.path.basename(os.path.normpath(cfg.model.stage_path)) \
                     if runs_stage_model(cfg.model, j, init) else None
                 for seed in j.seeds:
-                    iid = image_id(row_cfg, prompt, seed, sha)
-                    key = int(iid, 16)
+                    req = ImageRequest(**spec_fields(row_cfg, prompt, seed, sha, size), job=j.name, folder=folder,
+                                       format=fmt, init_image=init, stage_model=stage_model, vae_model=vae_model)
+                    key = int(req.image_id, 16)
                     if key in seen:
                         self.duplicates += 1
                         continue
                     seen.add(key)
-                    yield ImageRequest(
-                        image_id=iid, job=j.name, prompt=encoded,
-                        negative_prompt=j.negative_prompt, seed=int(seed), model=model_label(cfg.model),
-                        width=int(j.width), height=int(j.height), steps=int(j.steps), guidance=float(j.guidance),
-                        scheduler=scheduler_of(row_cfg), tiling_method=t.method, tile=int(t.tile),
-                        overlap=int(t.overlap), format=fmt, path=f"{folder}/{iid}.{EXTENSIONS[fmt]}", wrap=t.wrap,
-                        strategy=j.strategy, strength=float(j.strength), stage_factor=float(j.stage_factor),
-                        base_size=int(j.base_size), upscale=j.upscale, skip_residual=float(j.skip_residual),
-                        dilation=dilation, strength_decay=float(j.strength_decay),
-                        guide_clock=j.guide_clock, anchor=anchor, anchor_sigma=float(j.anchor_sigma),
-                        init_image=init, init_sha256=sha, init_size=size, regions=regions,
-                        stage_model=stage_model, deep_cache=int(cfg.model.deep_cache), vae_model=vae_model)
+                    yield req
 
 
 def plan(cfg: TesseraConfig) -> list[ImageRequest]:

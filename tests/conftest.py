@@ -73,7 +73,7 @@ def render_first(renderer, out, base, *overrides):
 
     cfg = compose(*base, f"output.dir={out}", *overrides)
     req = plan(cfg)[0]
-    row = renderer.render(req, cfg.tiling)
+    row = renderer.render(req)
     assert row["status"] == "ok", row["error"]
     return req, row
 
@@ -87,12 +87,12 @@ def assert_renders_small(renderer, cfg, other_seed_cfg, out) -> dict:
     from jobs import plan
 
     req = plan(cfg)[0]
-    row = renderer.render(req, cfg.tiling)
+    row = renderer.render(req)
     assert row["status"] == "ok", row["error"]
     img = Image.open(out / row["path"])
     assert img.size == (196, 130) and np.asarray(img).std() > 1.0
     first = (out / row["path"]).read_bytes()
-    assert renderer.render(req, cfg.tiling)["sha256"] == row["sha256"] and (out / row["path"]).read_bytes() == first
-    other = renderer.render(plan(other_seed_cfg)[0], cfg.tiling)
+    assert renderer.render(req)["sha256"] == row["sha256"] and (out / row["path"]).read_bytes() == first
+    other = renderer.render(plan(other_seed_cfg)[0])
     assert other["status"] == "ok" and other["sha256"] != row["sha256"]
     return row

@@ -161,8 +161,8 @@ def test_regions_and_groups_keep_their_own_features(demo):
     cfg = compose(*SMALL, f"output.dir={out}", "job.strategy=direct", "job.steps=4", "model.deep_cache=2",
                   "job.seeds=[3,4]")
     reqs = plan(cfg)
-    together = renderer.render_group(reqs, cfg.tiling)
-    alone = [renderer.render(r, cfg.tiling) for r in reqs]
+    together = renderer.render_group(reqs)
+    alone = [renderer.render(r) for r in reqs]
     assert all(r["status"] == "ok" for r in together + alone)
     for g, s in zip(together, alone):
         a, b = (np.asarray(Image.open(out / r["path"]), dtype=np.float64) for r in (g, s))

@@ -102,9 +102,9 @@ def pipeline_of(name, path):
     return pipe
 
 
-def render_latents(renderer: Renderer, req, tiling) -> torch.Tensor:
+def render_latents(renderer: Renderer, req) -> torch.Tensor:
     predict = lambda bs, t: [renderer.predict(b, t, req.prompt, req.negative_prompt, req.guidance) for b in bs]  # noqa: E731
-    return denoise_request(predict, renderer.info(), req, tiling)
+    return denoise_request(predict, renderer.info(), req)
 
 
 # ------------------------------------------------------------------------------------------- registry
@@ -206,7 +206,7 @@ def assert_one_tile_equals(cfg, pipe, guidance: float, negative: str) -> Rendere
     Returns the renderer."""
     req = plan(cfg)[0]
     r = Renderer(cfg.model, cfg.output)
-    ours = render_latents(r, req, cfg.tiling)
+    ours = render_latents(r, req)
     noise = torch.randn(1, 16, 16, 16, generator=torch.Generator("cpu").manual_seed(req.seed))
     theirs = pipe(req.prompt, negative_prompt=negative or None, height=128, width=128, num_inference_steps=3,
                   guidance_scale=guidance, latents=noise, output_type="latent").images
@@ -448,7 +448,7 @@ def test_a_progressive_render_runs_its_stages_in_whole_patches(dit_dirs, tmp_pat
     cfg = cfg_of(name, dit_dirs, *args)
     r = Renderer(cfg.model, cfg.output)
     req = plan(cfg)[0]
-    row = r.render(req, cfg.tiling)
+    row = r.render(req)
     assert row["status"] == "ok", row["error"]
     assert row["stages"] == "80x48>128x80>196x130" and Image.open(tmp_path / row["path"]).size == (196, 130)
-    assert r.render(req, cfg.tiling)["sha256"] == row["sha256"]
+    assert r.render(req)["sha256"] == row["sha256"]

@@ -79,9 +79,9 @@ def sdxl_cfg(sdxl_dir, *overrides):
     return compose("model=sdxl", f"model.path={sdxl_dir}", *overrides)
 
 
-def render_latents(renderer: Renderer, req, tiling) -> torch.Tensor:
+def render_latents(renderer: Renderer, req) -> torch.Tensor:
     predict = lambda bs, t: [renderer.predict(b, t, req.prompt, req.negative_prompt, req.guidance) for b in bs]  # noqa: E731
-    return denoise_request(predict, renderer.info(), req, tiling)
+    return denoise_request(predict, renderer.info(), req)
 
 
 # ------------------------------------------------------------------------------------------- registry
@@ -147,7 +147,7 @@ def test_sdxl_renders_a_multi_tile_image_through_the_renderer(sdxl_dir, tmp_path
 def test_sdxl_renders_its_stages_as_crops_of_each_stage_canvas(sdxl_dir, tmp_path):
     cfg = sdxl_cfg(sdxl_dir, *SMALL, f"output.dir={tmp_path}", "job.base_size=64")
     r = Renderer(cfg.model, cfg.output)
-    row = r.render(plan(cfg)[0], cfg.tiling)
+    row = r.render(plan(cfg)[0])
     assert row["status"] == "ok", row["error"]
     assert row["stages"] == "80x56>128x88>196x130" and Image.open(tmp_path / row["path"]).size == (196, 130)
 
@@ -166,7 +166,7 @@ def test_sdxl_one_tile_equals_the_diffusers_pipeline(sdxl_dir, tmp_path, negativ
                    "job.prompt_template='archer style, {prompt}'", f"output.dir={tmp_path}")
     req = plan(cfg)[0]
     assert req.prompt == "archer style, a vast mountain lake at dawn, wallpaper"
-    ours = render_latents(Renderer(cfg.model, cfg.output), req, cfg.tiling)
+    ours = render_latents(Renderer(cfg.model, cfg.output), req)
 
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir, local_files_only=True, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -239,7 +239,7 @@ def test_fp16_keeps_the_vae_in_fp32_when_it_asks_for_upcast(sdxl_dir):
 def test_sd_one_tile_equals_the_diffusers_pipeline(tmp_path):
     cfg = compose(*ONE_TILE, "job.negative_prompt=haze", f"output.dir={tmp_path}")
     req = plan(cfg)[0]
-    ours = render_latents(Renderer(cfg.model, cfg.output), req, cfg.tiling)
+    ours = render_latents(Renderer(cfg.model, cfg.output), req)
     pipe = load_demo_pipeline(resolve_path(cfg.model))
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator("cpu").manual_seed(req.seed))

@@ -381,11 +381,11 @@ ONE_TILE = ["job.width=128", "job.height=128", "job.steps=4", "tiling.tile=16", 
             "tiling.method=uniform", "job.seeds=[3]"]
 
 
-def render_latents(renderer: Renderer, req, tiling) -> torch.Tensor:
+def render_latents(renderer: Renderer, req) -> torch.Tensor:
     def predict(batches, t):
         return [renderer.predict(b, t, req.prompt, req.negative_prompt, req.guidance) for b in batches]
 
-    return denoise_request(predict, renderer.info(), req, tiling)
+    return denoise_request(predict, renderer.info(), req)
 
 
 def official_sample(transformer, z, feats, mask, pooled, steps: int, cfg: float, shift: float = 6.0,
@@ -414,7 +414,7 @@ def test_one_tile_equals_the_official_sampling_loop(newbie_dir, tmp_path, guidan
                  f"output.dir={tmp_path}")
     req = plan(cfg)[0]
     r = Renderer(cfg.model, cfg.output)
-    ours = render_latents(r, req, cfg.tiling)
+    ours = render_latents(r, req)
 
     transformer = NewbieTransformer2DModel.from_pretrained(newbie_dir, subfolder="transformer").eval()
     feats, mask, pooled = official_encode(newbie_dir, req.prompt, negative)

@@ -298,13 +298,13 @@ def test_newbie_reads_xml_behind_its_xml_system_prompt(model):
     assert cond.pooled[1].tolist() == model._pooled(TWO)[0].tolist()  # Jina CLIP reads the XML as it is
 
 
-def region_latents(renderer, req, tiling):
+def region_latents(renderer, req):
     """The final latent of `req` denoised as a worker does it: each tile under the prompts whose boxes it touches."""
     from tiling.render import denoise_request
 
     conds = [renderer.model.encode(*pair) for pair in req.prompt_pairs()]
     return denoise_request(lambda bs, t: [renderer._predict(b, t, conds[b.prompt], req.guidance) for b in bs],
-                           renderer.info(), req, tiling)
+                           renderer.info(), req)
 
 
 def test_a_tiny_newbie_render_draws_each_placed_character_under_its_own_prompt(newbie_dir, tmp_path):
@@ -318,7 +318,7 @@ def test_a_tiny_newbie_render_draws_each_placed_character_under_its_own_prompt(n
     cfg.job.prompts = [p]
     r = Renderer(cfg.model, cfg.output)
     req = plan(cfg)[0]
-    row = r.render(req, cfg.tiling)
+    row = r.render(req)
     assert row["status"] == "ok", row["error"]
     assert (tmp_path / row["path"]).stat().st_size > 0
     pairs = req.prompt_pairs()  # the background and the two characters, each encoded once
@@ -327,9 +327,9 @@ def test_a_tiny_newbie_render_draws_each_placed_character_under_its_own_prompt(n
     # Placement: both steps lie in MultiDiffusion's bootstrapping (t >= 800 at NewBie's shift 6), where a tile
     # under several prompts shows each only its own part: another left character changes the left box's columns
     # and leaves those where the right box alone counts (x >= 0.625: latent columns 20 and up) exactly as they were.
-    z = region_latents(r, req, cfg.tiling)
+    z = region_latents(r, req)
     cfg.job.prompts = [p.replace("<n>a</n>", "<n>zz</n>")]
     other = plan(cfg)[0]
     assert other.regions[1] == req.regions[1] and other.regions[0] != req.regions[0]
-    dz = (region_latents(r, other, cfg.tiling) - z).abs()
+    dz = (region_latents(r, other) - z).abs()
     assert dz[..., :12].mean() > 1e-2 and dz[..., 20:].max() == 0

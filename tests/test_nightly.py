@@ -65,7 +65,7 @@ def test_cuda_oom_halves_the_tile_batch_down_to_one_then_fails(renderer):
         return run()
 
     _fault(r, real, oom_above_one)
-    row = r.render(req, cfg.tiling)
+    row = r.render(req)
     assert row["status"] == "ok", row["error"]
     assert row["warnings"] == ("CUDA out of memory at tile batch 4: retried at 2; "
                                "CUDA out of memory at tile batch 2: retried at 1")
@@ -76,7 +76,7 @@ def test_cuda_oom_halves_the_tile_batch_down_to_one_then_fails(renderer):
 
     (out / req.path).unlink()
     _fault(r, real, always)
-    row = r.render(req, cfg.tiling)
+    row = r.render(req)
     assert row["status"] == "failed" and row["error"].startswith("CUDA out of memory at one tile a call")
     assert not (out / req.path).exists()
 
@@ -85,14 +85,14 @@ def test_nan_latents_are_rendered_again_in_fp32_then_fail(renderer):
     r, cfg, out, real = renderer
     req = plan(compose(*SMALL, "job.strategy=direct", "tiling.batch=4", f"output.dir={out}", "job.seeds=[3]"))[0]
     _fault(r, real, lambda x, run, call: run() * float("nan") if call == 1 else run())
-    row = r.render(req, cfg.tiling)
+    row = r.render(req)
     assert row["status"] == "ok" and row["warnings"] == "non-finite latents (NaN/inf): rendered again in fp32"
     good = (out / row["path"]).read_bytes()
     r.model.predict = real
-    assert r.render(req, cfg.tiling)["sha256"] == row["sha256"]  # the retry is the clean render
+    assert r.render(req)["sha256"] == row["sha256"]  # the retry is the clean render
     (out / req.path).unlink()
     _fault(r, real, lambda x, run, call: run() * float("nan"))
-    row = r.render(req, cfg.tiling)
+    row = r.render(req)
     assert row["status"] == "failed" and "in fp32 too" in row["error"] and not (out / req.path).exists()
     assert len(good) > 0
 
@@ -104,13 +104,13 @@ def test_a_decode_that_fails_fails_its_own_image_alone(renderer, monkeypatch):
     reqs = plan(compose(*SMALL, "job.strategy=direct", f"output.dir={out}", "job.seeds=[11,12]"))
     decode = r._decode
 
-    def second_fails(req, tiling, z):
+    def second_fails(req, z):
         if req.seed == 12:
             raise OSError("the VAE's weights are gone (injected)")
-        return decode(req, tiling, z)
+        return decode(req, z)
 
     monkeypatch.setattr(r, "_decode", second_fails)
-    ok, bad = r.render_group(reqs, cfg.tiling)
+    ok, bad = r.render_group(reqs)
     assert ok["status"] == "ok" and (out / ok["path"]).exists()
     assert bad["status"] == "failed" and "the VAE's weights are gone" in bad["error"]
     assert not (out / reqs[1].path).exists()
@@ -131,9 +131,9 @@ def test_a_long_prompt_is_truncated_with_a_warning(renderer):
     r.model.predict = real
     req = plan(compose(*SMALL, "job.strategy=direct", f"output.dir={out}",
                        f"job.prompts=['{'a very long prompt ' * 300}']"))[0]
-    row = r.render(req, cfg.tiling)
+    row = r.render(req)
     assert row["status"] == "ok" and "prompt truncated: the text encoder reads its first 77 tokens of" in row["warnings"]
-    assert r.render(plan(cfg)[0], cfg.tiling)["warnings"] is None
+    assert r.render(plan(cfg)[0])["warnings"] is None
 
 
 def test_the_night_progress_line_counts_skipped_failed_and_dropped():

@@ -171,19 +171,64 @@ def test_plan_validates():
         plan(make_cfg(job=dict(steps=0)))
 
 
+def _changed(value):
+    """Another value of a spec field's kind (+2: model.deep_cache 0 and 1 both mean every step)."""
+    if isinstance(value, bool) or value is None:
+        return "other"
+    if isinstance(value, (int, float)):
+        return value + 2
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, tuple) and value and hasattr(value[0], "_replace"):  # region prompts
+        return (value[0]._replace(weight=value[0].weight + 1),) + value[1:]
+    raise AssertionError(f"no other value for {value!r}")
+
+
+def test_every_field_of_the_render_spec_is_in_the_image_id_and_nothing_else_is(tmp_path):
+    """The spec holds what changes the pixels: change any of its fields and the id changes (but the init
+    picture's size, which its sha256 decides); the request's own fields (where the image goes, its labels) and
+    the config's other sections leave it as it is. The id is the spec's hash, so a replaced field is a new id."""
+    from PIL import Image
+
+    from jobs import RegionConfig, RenderSpec
+
+    region = RegionConfig(box=[0, 0, 0.5, 1], prompt="a night landscape")
+    Image.new("RGB", (512, 256)).save(tmp_path / "init.png")
+    r = plan(make_cfg(job=dict(init_image=str(tmp_path / "init.png"), dilation=0.3,
+                               regions=[region])))[0]
+    spec = {f.name: getattr(r, f.name) for f in dataclasses.fields(RenderSpec) if f.init}
+    assert RenderSpec(**spec).image_id == r.image_id
+    for name, value in spec.items():
+        if name in ("init_size", "xml"):
+            continue
+        other = dataclasses.replace(r, **{name: _changed(value)})
+        assert other.image_id != r.image_id, name
+    assert dataclasses.replace(r, init_size=(256, 128)).image_id == r.image_id
+    for name in ("job", "folder", "init_image", "stage_model", "vae_model"):
+        assert dataclasses.replace(r, **{name: "elsewhere"}).image_id == r.image_id, name
+    moved = make_cfg(job=dict(init_image=str(tmp_path / "init.png"), dilation=0.3, name="other", regions=[region]),
+                     output=dict(dir=str(tmp_path / "out"), format="webp"), cluster=dict(workers=3, group=2))
+    again = plan(moved)[0]
+    assert again.image_id == r.image_id and again.path == f"images/other/{r.image_id}.webp"
+
+
 def test_parameters_text():
     r = plan(make_cfg(job=dict(prompts=["a lake"], negative_prompt="blurry, text", seeds=[1],
                                width=3840, height=2160)))[0]
-    tail = ("Tiling: gaussian 64/16, Strategy: progressive x2 from native, Anchor: 1, Anchor sigma: 1, "
-            f"Denoising strength: 0.3, Tessera image id: {r.image_id}")
+    def tail_of(req):  # a replaced field is another spec: another id
+        return ("Tiling: gaussian 64/16, Strategy: progressive x2 from native, Anchor: 1, Anchor sigma: 1, "
+                f"Denoising strength: 0.3, Tessera image id: {req.image_id}")
+
+    tail = tail_of(r)
     assert r.parameters_text() == (
         "a lake\nNegative prompt: blurry, text\n"
         f"Steps: 20, Sampler: euler, CFG scale: 7.0, Seed: 1, Size: 3840x2160, Model: demo, {tail}")
     no_neg = dataclasses.replace(r, negative_prompt="")
     assert no_neg.parameters_text().splitlines()[:2] == ["a lake", "Steps: 20, Sampler: euler, "
-        f"CFG scale: 7.0, Seed: 1, Size: 3840x2160, Model: demo, {tail}"]
+        f"CFG scale: 7.0, Seed: 1, Size: 3840x2160, Model: demo, {tail_of(no_neg)}"]
+    assert no_neg.image_id != r.image_id
     direct = dataclasses.replace(r, strategy="direct")
-    assert direct.parameters_text().endswith(f"Tiling: gaussian 64/16, Tessera image id: {r.image_id}")
+    assert direct.parameters_text().endswith(f"Tiling: gaussian 64/16, Tessera image id: {direct.image_id}")
 
 
 def test_manifest_row():

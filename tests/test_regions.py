@@ -177,7 +177,7 @@ def test_the_test_bed_draws_each_region_in_its_palette(tmp_path):
     req = plan(cfg)[0]
     conds = [renderer.model.encode(*pair) for pair in req.prompt_pairs()]
     z = denoise_request(lambda bs, t: [renderer._predict(b, t, conds[b.prompt], req.guidance) for b in bs],
-                        renderer.info(), req, cfg.tiling)
+                        renderer.info(), req)
     assert len(renderer.model._cache) == 3  # background, dusk, night: each encoded once
     g = torch.Generator().manual_seed(0)
     means = {w: ((scenes(32, 64, [w] * 32, g).mean(dim=(0, 2, 3)) + 1) * 127.5).numpy()
@@ -207,7 +207,7 @@ def test_regions_hold_through_the_base_every_stage_and_the_dilated_views(tmp_pat
         return plain(b, t, cond, guidance, pad_to, model, features)
 
     renderer._predict = spy
-    row = renderer.render(plan(cfg)[0], cfg.tiling)
+    row = renderer.render(plan(cfg)[0])
     assert row["status"] == "ok", row["error"]
     assert row["stages"] == "80x56>128x88>196x130"
     canvases = {c for c, _, _ in seen}

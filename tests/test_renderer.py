@@ -19,14 +19,14 @@ def test_render_writes_an_exact_size_image_twice_identically(tmp_path):
     cfg = compose(*SMALL, f"output.dir={tmp_path}")
     req = plan(cfg)[0]
     r = _renderer(cfg)
-    row = r.render(req, cfg.tiling)
+    row = r.render(req)
     assert row["status"] == "ok", row["error"]
     img = Image.open(tmp_path / row["path"])
     assert img.size == (196, 130) and img.text["parameters"].startswith(req.prompt)
     px = np.asarray(img)
     assert px.std() > 1.0  # not a constant picture
     first = (tmp_path / row["path"]).read_bytes()
-    again = r.render(req, cfg.tiling)
+    again = r.render(req)
     assert again["sha256"] == row["sha256"] and (tmp_path / row["path"]).read_bytes() == first
     assert row["seconds_denoise"] > 0 and row["seconds_decode"] > 0 and row["bytes"] == len(first)
 
@@ -42,8 +42,8 @@ def test_the_canvas_does_not_depend_on_which_worker_answers(tmp_path):
         return lambda bs, t: [workers[k % len(workers)].predict(x, t, req.prompt, req.negative_prompt, req.guidance)
                               for k, x in enumerate(bs)]
 
-    assert torch.equal(denoise_request(deal([a]), info, req, cfg.tiling),
-                       denoise_request(deal([b, a]), info, req, cfg.tiling))
+    assert torch.equal(denoise_request(deal([a]), info, req),
+                       denoise_request(deal([b, a]), info, req))
 
 
 def test_a_failing_image_becomes_a_failed_row(tmp_path):
@@ -55,7 +55,7 @@ def test_a_failing_image_becomes_a_failed_row(tmp_path):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     r.model.predict = broken
-    row = r.render(req, cfg.tiling)
+    row = r.render(req)
     assert row["status"] == "failed" and "out of memory" in row["error"]
     assert not (tmp_path / req.path).exists()
 
@@ -63,7 +63,7 @@ def test_a_failing_image_becomes_a_failed_row(tmp_path):
 def test_each_scheduler_renders(tmp_path):
     for name in ["euler", "euler_a", "ddim", "dpmpp_2m_karras", "unipc"]:
         cfg = compose(*SMALL, f"output.dir={tmp_path}", f"job.scheduler={name}")
-        row = _renderer(cfg).render(plan(cfg)[0], cfg.tiling)
+        row = _renderer(cfg).render(plan(cfg)[0])
         assert row["status"] == "ok", (name, row["error"])
 
 
@@ -72,8 +72,8 @@ def test_seeds_stepped_together_give_the_images_rendered_one_by_one(tmp_path):
     cfg = compose(*SMALL, f"output.dir={tmp_path}", "job.seeds=[1,2,3]")
     reqs = plan(cfg)
     r = _renderer(cfg, threads=1)
-    alone = [np.asarray(Image.open(tmp_path / r.render(q, cfg.tiling)["path"])).astype(int) for q in reqs]
-    rows = r.render_group(reqs, cfg.tiling)
+    alone = [np.asarray(Image.open(tmp_path / r.render(q)["path"])).astype(int) for q in reqs]
+    rows = r.render_group(reqs)
     assert [row["status"] for row in rows] == ["ok"] * 3
     together = [np.asarray(Image.open(tmp_path / row["path"])).astype(int) for row in rows]
     assert all(np.abs(a - b).max() <= 1 for a, b in zip(alone, together))
@@ -93,7 +93,7 @@ def test_a_compiled_model_sees_one_batch_shape(tmp_path):
     cfg = compose(*SMALL, f"output.dir={tmp_path}", "tiling.batch=3", "job.seeds=[1,2]")
     reqs = plan(cfg)  # two seeds stepped together: 8 tiles a step, batches of 3, 3 and 2
     r = _renderer(cfg, threads=1)
-    plain = r.render_group(reqs, cfg.tiling)
+    plain = r.render_group(reqs)
     for row in plain:
         os.rename(tmp_path / row["path"], tmp_path / f"plain-{row['seed']}.png")
         row["path"] = f"plain-{row['seed']}.png"
@@ -101,7 +101,7 @@ def test_a_compiled_model_sees_one_batch_shape(tmp_path):
     predict = r.model.predict
     r.model.predict = lambda x, *a: shapes.append(x.shape[0]) or predict(x, *a)
     r.compiled = True
-    padded = r.render_group(reqs, cfg.tiling)
+    padded = r.render_group(reqs)
     assert set(shapes) == {3} and [row["status"] for row in padded] == ["ok", "ok"]
     for p, q in zip(plain, padded):
         a, b = (np.asarray(Image.open(tmp_path / row["path"])).astype(int) for row in (p, q))
@@ -111,7 +111,7 @@ def test_a_compiled_model_sees_one_batch_shape(tmp_path):
 def test_automatic_batch_on_a_cpu_is_four(tmp_path):
     cfg = compose(*SMALL, f"output.dir={tmp_path}", "tiling.batch=0")
     r = _renderer(cfg, threads=1)
-    assert r.batch_size(cfg.tiling) == 4 and r.render(plan(cfg)[0], cfg.tiling)["status"] == "ok"
+    assert r.batch_size(plan(cfg)[0]) == 4 and r.render(plan(cfg)[0])["status"] == "ok"
 
 
 def test_an_automatic_vae_tile_decodes_the_whole_frame_when_it_fits(tmp_path, monkeypatch):
@@ -121,7 +121,7 @@ def test_an_automatic_vae_tile_decodes_the_whole_frame_when_it_fits(tmp_path, mo
 
     def rendered(*overrides):
         cfg = compose(*SMALL, f"output.dir={tmp_path}", "job.strategy=direct", *overrides)
-        row = r.render(plan(cfg)[0], cfg.tiling)
+        row = r.render(plan(cfg)[0])
         assert row["status"] == "ok", row["error"]
         return row, np.asarray(Image.open(tmp_path / row["path"]))  # the files differ: the id is in them
 
@@ -145,21 +145,21 @@ def test_a_decode_beside_the_next_denoise_gives_the_same_pictures(tmp_path, monk
     reqs = plan(cfg)
     serial = _renderer(cfg, threads=1)
     assert not serial.overlap  # a CPU: off by default
-    expected = [serial.render(req, cfg.tiling)["sha256"] for req in reqs]
+    expected = [serial.render(req)["sha256"] for req in reqs]
 
     cfg.output.dir = str(tmp_path / "beside")
     r = _renderer(cfg, threads=1)
     r.overlap, calls, inner = True, [], r._decode
 
-    def decode(req, tiling, z, tile=None):
+    def decode(req, z, tile=None):
         calls.append(tile)
         if tile is not None and calls.count(None) == 1 and len(calls) == 2:  # the first decode beside
             raise torch.OutOfMemoryError("CUDA out of memory (test)")
-        return inner(req, tiling, z, tile)
+        return inner(req, z, tile)
 
     monkeypatch.setattr(r, "_decode", decode)
     with ThreadPoolExecutor(2) as pool:
-        rows = list(pool.map(lambda req: r.render_group([req], cfg.tiling)[0], reqs))
+        rows = list(pool.map(lambda req: r.render_group([req])[0], reqs))
     assert [row["status"] for row in rows] == ["ok"] * 4, [row["error"] for row in rows]
     assert [row["sha256"] for row in rows] == expected
     # the first alone (its VAE tile chosen: the whole 25x17 frame), the second beside (out of memory), then in

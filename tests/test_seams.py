@@ -229,11 +229,11 @@ def demo_latent(renderer, cfg):
 
     req = plan(cfg)[0]
     z = denoise_request(lambda bs, t: [renderer.predict(b, t, req.prompt, req.negative_prompt, req.guidance)
-                                       for b in bs], renderer.info(), req, cfg.tiling)
+                                       for b in bs], renderer.info(), req)
     return req, z
 
 
-def naive_scores(renderer, req, cfg, z):
+def naive_scores(renderer, req, z):
     """Seam scores of a latent decoded as a plain tiler does: each VAE tile on its own (its own GroupNorm
     statistics, no context, no overlap), pasted side by side; scored at those tiles' borders."""
     import torch
@@ -242,25 +242,25 @@ def naive_scores(renderer, req, cfg, z):
     from tiling import to_uint8
     from tiling.vae import decode_each
 
-    vae, tiling = renderer.model.vae, replace(cfg.tiling, vae_overlap=0)
+    vae, spec = renderer.model.vae, replace(req, vae_overlap=0)
     with torch.no_grad():
-        img = decode_each(lambda t: vae.decode(t).sample, renderer.model.unscale(z), 8, tiling.vae_tile, 0, context=0)
-    return seam_scores(to_uint8(img, req.width, req.height), req, tiling, 8)
+        img = decode_each(lambda t: vae.decode(t).sample, renderer.model.unscale(z), 8, spec.vae_tile, 0, context=0)
+    return seam_scores(to_uint8(img, req.width, req.height), spec, 8)
 
 
-def tessera_row(renderer, req, tiling, z):
+def tessera_row(renderer, req, z):
     """The manifest row of a finished latent: Tessera's shared-statistics tiled decode (`Renderer._decode`), the
     file written and its seams scored (`Renderer.write`), as `Renderer.render_group` does after its denoise."""
     from cluster.renderer import now
 
-    row = renderer.write(req, tiling, renderer._decode(req, tiling, z), now(), 0.0)
+    row = renderer.write(req, renderer._decode(req, z), now(), 0.0)
     assert row["status"] == "ok", row["error"]
     return row
 
 
-def tessera_scores(renderer, req, cfg, z, tiling=None):
+def tessera_scores(renderer, req, z):
     """The manifest row's seam scores: Tessera's shared-statistics tiled decode, written and scored."""
-    row = tessera_row(renderer, req, tiling or cfg.tiling, z)
+    row = tessera_row(renderer, req, z)
     return {k: row[k] for k in ("seam_score", "seam_score_vae")}
 
 
@@ -271,8 +271,8 @@ def test_a_naive_tiler_scores_clearly_above_one(demo):
     renderer, config = demo
     cfg = config("tiling.method=uniform", "tiling.overlap=0")
     req, z = demo_latent(renderer, cfg)
-    naive = naive_scores(renderer, req, cfg, z)
-    shared = tessera_scores(renderer, req, cfg, z, replace(cfg.tiling, vae_overlap=0))
+    naive = naive_scores(renderer, req, z)
+    shared = tessera_scores(renderer, replace(req, vae_overlap=0), z)
     assert naive["seam_score_vae"] > 1.1, naive
     assert naive["seam_score_vae"] - shared["seam_score_vae"] > 0.1, (naive, shared)
 
@@ -284,7 +284,7 @@ def test_gaussian_and_shifted_score_within_5_percent_of_one(demo, method, overla
     renderer, config = demo
     cfg = config(f"tiling.method={method}", f"tiling.overlap={overlap}")
     req, z = demo_latent(renderer, cfg)
-    scores = tessera_scores(renderer, req, cfg, z)
+    scores = tessera_scores(renderer, req, z)
     assert abs(scores["seam_score"] - 1) < 0.05 and abs(scores["seam_score_vae"] - 1) < 0.05, scores
 
 
@@ -297,7 +297,7 @@ def test_a_wrapped_image_laid_beside_itself_shows_no_edge(demo, capsys, tmp_path
     renderer, config = demo
     cfg = config("tiling.method=gaussian", "tiling.overlap=4", "tiling.wrap=both")
     req, z = demo_latent(renderer, cfg)
-    row = tessera_row(renderer, req, cfg.tiling, z)
+    row = tessera_row(renderer, req, z)
     pixels = np.asarray(Image.open(Path(cfg.output.dir) / row["path"]))
     h, w = latent_size(req, 8)
     for tile, overlap in ((cfg.tiling.tile, cfg.tiling.overlap), (cfg.tiling.vae_tile, cfg.tiling.vae_overlap)):

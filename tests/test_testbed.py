@@ -78,7 +78,7 @@ def test_the_z_image_test_bed_holds_one_sun_through_the_stages(tmp_path):
     pictures = {}
     for strategy, steps in (("progressive", 20), ("direct", 8)):
         cfg = compose(*ZIMAGE, f"output.dir={tmp_path}", f"job.strategy={strategy}", f"job.steps={steps}")
-        row = renderer.render(plan(cfg)[0], cfg.tiling)
+        row = renderer.render(plan(cfg)[0])
         assert row["status"] == "ok", row["error"]
         pictures[strategy] = np.asarray(Image.open(tmp_path / row["path"]))
     assert count_suns(pictures["direct"]) > 2 and horizon_jumps(pictures["direct"]) > 0.05
@@ -103,7 +103,7 @@ def test_a_hires_checkpoint_keeps_the_day_sun_that_the_demo_model_repaints(testb
                                                             [f"model.stage_path={ASSETS / 'scenes-sd-zoom'}"]))
         r.output = c.output
         req = plan(c)[0]
-        row = r.render(req, c.tiling)
+        row = r.render(req)
         assert row["status"] == "ok" and row["stages"] == "344x192>1024x576", row
         pictures[name] = np.asarray(Image.open(tmp_path / name / row["path"]).convert("RGB"))
         assert count_suns(np.asarray(Image.open(tmp_path / name / req.stage_path(0)).convert("RGB"))) == 1
@@ -131,7 +131,7 @@ def test_z_image_under_deep_cache_keeps_the_test_beds_sun(tmp_path):
         for n in (0, 2):
             calls.update(first=0, last=0)
             cfg = compose(*small, f"output.dir={tmp_path}", f"model.deep_cache={n}")
-            row = renderer.render(plan(cfg)[0], cfg.tiling)
+            row = renderer.render(plan(cfg)[0])
             assert row["status"] == "ok", row["error"]
             runs[n] = row, dict(calls), np.asarray(Image.open(tmp_path / row["path"]), dtype=np.float64)
     finally:
@@ -163,7 +163,7 @@ def test_the_light_vae_decodes_the_test_beds_picture_at_its_own_size(testbed, tm
     for name, r, extra in (("full", testbed[0], []), ("light", light, ["model.vae=light"])):
         c = compose(*small, f"output.dir={tmp_path / name}", *extra)
         r.output = c.output
-        row = r.render(plan(c)[0], c.tiling)
+        row = r.render(plan(c)[0])
         assert row["status"] == "ok", row
         pictures[name] = np.asarray(Image.open(tmp_path / name / row["path"]).convert("RGB")).astype(np.float64)
     testbed[0].output = kept  # the module's renderer writes where its fixture reads again

@@ -311,3 +311,19 @@ def test_the_sd_vae_at_4k_is_estimated_as_measured():
                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2).to(torch.bfloat16)
     assert 19 < 270 * 480 * activation_bytes(sd, 2) / 2**30 < 25
     assert fitting_tile(sd, 270, 480, 140 * 2**30) == 480 and fitting_tile(sd, 270, 480, 12 * 2**30) == 192
+
+
+def test_a_gpu_limited_to_a_fraction_offers_no_more_than_it(monkeypatch):
+    """`torch.cuda.set_per_process_memory_fraction` (a 16 GB card stood in for on an H200) bounds what a decode may
+    take: the fraction of the card less what this process holds, however much the card has free; without one, the
+    card's free memory plus what the caching allocator holds unused (the GPU's calls faked: this runs on a CPU)."""
+    from tiling.vae import free_memory
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (120 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 5 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)
+    assert free_memory("cuda", 1.0) == 122 * gib
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 0.1)
+    assert free_memory("cuda", 0.5) == 0.5 * (14 * gib - 3 * gib)

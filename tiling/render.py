@@ -2,7 +2,8 @@
 layouts, the denoise of a group of images over a `predict` callable, its tile-step count and the seam scores of
 its finished picture.
 
-Plain functions of an `ImageRequest`, its `TilingConfig` and the loaded model's `ModelInfo` (`Renderer.info`: the
+Plain functions of an image's `RenderSpec` (an `ImageRequest`: everything that decides its pixels, the tiling
+too) and the loaded model's `ModelInfo` (`Renderer.info`: the
 scheduler config, latent channels, VAE factor, patch and native size), called by the worker (`Renderer`) and by
 the tile-parallel driver (`cluster.scheduler`) alike. No Ray, no files: `predict` and `reference` bring the model.
 A loop's scheduler is built by `models.schedulers` from the model's config (the one import of `models` here).
@@ -14,8 +15,7 @@ from typing import Callable, Iterator, List, Mapping, NamedTuple, Optional, Sequ
 
 import torch
 
-from jobs import ImageRequest
-from jobs.spec import TilingConfig
+from jobs import ImageRequest, RenderSpec
 from models.schedulers import make_scheduler, tile_seq_len, timestep_kwargs
 
 from .grid import padded_size, step_layouts
@@ -52,9 +52,9 @@ def latent_size(req: ImageRequest, factor: int) -> Tuple[int, int]:
     return latent_hw(req.width, req.height, factor)
 
 
-def wraps(tiling: TilingConfig) -> dict:
+def wraps(spec: RenderSpec) -> dict:
     """`tiling.wrap` as the wrap_y / wrap_x flags the grids and the tiled decode take."""
-    return {"wrap_y": tiling.wrap in ("y", "both"), "wrap_x": tiling.wrap in ("x", "both")}
+    return {"wrap_y": spec.wrap in ("y", "both"), "wrap_x": spec.wrap in ("x", "both")}
 
 
 class Stage(NamedTuple):
@@ -124,11 +124,11 @@ def stage_tile(req: ImageRequest, stage: Stage, info: ModelInfo) -> int:
     return req.tile
 
 
-def stage_layouts(req: ImageRequest, tiling: TilingConfig, stage: Stage, number: int, steps: int, info: ModelInfo):
+def stage_layouts(req: RenderSpec, stage: Stage, number: int, steps: int, info: ModelInfo):
     """Every step's tiles of one loop (the same grid each step, or `shifted`'s seeded moving grid; each stage
     draws its own offsets), of side `stage_tile`."""
-    return step_layouts(stage.h, stage.w, stage_tile(req, stage, info), tiling.overlap, tiling.method, steps,
-                        req.seed + number, **wraps(tiling))
+    return step_layouts(stage.h, stage.w, stage_tile(req, stage, info), req.overlap, req.tiling_method, steps,
+                        req.seed + number, **wraps(req))
 
 
 # reference(k, zs, stage) -> stage k's starting canvases, one an image: the canvases zs of stage k - 1 enlarged, or at
@@ -136,7 +136,7 @@ def stage_layouts(req: ImageRequest, tiling: TilingConfig, stage: Stage, number:
 Reference = Callable[[int, Optional[List[torch.Tensor]], "Stage"], List[torch.Tensor]]
 
 
-def denoise_group(predict, info: ModelInfo, reqs: Sequence[ImageRequest], tiling: TilingConfig, batch: int,
+def denoise_group(predict, info: ModelInfo, reqs: Sequence[RenderSpec], batch: int,
                   device="cpu", callback: Optional[Callable[[int, int], None]] = None,
                   reference: Optional[Reference] = None, stage_predict=None) -> List[torch.Tensor]:
     """The finished latent canvases of images that share a `group_key`, stepped together on `device`, stage
@@ -170,21 +170,20 @@ def denoise_group(predict, info: ModelInfo, reqs: Sequence[ImageRequest], tiling
             if reqs[0].anchor:  # the blur's side in the previous stage's (or the init picture's) pixels
                 before = stages[number - 1].size if number else reqs[0].init_size
                 sigma = reqs[0].anchor_sigma * stage.size[0] / before[0]
-                correct = low_pass_anchor(schedulers, refs, reqs[0].anchor, sigma, **wraps(tiling))
+                correct = low_pass_anchor(schedulers, refs, reqs[0].anchor, sigma, **wraps(reqs[0]))
         else:
             xs = [x.to(device) for _, x, _ in begun]
         steps = len(schedulers[0].timesteps) - stage.first
-        layouts = [stage_layouts(req, tiling, stage, number, steps, info) for req in reqs]
-        zs = denoise_canvases(predict, xs, schedulers, layouts, tiling.method, batch, gens, callback,
+        layouts = [stage_layouts(req, stage, number, steps, info) for req in reqs]
+        zs = denoise_canvases(predict, xs, schedulers, layouts, reqs[0].tiling_method, batch, gens, callback,
                               stage.first, guide, dilation, correct)
     return zs
 
 
-def denoise_request(predict, info: ModelInfo, req: ImageRequest, tiling: TilingConfig,
-                    callback: Optional[Callable[[int, int], None]] = None, batch: Optional[int] = None,
+def denoise_request(predict, info: ModelInfo, req: RenderSpec, callback: Optional[Callable[[int, int], None]] = None, batch: Optional[int] = None,
                     device="cpu", reference: Optional[Reference] = None, stage_predict=None) -> torch.Tensor:
     """The finished latent canvas of one image (a group of one)."""
-    return denoise_group(predict, info, [req], tiling, batch or tiling.batch or 4, device, callback, reference,
+    return denoise_group(predict, info, [req], batch or req.batch or 4, device, callback, reference,
                          stage_predict)[0]
 
 
@@ -214,28 +213,29 @@ def groups_of(reqs: Sequence[ImageRequest], size: int) -> List[List[ImageRequest
     return list(iter_groups(reqs, size))
 
 
-def layouts_of(req: ImageRequest, tiling: TilingConfig, factor: int):
+def layouts_of(req: RenderSpec, factor: int):
     """Every step's tiles of an image rendered directly at its size."""
     h, w = latent_size(req, factor)
-    return step_layouts(h, w, tiling.tile, tiling.overlap, tiling.method, req.steps, req.seed, **wraps(tiling))
+    return step_layouts(h, w, req.tile, req.overlap, req.tiling_method, req.steps, req.seed, **wraps(req))
 
 
-def tile_steps(req: ImageRequest, tiling: TilingConfig, info: ModelInfo) -> int:
+def tile_steps(req: RenderSpec, info: ModelInfo) -> int:
     """Tile-steps of one image, every stage, for the progress bar."""
     return sum(len(tiles) for number, stage in enumerate(stages_of(req, info))
-               for tiles in stage_layouts(req, tiling, stage, number, req.steps - stage.first, info))
+               for tiles in stage_layouts(req, stage, number, req.steps - stage.first, info))
 
 
-def seam_scores(pixels, req: ImageRequest, tiling: TilingConfig, factor: int) -> dict:
-    """Seam scores of a finished image across its denoise tiles' and its VAE tiles' borders (1.0: invisible).
+def seam_scores(pixels, req: RenderSpec, factor: int, vae_tile: Optional[int] = None) -> dict:
+    """Seam scores of a finished image across its denoise tiles' and its VAE tiles' borders (1.0: invisible);
+    `vae_tile`, the side its decode ran with where `tiling.vae_tile` left it to the worker (0).
 
     `shifted` has no fixed grid: it is scored against the unshifted grid a plain tiler would have used. On a
     wrapped axis the borders are the wrapped grid's inside the image (`tiling.wrap_seam_score` scores the
     wrapped edge itself, the image laid beside itself)."""
     grads = gradients(pixels)
     scores = {}
-    for key, tile, overlap, method in (("seam_score", tiling.tile, tiling.overlap, tiling.method),
-                                       ("seam_score_vae", tiling.vae_tile, tiling.vae_overlap, "gaussian")):
-        rows, cols = image_borders(pixels.shape[0], pixels.shape[1], factor, tile, overlap, method, **wraps(tiling))
+    for key, tile, overlap, method in (("seam_score", req.tile, req.overlap, req.tiling_method),
+                                       ("seam_score_vae", vae_tile or req.vae_tile, req.vae_overlap, "gaussian")):
+        rows, cols = image_borders(pixels.shape[0], pixels.shape[1], factor, tile, overlap, method, **wraps(req))
         scores[key] = seam_score(None, rows=rows, cols=cols, period=factor, grads=grads)
     return scores

@@ -55,11 +55,14 @@ def fitting_tile(vae, h: int, w: int, free_bytes: float) -> int:
 
 def free_memory(device, share: float) -> float:
     """`share` of the memory a decode on `device` may take: the GPU's free memory plus what the caching
-    allocator holds unused, or the machine's available memory for a CPU."""
+    allocator holds unused, no more than `torch.cuda.set_per_process_memory_fraction` leaves this process (a
+    small card stood in for on a large one), or the machine's available memory for a CPU."""
     device = torch.device(device)
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
-            torch.cuda.memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+        free = min(free + torch.cuda.memory_reserved(device) - allocated, fraction * total - allocated)
     else:
         import psutil
 
