@@ -14,8 +14,10 @@ what a user would script with diffusers alone for a coherent 4K picture, on the 
 the job's strength, VAE tiling on, the PNG written (after a warm-up of the same shapes). `--bulk N` also renders N
 images of each strategy as a bulk worker does (two calls at once, as the Ray actor runs them: one image's PNG
 written, and where memory allows its decode run, while the next denoises): seconds per image in steady bulk;
-`--bulk-serial` again with `Renderer.overlap` off (each decode under the device lock). `--overlap-probe` times one denoise and one
-decode apart and then at once (the decode on a second CUDA stream), for what overlapping them would save.
+`--bulk-serial` again with `Renderer.overlap` off (each decode under the device lock), `--bulk-trips-alone` with
+only the final decode beside (each round trip between stages under the device lock, as before session 13).
+`--overlap-probe` times one denoise and one decode apart and then at once (the decode on a second CUDA stream), for
+what overlapping them would save.
 """
 from __future__ import annotations
 
@@ -180,6 +182,8 @@ def main() -> None:
     ap.add_argument("--bulk", type=int, default=0, help="also N images of each strategy as a bulk worker renders them")
     ap.add_argument("--bulk-serial", action="store_true",
                     help="with --bulk, also each strategy's bulk with Renderer.overlap off (every decode under the device lock)")
+    ap.add_argument("--bulk-trips-alone", action="store_true",
+                    help="with --bulk, also each strategy's bulk with the stages' round trips under the device lock")
     ap.add_argument("--overlap-probe", action="store_true", help="time a denoise and a decode apart and at once")
     args = ap.parse_args()
     out = Path(args.out)
@@ -245,6 +249,12 @@ def main() -> None:
                     r.overlap = False
                     results.append(dict(results[-1], **bulk(r, reqs), overlap=False))
                     r.overlap = True
+                    print(json.dumps(results[-1]), flush=True)
+                if args.bulk_trips_alone:  # `Renderer._reference` without the group's peak: never beside
+                    reference = r._reference
+                    r._reference = lambda reqs, number, zs, stage, peak=None: reference(reqs, number, zs, stage)
+                    results.append(dict(results[-1], **bulk(r, reqs), overlap="final decode only"))
+                    del r._reference
                     print(json.dumps(results[-1]), flush=True)
             if args.overlap_probe and k == 0:
                 results.append(dict(overlap_probe(r, req), model=name, strategy=strategy))

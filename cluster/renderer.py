@@ -5,6 +5,7 @@ runs (the stages, their start canvases and layouts, a group's denoise, the seam 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -94,9 +95,11 @@ class Renderer:
 
     Thread-safe for two callers (a Ray actor with max_concurrency=2): the denoise holds the device lock, the CPU
     work (image encoding, seam scores, hashing, the write) no lock, so one image's PNG is written while the next
-    one denoises. The final decode holds the device lock too, unless it fits beside a denoise (`_fits_beside`: on
-    a GPU without offload, where the free memory holds both): then it runs on its own CUDA stream under the
-    decode lock alone, while the other call's next denoise runs (the same kernels: the same pixels)."""
+    one denoises. The VAE passes hold the device lock too, unless they fit beside a denoise (`_fits_beside`: on
+    a GPU without offload, where the free memory holds both, with VAE tiles chosen alone before): then they run
+    on the worker's own CUDA stream under the decode lock alone, while the other call denoises (the same kernels:
+    the same pixels). So run the final decode (`_decode_beside`) and a progressive render's round trip between
+    stages (`_reference`: the decode, resize and encode that start the next stage)."""
 
     def __init__(self, model: ModelConfig, output: OutputConfig, threads: Optional[int] = None):
         if threads:
@@ -175,20 +178,33 @@ class Renderer:
             self._vae_plans[(spec.vae_tile, h, w)] = (tile, free)
         return tile
 
-    def _fits_beside(self, req: ImageRequest, zs, peak: Optional[int]) -> bool:
-        """Whether the decode of a group's canvases (`req` the first image's) may run beside the other call's next
-        denoise: `overlap` on, the group's denoise `peak` measured, and each canvas's VAE tile chosen here before,
-        alone (`vae_tile`), its decode and that peak within 80% of the free memory it was chosen in."""
+    def _fits_beside(self, spec: RenderSpec, runs, peak: Optional[int]) -> bool:
+        """Whether VAE `runs` ((vae, h, w) each: a decode or encode of an h x w latent canvas) may run beside the
+        other call's next denoise: `overlap` on, the group's denoise `peak` measured, and each canvas's VAE tile
+        chosen here before, alone (`vae_tile`), its run and that peak within 80% of the free memory it was chosen
+        in."""
         if not self.overlap or peak is None:
             return False
-        for z in zs:
-            key = (req.vae_tile, *z.shape[-2:])
-            if key not in self._vae_plans:
-                return False
-            tile, free = self._vae_plans[key]
-            if tile_bytes(self.final_model(req).vae, *z.shape[-2:], tile) + peak > 0.8 * free:
+        for vae, h, w in runs:
+            plan = self._vae_plans.get((spec.vae_tile, h, w))
+            if plan is None or tile_bytes(vae, h, w, plan[0]) + peak > 0.8 * plan[1]:
                 return False
         return True
+
+    def _planned_tile(self, spec: RenderSpec, h: int, w: int) -> int:
+        """The VAE tile `vae_tile` chose last, alone, for an h x w canvas: what a pass beside a denoise runs with."""
+        return self._vae_plans[(spec.vae_tile, h, w)][0]
+
+    def _on_side_stream(self, fn):
+        """`fn()` under the decode lock on this worker's own CUDA stream (a CPU: the caller's), after the work queued
+        on the default stream so far, and finished when it returns."""
+        with self._decoding, torch.cuda.stream(self._stream):  # no stream (a CPU): the caller's
+            if self._stream is not None:
+                self._stream.wait_stream(torch.cuda.default_stream(self._stream.device))  # the canvases done
+            out = fn()
+            if self._stream is not None:
+                self._stream.synchronize()
+            return out
 
     def _predict(self, batch: TileBatch, t, cond, guidance: float, pad_to: int = 0, model=None,
                  features: Optional[FeatureCanvas] = None) -> torch.Tensor:
@@ -252,13 +268,15 @@ class Renderer:
                     with self._holding(fp32, measure):
                         base = self._peak_start() if measure else 0
                         t0 = time.perf_counter()
-                        zs = self._denoise(reqs, batch, tick)
+                        zs = self._denoise(reqs, batch, tick,
+                                           None if measure or fp32 else self._peaks.get(peak_key))
                         seconds = (time.perf_counter() - t0) / len(reqs)
                         if measure:
                             self._peaks[peak_key] = self._peak_since(base)
                         finite = all(bool(torch.isfinite(z).all()) for z in zs)
-                        beside = (finite and not fp32
-                                  and self._fits_beside(reqs[0], zs, self._peaks.get(peak_key)))
+                        final = self.final_model(reqs[0]).vae
+                        beside = (finite and not fp32 and self._fits_beside(
+                            reqs[0], [(final, *z.shape[-2:]) for z in zs], self._peaks.get(peak_key)))
                         decoded = self._decode_group(reqs, zs) if finite and not beside else None
                     if beside:
                         decoded = self._decode_beside(reqs, zs)
@@ -304,7 +322,7 @@ class Renderer:
         with self._decoding:
             for req, z in zip(reqs, zs):
                 try:
-                    out.append(self._decode(req, z, self._vae_plans[(req.vae_tile, *z.shape[-2:])][0])
+                    out.append(self._decode(req, z, self._planned_tile(req, *z.shape[-2:]))
                                if beside else self._decode(req, z))
                 except DecodeError:
                     return None
@@ -318,10 +336,7 @@ class Renderer:
         """`_decode_group` without the device lock, on this worker's own CUDA stream, beside the other call's next
         denoise; out of memory there, the group is decoded again alone (holding the device lock)."""
         try:
-            with torch.cuda.stream(self._stream):  # no stream (a CPU): the caller's
-                if self._stream is not None:
-                    self._stream.wait_stream(torch.cuda.default_stream(self._stream.device))  # the canvases done
-                return self._decode_group(reqs, zs, beside=True)
+            return self._on_side_stream(lambda: self._decode_group(reqs, zs, beside=True))
         except torch.OutOfMemoryError:
             log.warning("CUDA out of memory decoding beside a denoise: decoded again alone")
             torch.cuda.empty_cache()
@@ -341,7 +356,10 @@ class Renderer:
         device = self.model.device
         return torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
 
-    def _denoise(self, reqs: Sequence[ImageRequest], batch: int, tick) -> List[torch.Tensor]:
+    def _denoise(self, reqs: Sequence[ImageRequest], batch: int, tick, peak: Optional[int] = None
+                 ) -> List[torch.Tensor]:
+        """The group's finished canvases, holding the device lock; `peak`, the group's denoise peak where it was
+        measured before (`render_group`), lets the round trips between stages run beside the other call."""
         features = FeatureCanvas(reqs[0].deep_cache) if reqs[0].deep_cache > 1 else None  # DeepCache's
 
         def predict_of(m):
@@ -351,7 +369,7 @@ class Renderer:
 
         stage_predict = predict_of(self.stage_model) if self.stage_model is not self.model else None
         return denoise_group(predict_of(self.model), self.info(), reqs, batch, self.model.device, tick,
-                             lambda k, zs, stage: self._reference(reqs, k, zs, stage), stage_predict)
+                             lambda k, zs, stage: self._reference(reqs, k, zs, stage, peak), stage_predict)
 
     @contextmanager
     def _in_fp32(self, on: bool):
@@ -382,24 +400,54 @@ class Renderer:
         self._notes[prompt] = note
         return note
 
-    def reference(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]], stage: Stage) -> List[torch.Tensor]:
+    def reference(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]],
+                  stage: Stage) -> List[torch.Tensor]:
         """Tile-parallel mode: `_reference` for the driver's loop; the canvases go back on the CPU."""
         with self._device:
             return [z.cpu() for z in self._reference(reqs, number, zs, stage)]
 
-    def _reference(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]], stage: Stage) -> List[torch.Tensor]:
+    def _reference(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]], stage: Stage,
+                   peak: Optional[int] = None) -> List[torch.Tensor]:
+        """Stage `number`'s starting canvases (`_round_trip`), called holding the device lock. Where the group's
+        denoise `peak` is known and the round trip's decodes and encodes fit beside it with VAE tiles chosen alone
+        before (`_fits_beside`), the device lock is let go meanwhile and the round trip runs on the side stream
+        under the decode lock (`_on_side_stream`), so that the other call denoises; out of memory there, it runs
+        again alone."""
+        spec, m = reqs[0], self.model_of(stage.refine)
+        if zs is not None and spec.upscale == "pixel":
+            dec = self.model_of(stages_of(spec, self.info())[number - 1].refine)
+            runs = [(dec.vae, *z.shape[-2:]) for z in zs] + [(m.vae, stage.h, stage.w)]
+            if self._fits_beside(spec, runs, peak):
+                self._device.release()  # held by the caller (`_holding`): the other call's denoise may run
+                try:
+                    out = self._on_side_stream(lambda: self._round_trip(reqs, number, zs, stage, planned=True))
+                    if self._stream is not None:  # made on the side stream, read on the default one from here
+                        for z in out:
+                            z.record_stream(torch.cuda.current_stream(self._stream.device))
+                    return out
+                except torch.OutOfMemoryError:
+                    log.warning("CUDA out of memory in a round trip beside a denoise: run again alone")
+                    torch.cuda.empty_cache()
+                finally:
+                    self._device.acquire()
+        return self._round_trip(reqs, number, zs, stage)
+
+    def _round_trip(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]], stage: Stage,
+                    planned: bool = False) -> List[torch.Tensor]:
         """Stage `number`'s starting canvases: the finished canvases `zs` of the stage before, or (zs None) the
         requests' init pictures, enlarged to the stage. `job.upscale=pixel` decodes a canvas (tiled, shared
         statistics, always: `tiling.vae_passes=1`'s tone shift between tiles would be kept by every stage after),
         resizes the picture (bicubic) to the stage's size, edge-padded to its latent canvas, and encodes it (tiled);
         `latent` resizes the latents. Under `output.keep_stages` each decoded stage is
         written beside the image. The stage before is decoded by the VAE of the model that ran it, the picture
-        encoded by this stage's (`model.stage_path`: the hires checkpoint's)."""
+        encoded by this stage's (`model.stage_path`: the hires checkpoint's). `planned`: with the VAE tiles chosen
+        last (`_planned_tile`), as a pass beside a denoise runs."""
         f = self.model.vae_scale_factor
         m = self.model_of(stage.refine)
         dec = self.model_of(stages_of(reqs[0], self.info())[number - 1].refine) if zs is not None else m
         latent = zs is not None and reqs[0].upscale == "latent"
         spec = reqs[0]
+        tile_of = functools.partial(self._planned_tile if planned else self.vae_tile, spec)
         passes = max(3, spec.vae_passes)  # per-tile statistics would shift a tile's tone, and each stage keeps it
         out, vaes = [], [m] if dec is m else [m, dec]
         for a in vaes:
@@ -409,7 +457,7 @@ class Renderer:
                 if zs is None:
                     picture = read_picture(req.init_image)
                 elif not latent or self.output.keep_stages:
-                    picture = decode_tiled_shared(dec.vae, dec.unscale(zs[k]), self.vae_tile(spec, *zs[k].shape[-2:]),
+                    picture = decode_tiled_shared(dec.vae, dec.unscale(zs[k]), tile_of(*zs[k].shape[-2:]),
                                                   spec.vae_overlap, passes=passes, **wraps(spec))
                     if self.output.keep_stages:
                         h, w = zs[k].shape[-2:]
@@ -422,7 +470,7 @@ class Renderer:
                 picture = F.pad(resize(picture[None], (h, w), **wraps(spec)), (0, W - w, 0, H - h),
                                 mode="replicate").clamp(-1, 1)
                 out.append(m.scale(encode_tiled(m.vae, picture.to(m.device, m.vae_dtype),
-                                                self.vae_tile(spec, stage.h, stage.w), spec.vae_overlap,
+                                                tile_of(stage.h, stage.w), spec.vae_overlap,
                                                 passes=passes, **wraps(spec))))
         finally:
             for a in vaes:

@@ -165,3 +165,38 @@ def test_a_decode_beside_the_next_denoise_gives_the_same_pictures(tmp_path, monk
     # the first alone (its VAE tile chosen: the whole 25x17 frame), the second beside (out of memory), then in
     # either order that one again alone and the last two beside
     assert calls[:2] == [None, 25] and sorted(calls[2:], key=lambda t: t is None) == [25, 25, None]
+
+
+def test_a_round_trip_between_stages_beside_the_other_call_gives_the_same_pictures(tmp_path, monkeypatch):
+    """A progressive render's round trip (decode, resize, encode that start the next stage) lets the device lock go
+    once the group's denoise peak is known and its VAE tiles were chosen alone: it runs under the decode lock while
+    the other call denoises, with those tiles, and the pictures are the bytes of one call at a time. Out of memory
+    there, the round trip runs again alone and the row is ok (`overlap` forced on the CPU, which has no stream)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = compose(*SMALL, "job.base_size=64", f"output.dir={tmp_path / 'serial'}", "job.seeds=[1,2,3,4]",
+                  "tiling.vae_tile=0")
+    reqs = plan(cfg)
+    serial = _renderer(cfg, threads=1)
+    expected = [serial.render(req)["sha256"] for req in reqs]
+
+    cfg.output.dir = str(tmp_path / "beside")
+    r = _renderer(cfg, threads=1)
+    r.overlap, trips, inner = True, [], r._round_trip
+
+    def round_trip(reqs, number, zs, stage, planned=False):
+        trips.append(planned)
+        if planned and trips.count(True) == 1:  # the first beside a denoise
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return inner(reqs, number, zs, stage, planned)
+
+    monkeypatch.setattr(r, "_round_trip", round_trip)
+    with ThreadPoolExecutor(2) as pool:
+        rows = list(pool.map(lambda req: r.render_group([req])[0], reqs))
+    assert [row["status"] for row in rows] == ["ok"] * 4, [row["error"] for row in rows]
+    assert [row["stages"] for row in rows] == ["80x56>128x88>196x130"] * 4
+    assert [row["sha256"] for row in rows] == expected
+    # two round trips an image: the first image's alone (its peak measured, its tiles chosen; the second image's
+    # too where it began before that peak was known), the later ones beside but for the one that ran out of
+    # memory, which ran again alone
+    assert len(trips) == 9 and trips[:2] == [False, False] and trips.count(True) in (4, 6), trips
