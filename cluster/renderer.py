@@ -421,9 +421,9 @@ class Renderer:
                 self._device.release()  # held by the caller (`_holding`): the other call's denoise may run
                 try:
                     out = self._on_side_stream(lambda: self._round_trip(reqs, number, zs, stage, planned=True))
-                    if self._stream is not None:  # made on the side stream, read on the default one from here
-                        for z in out:
-                            z.record_stream(torch.cuda.current_stream(self._stream.device))
+                    for z in out:  # made on the side stream, read on the default one from here
+                        if z.is_cuda:
+                            z.record_stream(torch.cuda.current_stream(z.device))
                     return out
                 except torch.OutOfMemoryError:
                     log.warning("CUDA out of memory in a round trip beside a denoise: run again alone")

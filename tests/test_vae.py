@@ -323,7 +323,8 @@ def test_a_gpu_limited_to_a_fraction_offers_no_more_than_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (120 * gib, 140 * gib))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 3 * gib)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 5 * gib)
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0 if d.index == 0 else None)
     assert free_memory("cuda", 1.0) == 122 * gib
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 0.1)
     assert free_memory("cuda", 0.5) == 0.5 * (14 * gib - 3 * gib)

@@ -59,6 +59,8 @@ def free_memory(device, share: float) -> float:
     small card stood in for on a large one), or the machine's available memory for a CPU."""
     device = torch.device(device)
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current one (get_per_process_memory_fraction wants an index)
+            device = torch.device("cuda", torch.cuda.current_device())
         free, total = torch.cuda.mem_get_info(device)
         allocated = torch.cuda.memory_allocated(device)
         fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
