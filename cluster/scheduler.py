@@ -188,8 +188,8 @@ def run_tile_parallel(workers, requests: Iterable[ImageRequest], cfg: TesseraCon
             return predict
 
         try:
+            batch = ray.get(workers[0].batch_size.remote(req))  # the worker's, measured once per tile size
             t0 = time.perf_counter()
-            batch = ray.get(workers[0].batch_size.remote(req))  # the worker's, once per tile size
             z = denoise_request(predict_of(False), info, req, lambda step, n: progress.tiles(n), batch,
                                 reference=lambda k, zs, stage: ray.get(
                                     workers[0].reference.remote([req], k, zs, stage)),

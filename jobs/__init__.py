@@ -11,7 +11,7 @@ from .spec import (ClusterConfig, ConfigError, JobConfig, ModelConfig, OutputCon
 
 __all__ = [
     "ClusterConfig", "ConfigError", "ImageRequest", "JobConfig", "Manifest", "ModelConfig",
-    "OutputBusyError", "OutputLock", "OutputConfig", "Plan", "RegionConfig", "RenderSpec", "SCHEMA", "recover", "TesseraConfig",
-    "TesseraError", "TilingConfig", "image_id", "plan", "prompts_of",
+    "OutputBusyError", "OutputLock", "OutputConfig", "Plan", "RegionConfig", "RenderSpec", "SCHEMA", "recover",
+    "TesseraConfig", "TesseraError", "TilingConfig", "image_id", "plan", "prompts_of",
     "read_parameters", "read_prompt_file", "sha256_file", "validate", "write_image",
 ]

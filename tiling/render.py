@@ -180,8 +180,9 @@ def denoise_group(predict, info: ModelInfo, reqs: Sequence[RenderSpec], batch: i
     return zs
 
 
-def denoise_request(predict, info: ModelInfo, req: RenderSpec, callback: Optional[Callable[[int, int], None]] = None, batch: Optional[int] = None,
-                    device="cpu", reference: Optional[Reference] = None, stage_predict=None) -> torch.Tensor:
+def denoise_request(predict, info: ModelInfo, req: RenderSpec, callback: Optional[Callable[[int, int], None]] = None,
+                    batch: Optional[int] = None, device="cpu", reference: Optional[Reference] = None,
+                    stage_predict=None) -> torch.Tensor:
     """The finished latent canvas of one image (a group of one)."""
     return denoise_group(predict, info, [req], batch or req.batch or 4, device, callback, reference,
                          stage_predict)[0]
