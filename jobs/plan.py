@@ -331,9 +331,10 @@ class Plan:
             for init, sha, size in self.inits:
                 stage_model = os.path.basename(os.path.normpath(cfg.model.stage_path)) \
                     if runs_stage_model(cfg.model, j, init) else None
+                fields = spec_fields(row_cfg, prompt, 0, sha, size)  # once a row and init: the seed alone varies
                 for seed in j.seeds:
-                    req = ImageRequest(**spec_fields(row_cfg, prompt, seed, sha, size), job=j.name, folder=folder,
-                                       format=fmt, init_image=init, stage_model=stage_model, vae_model=vae_model)
+                    req = ImageRequest(**{**fields, "seed": int(seed)}, job=j.name, folder=folder, format=fmt,
+                                       init_image=init, stage_model=stage_model, vae_model=vae_model)
                     key = int(req.image_id, 16)
                     if key in seen:
                         self.duplicates += 1
