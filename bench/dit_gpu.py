@@ -124,12 +124,13 @@ def overlap_probe(r: Renderer, req) -> dict:
 
 def hires_peer(m, size, steps: int, guidance: float, strength: float, out: Path, base_size=(1344, 768)) -> dict:
     """diffusers' hires fix on the same modules: a 1344x768 base, Lanczos to `size`, img2img of the whole frame at
-    `strength` (VAE tiling on), the PNG written; whole picture timed, the base's share apart."""
+    `strength` (VAE tiling on), the PNG written; whole picture timed, the base's share apart. Eager, as a user
+    scripts it: a UNet that `model.compile` wrapped is unwrapped for it."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from PIL import Image
 
     parts = dict(vae=m.vae, text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoder_2,
-                 tokenizer=m.tokenizers[0], tokenizer_2=m.tokenizer_2, unet=m.unet)
+                 tokenizer=m.tokenizers[0], tokenizer_2=m.tokenizer_2, unet=getattr(m.unet, "_orig_mod", m.unet))
     base = StableDiffusionXLPipeline(**parts, scheduler=EulerDiscreteScheduler.from_config(m.scheduler_config))
     refine = StableDiffusionXLImg2ImgPipeline(**parts, scheduler=EulerDiscreteScheduler.from_config(m.scheduler_config))
     for p in (base, refine):
@@ -175,6 +176,7 @@ def main() -> None:
                     help="job.strategy, each optionally with job fields (and model.deep_cache): direct, progressive, "
                          "progressive:anchor=1,dilation=0, progressive:upscale=latent; each renders the same image, after a warm-up of the first")
     ap.add_argument("--peer", choices=["hires"], help="sdxl: diffusers' hires fix on the same modules, after the strategies")
+    ap.add_argument("--peer-first", action="store_true", help="the peer before the strategies (a compile cannot starve it)")
     ap.add_argument("--method", default="gaussian", choices=["uniform", "gaussian", "shifted"])
     ap.add_argument("--tile", type=int, nargs=3, default=[128, 32, 4], metavar=("TILE", "OVERLAP", "BATCH"),
                     help="tiling.tile, tiling.overlap, tiling.batch (SD 1.5 as bench/gpu.py runs it: 64 0 16)")
@@ -212,6 +214,9 @@ def main() -> None:
                 m.predict(torch.zeros(4, m.latent_channels, args.tile[0], args.tile[0]), torch.tensor(999.0), cond,
                           guidance)
             flops = fc.get_total_flops() / 4
+        if args.peer == "hires" and name == "sdxl" and args.peer_first:
+            results.append(hires_peer(m, args.size, steps, guidance, cfg.job.strength, out))
+            print(json.dumps(results[-1]), flush=True)
         for k, strategy in enumerate(args.strategies):
             fields = dict(kv.partition("=")[::2] for kv in strategy.partition(":")[2].split(",") if kv)
             model = dataclasses.replace(cfg.model, deep_cache=int(fields.pop("deep_cache", 0)))
@@ -259,7 +264,7 @@ def main() -> None:
             if args.overlap_probe and k == 0:
                 results.append(dict(overlap_probe(r, req), model=name, strategy=strategy))
                 print(json.dumps(results[-1]), flush=True)
-        if args.peer == "hires" and name == "sdxl":
+        if args.peer == "hires" and name == "sdxl" and not args.peer_first:
             results.append(hires_peer(m, args.size, steps, guidance, cfg.job.strength, out))
             print(json.dumps(results[-1]), flush=True)
         del r, m, cond

@@ -29,7 +29,7 @@ from tiling import (TileBatch, decode_tiled_shared, decoder_sweeps, encode_tiled
                     to_uint8)
 from tiling.features import FeatureCanvas
 from tiling.progressive import resize
-from tiling.render import ModelInfo, Stage, denoise_group, group_key, seam_scores, stages_of, wraps
+from tiling.render import ModelInfo, Stage, denoise_group, group_key, seam_scores, stages_of, vae_options, wraps
 from tiling.vae import DecodeError
 
 log = logging.getLogger("tessera")
@@ -458,7 +458,7 @@ class Renderer:
                     picture = read_picture(req.init_image)
                 elif not latent or self.output.keep_stages:
                     picture = decode_tiled_shared(dec.vae, dec.unscale(zs[k]), tile_of(*zs[k].shape[-2:]),
-                                                  spec.vae_overlap, passes=passes, **wraps(spec))
+                                                  spec.vae_overlap, passes=passes, **vae_options(spec))
                     if self.output.keep_stages:
                         h, w = zs[k].shape[-2:]
                         write_image(to_uint8(picture, w * f, h * f), self.output.dir, req.stage_path(number - 1),
@@ -471,7 +471,7 @@ class Renderer:
                                 mode="replicate").clamp(-1, 1)
                 out.append(m.scale(encode_tiled(m.vae, picture.to(m.device, m.vae_dtype),
                                                 tile_of(stage.h, stage.w), spec.vae_overlap,
-                                                passes=passes, **wraps(spec))))
+                                                passes=passes, **vae_options(spec))))
         finally:
             for a in vaes:
                 a.vae_on_device(False)
@@ -486,7 +486,7 @@ class Renderer:
             t0 = time.perf_counter()
             tile = tile or self.vae_tile(req, *z.shape[-2:])
             img = decode_tiled_shared(m.vae, m.unscale(z), tile, req.vae_overlap, passes=req.vae_passes,
-                                      **wraps(req))
+                                      **vae_options(req))
             return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tile
         finally:
             m.vae_on_device(False)
@@ -501,7 +501,7 @@ class Renderer:
             m.vae_on_device(True)
             try:
                 key = req.image_id
-                self._sweeps[key] = decoder_sweeps(m.vae, m.unscale(z), tile, req.vae_overlap, **wraps(req))
+                self._sweeps[key] = decoder_sweeps(m.vae, m.unscale(z), tile, req.vae_overlap, **vae_options(req))
                 self._sweep_models[key] = m
             except BaseException:
                 m.vae_on_device(False)

@@ -75,6 +75,7 @@ class RenderSpec:
     vae_tile: int = 0  # 0: what the worker's memory allows
     vae_overlap: int = 0
     vae_passes: int = 3
+    vae_attention_keys: int = 0  # 0: exact
     # the strategy (job.strategy) and the knobs of its stages
     strategy: str = "direct"
     strength: float = 0.3
@@ -128,6 +129,8 @@ class RenderSpec:
                 [self.wrap] if self.wrap != "none" else []),
             "vae": [self.vae_tile, self.vae_overlap] + ([self.vae_passes] if self.vae_passes != 3 else []),
         }
+        if self.vae_attention_keys:  # exact, the only way before, keeps the ids it had
+            key["vae_attention_keys"] = self.vae_attention_keys
         if self.weights != "pretrained":
             key["weights"] = self.weights
         staged = self.strategy == "progressive" or bool(self.init_sha256)
@@ -203,6 +206,7 @@ def spec_fields(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optiona
         height=int(j.height), steps=int(j.steps), guidance=float(j.guidance), scheduler=scheduler_of(cfg),
         tiling_method=t.method, tile=int(t.tile), overlap=int(t.overlap), batch=int(t.batch), wrap=t.wrap,
         vae_tile=int(t.vae_tile), vae_overlap=int(t.vae_overlap), vae_passes=int(t.vae_passes),
+        vae_attention_keys=int(t.vae_attention_keys),
         strategy=j.strategy, strength=float(j.strength), stage_factor=float(j.stage_factor),
         base_size=int(j.base_size), upscale=j.upscale, skip_residual=float(j.skip_residual), dilation=dilation,
         strength_decay=float(j.strength_decay), guide_clock=j.guide_clock, anchor=anchor,
@@ -273,6 +277,8 @@ class ImageRequest(RenderSpec):
             fields.append(f"VAE: {self.vae_model}")
         if self.deep_cache > 1:
             fields.append(f"DeepCache: every {self.deep_cache} steps")
+        if self.vae_attention_keys:
+            fields.append(f"VAE attention keys: {self.vae_attention_keys}")
         if self.init_image:
             fields.append(f"Init image: {os.path.basename(self.init_image)} sha256 {self.init_sha256}")
         if self.strategy == "progressive" or self.init_image:

@@ -151,6 +151,7 @@ class TilingConfig:
     vae_tile: int = 0  # latent pixels per VAE decode/encode tile; 0: auto, the largest the free memory holds
     vae_overlap: int = 8
     vae_passes: int = 3  # sweeps of the tiled decode: 1 each tile its own GroupNorm statistics; 3 shared (exact)
+    vae_attention_keys: int = 0  # 0: the VAE's mid-block attention exact; N: over at most N average-pooled positions
 
 
 @dataclass
@@ -308,6 +309,9 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
     # auto may go down to 16-latent tiles (tiling.vae.LADDER's smallest; jobs/ does not import tiling/)
     _int_in("tiling.vae_overlap", t.vae_overlap, 0, (t.vae_tile or 16) // 2)
     _int_in("tiling.vae_passes", t.vae_passes, 1, 5)
+    _check(t.vae_attention_keys == 0 or (isinstance(t.vae_attention_keys, int) and 64 <= t.vae_attention_keys <= 2**20),
+           "tiling.vae_attention_keys", t.vae_attention_keys,
+           "must be 0 (the VAE's attention exact) or an integer from 64 to 1048576 (at most that many pooled keys)")
     _check_patches(cfg)
 
     if c.workers is not None:

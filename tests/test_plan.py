@@ -62,8 +62,10 @@ def test_default_id_is_pinned():
     cfg.tiling.vae_tile = 64
     assert plan(cfg)[0].image_id == "699813879b103c2e"
     assert plan(TesseraConfig())[0].image_id == "a88a6df068bbebe1"  # the shipped demo with the default job
-    assert plan(compose("model=demo"))[0].image_id == "b91d5be3f987871e"  # `python3 run.py`: the demo's own job
-    assert plan(compose("model=demo", "model.vae=light"))[0].image_id == "a57eb852c4b28dda"  # its light VAE
+    # `python3 run.py`: the demo's own job, its VAE attention over 4096 pooled keys (exact, it was b91d5be3f987871e)
+    assert plan(compose("model=demo"))[0].image_id == "bc4d6fe559c22056"
+    assert plan(compose("model=demo", "tiling.vae_attention_keys=0"))[0].image_id == "b91d5be3f987871e"
+    assert plan(compose("model=demo", "model.vae=light"))[0].image_id == "5d3db9eb4c3f01fe"  # its light VAE
 
 
 def test_id_is_16_hex_and_repeatable():
@@ -78,6 +80,7 @@ CHANGES_PIXELS = [
     ("job", "guidance", 7.5), ("job", "scheduler", "ddim"),
     ("tiling", "method", "uniform"), ("tiling", "tile", 96), ("tiling", "overlap", 8),
     ("tiling", "batch", 8), ("tiling", "vae_tile", 32), ("tiling", "vae_overlap", 4), ("tiling", "vae_passes", 1),
+    ("tiling", "vae_attention_keys", 4096),
     ("tiling", "wrap", "x"),
     ("job", "prompt_template", "archer style, {prompt}"),
     ("job", "strategy", "direct"), ("job", "strength", 0.5), ("job", "stage_factor", 1.5), ("job", "base_size", 384),
@@ -287,6 +290,8 @@ BAD = [
     ("job", "skip_residual", -1.0, "job.skip_residual"), ("job", "dilation", -0.5, "job.dilation"),
     ("job", "anchor", 1.5, "job.anchor"), ("job", "anchor_sigma", 0.0, "job.anchor_sigma"),
     ("job", "init_image", "/no/such/picture.png", "job.init_image"),
+    ("tiling", "vae_attention_keys", 10, "tiling.vae_attention_keys"),
+    ("tiling", "vae_attention_keys", -1, "tiling.vae_attention_keys"),
 ]
 
 

@@ -171,3 +171,27 @@ def test_the_light_vae_decodes_the_test_beds_picture_at_its_own_size(testbed, tm
     assert 10 * np.log10(255.0 ** 2 / mse) > 35  # 39.3 dB when written
     light = pictures["light"].astype(np.uint8)
     assert count_suns(light) == 1 and horizon_jumps(light) < 0.05
+
+
+def test_the_demo_vaes_pooled_attention_keeps_an_enlarged_scene(testbed):
+    """`tiling.vae_attention_keys` (the demo job's 4096, BENCHMARKS.md "CPU: the default job"): a test-bed scene
+    enlarged 4x (1024x576, 9,216 latent positions) through the demo VAE's encode and decode with the mid blocks
+    attending to 1,024 pooled keys (pooled by 3) is the exact round trip's picture within 40 dB: one sun, one
+    horizon, the same rim."""
+    import torch
+    import torch.nn.functional as F
+    from scenes import scenes
+
+    from tiling.vae import decode_tiled_shared, encode_tiled, to_uint8
+
+    vae = testbed[0].model.vae
+    small = scenes(1, 256, ["dusk"], torch.Generator().manual_seed(3))
+    x = F.interpolate(small, size=(576, 1024), mode="bicubic", align_corners=False).clamp(-1, 1)
+    with torch.no_grad():
+        exact, pooled = (decode_tiled_shared(vae, encode_tiled(vae, x, 128, 8, attention_keys=k), 128, 8,
+                                             attention_keys=k) for k in (0, 1024))
+    mse = ((exact.clamp(-1, 1) - pooled.clamp(-1, 1)) ** 2).mean().item()
+    assert 10 * np.log10(4 / mse) > 40
+    a, b = (to_uint8(p, 1024, 576) for p in (exact, pooled))
+    assert count_suns(a) == count_suns(b) == 1 and horizon_jumps(b) < 0.05
+    assert abs(sun_edge_width(a) - sun_edge_width(b)) < 1.0

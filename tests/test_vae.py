@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from tiling import DecodeError, assemble, decoder_sweeps, merged
 from tiling.vae import (SharedGroupNorm, axis_spans, decode_each, decode_tiled_shared, decoder_needs, encode_tiled,
                         encoder_needs, window)
+from tiling.vae.autoencoder import PooledAttention
 
 
 def small_vae(seed=0, **config) -> AutoencoderKL:
@@ -328,3 +329,48 @@ def test_a_gpu_limited_to_a_fraction_offers_no_more_than_it(monkeypatch):
     assert free_memory("cuda", 1.0) == 122 * gib
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 0.1)
     assert free_memory("cuda", 0.5) == 0.5 * (14 * gib - 3 * gib)
+
+
+# ------------------------------------------------------------------------- the mid block's pooled attention
+
+@settings(max_examples=300, deadline=None)
+@given(h=st.integers(1, 300), w=st.integers(1, 300), keys=st.integers(1, 5000))
+def test_the_pooling_factor_is_the_smallest_that_leaves_at_most_keys_positions(h, w, keys):
+    attn = PooledAttention(small_vae().decoder.mid_block.attentions[0], keys)
+    p = attn.factor(h, w)
+    cells = lambda q: -(-h // q) * -(-w // q)  # noqa: E731
+    assert cells(p) <= keys and (p == 1 or cells(p - 1) > keys)
+
+
+def test_pooled_attention_attends_to_the_averaged_keys_and_values(vae, z):
+    """The mid block with `attention_keys` is the softmax attention of every position over the average-pooled
+    normalised input's keys and values, written out here; a canvas within `keys` positions is decoded exactly."""
+    import torch.nn.functional as F
+
+    attn = vae.decoder.mid_block.attentions[0]
+    x = torch.randn(1, attn.to_q.in_features, 9, 14, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        pooled = PooledAttention(attn, 16)
+        got = pooled(x)
+        assert pooled.factor(9, 14) == 3  # 126 positions pooled by 3 into 3x5 = 15
+        n = attn.group_norm(x)
+        kv = F.avg_pool2d(n, 3, ceil_mode=True, count_include_pad=False).flatten(2).transpose(1, 2)
+        q, k, v = attn.to_q(n.flatten(2).transpose(1, 2)), attn.to_k(kv), attn.to_v(kv)
+        o = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, -1) @ v  # one head: the VAE's
+        want = x + attn.to_out[0](o).transpose(1, 2).reshape(x.shape)
+        assert torch.allclose(got, want / attn.rescale_output_factor, atol=1e-5)
+        assert torch.equal(PooledAttention(attn, 126)(x), attn(x))
+    exact = decode_tiled_shared(vae, z, 32, 0)
+    assert torch.equal(decode_tiled_shared(vae, z, 32, 0, attention_keys=24 * 32), exact)
+    assert not torch.equal(decode_tiled_shared(vae, z, 32, 0, attention_keys=64), exact)
+    x = exact[None].clamp(-1, 1)
+    assert torch.equal(encode_tiled(vae, x, 32, 0, attention_keys=24 * 32), encode_tiled(vae, x, 32, 0))
+
+
+def test_pooled_attention_tiles_and_wraps_as_the_exact_one_does(vae, z):
+    """The tiled decode with pooled attention is its whole-frame decode, as the exact one is; the caller's VAE
+    keeps its own attention."""
+    whole = decode_tiled_shared(vae, z, 32, 0, attention_keys=64)
+    assert psnr(decode_tiled_shared(vae, z, 8, 2, attention_keys=64), whole) > 40
+    assert type(vae.decoder.mid_block.attentions[0]).__name__ == "Attention"
+    assert decode_tiled_shared(vae, z, 8, 2, wrap_x=True, attention_keys=64).shape == whole.shape

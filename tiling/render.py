@@ -57,6 +57,11 @@ def wraps(spec: RenderSpec) -> dict:
     return {"wrap_y": spec.wrap in ("y", "both"), "wrap_x": spec.wrap in ("x", "both")}
 
 
+def vae_options(spec: RenderSpec) -> dict:
+    """What every VAE pass of `spec` takes besides its tiles: the wrap flags and `tiling.vae_attention_keys`."""
+    return dict(wraps(spec), attention_keys=spec.vae_attention_keys)
+
+
 class Stage(NamedTuple):
     """One denoise loop of an image: its latent canvas (h, w), the index of its first timestep (0 for a base
     drawn from noise; a stage that refines a reference, an enlarged stage or an init image, runs the last

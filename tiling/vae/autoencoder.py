@@ -7,6 +7,7 @@ from functools import partial
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .geometry import Canvas, Grid
@@ -95,6 +96,51 @@ def _no_attention(blocks: nn.Module, what: str):
         raise ValueError(f"{what} hold attention, which tiles cannot reproduce")
 
 
+class PooledAttention(nn.Module):
+    """Stands in for a VAE mid block's self-attention: its keys and values come from the normalised input
+    average-pooled to at most `keys` positions (token downsampling, as ToDo, arXiv 2402.13573, does in a
+    UNet), through diffusers' own processor as a cross attention; every position still queries. The cost of the
+    attention falls by the pooling factor squared: at 3840x2160 (129,600 latent positions) it is most of a
+    small VAE's decode and encode on a CPU. A canvas with at most `keys` positions is attended exactly."""
+
+    def __init__(self, attn: nn.Module, keys: int):
+        super().__init__()
+        if attn.group_norm is None or attn.spatial_norm is not None or attn.norm_cross:
+            raise ValueError("tiling.vae_attention_keys: the VAE's attention is not a GroupNorm self-attention")
+        self.attn, self.keys = attn, keys
+
+    def factor(self, h: int, w: int) -> int:
+        """The smallest pooling factor that leaves at most `keys` positions of an h x w canvas."""
+        p = max(1, math.ceil(math.sqrt(h * w / self.keys)))
+        while math.ceil(h / p) * math.ceil(w / p) > self.keys:
+            p += 1
+        return p
+
+    def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        p = self.factor(*x.shape[-2:])
+        if p == 1:
+            return self.attn(x, temb=temb)
+        kv = F.avg_pool2d(self.attn.group_norm(x), p, ceil_mode=True, count_include_pad=False)
+        return self.attn(x, encoder_hidden_states=kv.flatten(2).transpose(1, 2), temb=temb)
+
+
+def pooled_attention(keys: int):
+    """For `rebuilt`: the attentions swapped for PooledAttentions of at most `keys` keys (0: none swapped)."""
+    from diffusers.models.attention_processor import Attention
+
+    return lambda name, m: PooledAttention(m, keys) if keys and isinstance(m, Attention) else None
+
+
+def _latent_stage(wrap_y: bool, wrap_x: bool, keys: int):
+    """The copy of the latent-resolution blocks a tiled pass runs: periodic convs, pooled attention."""
+    conv, attention = periodic(wrap_y, wrap_x), pooled_attention(keys)
+
+    def swap(name: str, child: nn.Module) -> Optional[nn.Module]:
+        r = conv(name, child)
+        return r if r is not None else attention(name, child)
+    return lambda m: rebuilt(m, swap)
+
+
 def _decoder_head(m: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """The latent-resolution part of the decode, on the whole canvas: post_quant_conv, conv_in, mid block."""
     return m.dec.mid_block(m.dec.conv_in(m.quant(z)), None)
@@ -123,7 +169,8 @@ def _encoder_tail(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------------------------- decode and encode
 
 def decode_tiled_shared(vae, z: torch.Tensor, tile: int, overlap: int, context: Optional[int] = None,
-                        wrap_x: bool = False, wrap_y: bool = False, passes: int = 3) -> torch.Tensor:
+                        wrap_x: bool = False, wrap_y: bool = False, passes: int = 3,
+                        attention_keys: int = 0) -> torch.Tensor:
     """Decode unscaled latents [1, C, H, W] with an AutoencoderKL into a [3, H*f, W*f] float32 CPU image
     that matches `vae.decode(z).sample`; peak memory follows the tile (plus the latent-resolution mid block).
 
@@ -132,14 +179,16 @@ def decode_tiled_shared(vae, z: torch.Tensor, tile: int, overlap: int, context: 
     picture tiles seamlessly. `passes` sweeps over the tiles: 1 normalises each tile with its own statistics
     (one sweep, tiles differ in tone); 3 (the default) and more gather, refine and apply shared statistics as
     the module says; 2 applies the first sweep's, biased by the per-tile normalisation before each layer.
+    `attention_keys` > 0: the mid block's attention attends to at most that many pooled positions
+    (`PooledAttention`; 0, the default, is exact).
     """
-    return run_sweeps(decoder_sweeps(vae, z, tile, overlap, context, wrap_x, wrap_y), passes,
+    return run_sweeps(decoder_sweeps(vae, z, tile, overlap, context, wrap_x, wrap_y, attention_keys), passes,
                       Canvas(3, *z.shape[-2:], vae_factor(vae), overlap))
 
 
 @torch.no_grad()
 def decoder_sweeps(vae, z: torch.Tensor, tile: int, overlap: int, context: Optional[int] = None,
-                   wrap_x: bool = False, wrap_y: bool = False) -> Sweeps:
+                   wrap_x: bool = False, wrap_y: bool = False, attention_keys: int = 0) -> Sweeps:
     """The tiled decode of `decode_tiled_shared` up to its sweeps: the latent-resolution stage run on the whole
     canvas, the up blocks' tiles ready to sweep (output: [3, h*f, w*f] each)."""
     if z.dim() != 4 or z.shape[0] != 1:
@@ -151,7 +200,7 @@ def decoder_sweeps(vae, z: torch.Tensor, tile: int, overlap: int, context: Optio
     needs = decoder_needs(vae, context)
     device, dtype = next(vae.parameters()).device, work_dtype(vae)
     head = nn.ModuleDict({"dec": dec, "quant": _or_identity(vae, "post_quant_conv")})
-    h = Precisions(head, dtype, lambda m: rebuilt(m, periodic(wrap_y, wrap_x))).run(
+    h = Precisions(head, dtype, _latent_stage(wrap_y, wrap_x, attention_keys)).run(
         _decoder_head, z.to(device), "the latent-resolution stage (conv_in, mid block)")
     grid = Grid(tuple(z.shape[-2:]), tile, overlap, needs[0], (wrap_y, wrap_x))
     return Sweeps(dec, dtype, partial(_decoder_tile, needs), h, grid)
@@ -159,7 +208,7 @@ def decoder_sweeps(vae, z: torch.Tensor, tile: int, overlap: int, context: Optio
 
 @torch.no_grad()
 def encode_tiled(vae, image: torch.Tensor, tile: int, overlap: int, context: Optional[int] = None,
-                 wrap_x: bool = False, wrap_y: bool = False, passes: int = 3) -> torch.Tensor:
+                 wrap_x: bool = False, wrap_y: bool = False, passes: int = 3, attention_keys: int = 0) -> torch.Tensor:
     """Encode an image [1, 3, H, W] in [-1, 1] (H, W multiples of the VAE factor) into the latent mean
     [1, C, H/f, W/f] (float32, CPU, before scaling) that matches `vae.encode(x).latent_dist.mean`.
 
@@ -177,6 +226,6 @@ def encode_tiled(vae, image: torch.Tensor, tile: int, overlap: int, context: Opt
     feats = run_sweeps(Sweeps(enc, dtype, partial(_encoder_tile, needs), image.to(device), grid), passes,
                        Canvas(enc.conv_norm_out.num_channels, *grid.size, 1, overlap, device))
     tail = nn.ModuleDict({"enc": enc, "quant": _or_identity(vae, "quant_conv")})
-    moments = Precisions(tail, dtype, lambda m: rebuilt(m, periodic(wrap_y, wrap_x))).run(
+    moments = Precisions(tail, dtype, _latent_stage(wrap_y, wrap_x, attention_keys)).run(
         _encoder_tail, feats[None], "the latent-resolution stage (mid block, conv_out)")
     return moments[:, :moments.shape[1] // 2].float().cpu()
