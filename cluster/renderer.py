@@ -413,9 +413,9 @@ class Renderer:
         before (`_fits_beside`), the device lock is let go meanwhile and the round trip runs on the side stream
         under the decode lock (`_on_side_stream`), so that the other call denoises; out of memory there, it runs
         again alone."""
-        spec, m = reqs[0], self.model_of(stage.refine)
+        spec = reqs[0]
         if zs is not None and spec.upscale == "pixel":
-            dec = self.model_of(stages_of(spec, self.info())[number - 1].refine)
+            m, dec = self._trip_models(spec, number, zs, stage)
             runs = [(dec.vae, *z.shape[-2:]) for z in zs] + [(m.vae, stage.h, stage.w)]
             if self._fits_beside(spec, runs, peak):
                 self._device.release()  # held by the caller (`_holding`): the other call's denoise may run
@@ -432,6 +432,12 @@ class Renderer:
                     self._device.acquire()
         return self._round_trip(reqs, number, zs, stage)
 
+    def _trip_models(self, spec: RenderSpec, number: int, zs: Optional[List[torch.Tensor]], stage: Stage):
+        """(the adapter whose VAE encodes stage `number`'s start, the one whose VAE decodes the stage before it:
+        the same where there is none before, `zs` None)."""
+        m = self.model_of(stage.refine)
+        return m, self.model_of(stages_of(spec, self.info())[number - 1].refine) if zs is not None else m
+
     def _round_trip(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]], stage: Stage,
                     planned: bool = False) -> List[torch.Tensor]:
         """Stage `number`'s starting canvases: the finished canvases `zs` of the stage before, or (zs None) the
@@ -443,8 +449,7 @@ class Renderer:
         encoded by this stage's (`model.stage_path`: the hires checkpoint's). `planned`: with the VAE tiles chosen
         last (`_planned_tile`), as a pass beside a denoise runs."""
         f = self.model.vae_scale_factor
-        m = self.model_of(stage.refine)
-        dec = self.model_of(stages_of(reqs[0], self.info())[number - 1].refine) if zs is not None else m
+        m, dec = self._trip_models(reqs[0], number, zs, stage)
         latent = zs is not None and reqs[0].upscale == "latent"
         spec = reqs[0]
         tile_of = functools.partial(self._planned_tile if planned else self.vae_tile, spec)

@@ -3,6 +3,7 @@ stable id) and where it goes."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -103,7 +104,7 @@ class RenderSpec:
         """The background prompt, as encoded: the effective prompt, or an XML prompt's background."""
         return self.xml.background if self.xml is not None else self.source_prompt
 
-    @property
+    @functools.cached_property
     def regions(self) -> Tuple[RegionPrompt, ...]:
         """Region prompts over `prompt`: `job.regions`, then an XML prompt's placed characters (each weight 1 and
         feather 0.05 under the job's negative prompt)."""
