@@ -1,0 +1,85 @@
+"""Peak GPU memory of SDXL renders on a small card, stood in for by `torch.cuda.set_per_process_memory_fraction`:
+the job's defaults as `python3 run.py model=sdxl` resolves them (the memory-aware ones: `tiling.vae_tile=0`, and
+`tiling.batch=0` where asked), random full-size weights, each size one image alone and then two through two calls
+at once as a bulk worker runs them (the stages' round trips and the decode beside the other call's denoise).
+
+    python3 bench/memory_cap.py --cap-gb 12 --sizes 3840x2160 7680x4320 --steps 10 --out $OUT/mem.json
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+import run  # noqa: E402,F401  registers the schema
+from cluster.renderer import Renderer  # noqa: E402
+from jobs import plan  # noqa: E402
+from tiling import free_memory  # noqa: E402
+
+
+def config(*overrides):
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cap-gb", type=float, default=12.0, help="the card's memory, in 1e9 bytes")
+    ap.add_argument("--sizes", nargs="+", default=["3840x2160", "7680x4320"])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--set", nargs="*", default=[], help="more overrides, e.g. tiling.batch=0")
+    ap.add_argument("--out", default="mem.json")
+    args = ap.parse_args()
+    out, rows = tempfile.mkdtemp(), []
+    base = ["model=sdxl", "model.weights=random", f"job.steps={args.steps}", f"output.dir={out}", *args.set]
+    r = None
+
+    def two_at_once(reqs):
+        with ThreadPoolExecutor(2) as pool:
+            return list(pool.map(lambda q: r.render_group([q])[0], reqs))
+
+    for label, run_them in (("one image alone", lambda reqs: [r.render(reqs[0])]),
+                            ("two calls at once (bulk)", two_at_once)):  # every size alone first
+        for size in args.sizes:
+            w, h = size.split("x")
+            cfg = config(*base, f"job.width={w}", f"job.height={h}", "job.seeds=[1,2]")
+            if r is None:  # random weights are drawn in fp32 (a pretrained bf16 load peaks at its size): capped after
+                r = Renderer(cfg.model, cfg.output)
+                torch.cuda.empty_cache()
+                total = torch.cuda.get_device_properties(0).total_memory
+                torch.cuda.set_per_process_memory_fraction(args.cap_gb * 1e9 / total, 0)
+            reqs = plan(cfg)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            try:
+                done = run_them(reqs)
+                status = [d["status"] if d["status"] == "ok" else d["error"] for d in done]
+                stages = done[0].get("stages")
+            except torch.OutOfMemoryError as e:
+                status, stages = [f"OOM: {e}"[:300]], None
+            seconds = time.perf_counter() - t0
+            row = {"size": size, "case": label, "status": status, "stages": stages, "batch": r.batch_size(reqs[0]),
+                   "vae_tile": r.vae_tile(reqs[0], int(h) // 8, int(w) // 8),
+                   "seconds": seconds,
+                   "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
+                   "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+                   "free_seen_gb": free_memory("cuda", 1.0) / 1e9}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    env = {"device": torch.cuda.get_device_name(), "cap_gb": args.cap_gb, "command": " ".join(sys.argv)}
+    with open(args.out, "w") as f:
+        json.dump({"env": env, "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
