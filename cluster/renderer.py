@@ -448,10 +448,9 @@ class Renderer:
         written beside the image. The stage before is decoded by the VAE of the model that ran it, the picture
         encoded by this stage's (`model.stage_path`: the hires checkpoint's). `planned`: with the VAE tiles chosen
         last (`_planned_tile`), as a pass beside a denoise runs."""
-        f = self.model.vae_scale_factor
-        m, dec = self._trip_models(reqs[0], number, zs, stage)
-        latent = zs is not None and reqs[0].upscale == "latent"
-        spec = reqs[0]
+        f, spec = self.model.vae_scale_factor, reqs[0]
+        m, dec = self._trip_models(spec, number, zs, stage)
+        latent = zs is not None and spec.upscale == "latent"
         tile_of = functools.partial(self._planned_tile if planned else self.vae_tile, spec)
         passes = max(3, spec.vae_passes)  # per-tile statistics would shift a tile's tone, and each stage keeps it
         out, vaes = [], [m] if dec is m else [m, dec]
