@@ -214,9 +214,13 @@ def main() -> None:
                 m.predict(torch.zeros(4, m.latent_channels, args.tile[0], args.tile[0]), torch.tensor(999.0), cond,
                           guidance)
             flops = fc.get_total_flops() / 4
-        if args.peer == "hires" and name == "sdxl" and args.peer_first:
-            results.append(hires_peer(m, args.size, steps, guidance, cfg.job.strength, out))
-            print(json.dumps(results[-1]), flush=True)
+        def peer(model):
+            if args.peer == "hires" and name == "sdxl":
+                results.append(hires_peer(model, args.size, steps, guidance, cfg.job.strength, out))
+                print(json.dumps(results[-1]), flush=True)
+
+        if args.peer_first:
+            peer(m)
         for k, strategy in enumerate(args.strategies):
             fields = dict(kv.partition("=")[::2] for kv in strategy.partition(":")[2].split(",") if kv)
             model = dataclasses.replace(cfg.model, deep_cache=int(fields.pop("deep_cache", 0)))
@@ -264,9 +268,8 @@ def main() -> None:
             if args.overlap_probe and k == 0:
                 results.append(dict(overlap_probe(r, req), model=name, strategy=strategy))
                 print(json.dumps(results[-1]), flush=True)
-        if args.peer == "hires" and name == "sdxl" and not args.peer_first:
-            results.append(hires_peer(m, args.size, steps, guidance, cfg.job.strength, out))
-            print(json.dumps(results[-1]), flush=True)
+        if not args.peer_first:
+            peer(m)
         del r, m, cond
         torch.cuda.empty_cache()
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv)}

@@ -69,7 +69,7 @@ def main() -> None:
                 status, stages = [f"OOM: {e}"[:300]], None
             seconds = time.perf_counter() - t0
             row = {"size": size, "case": label, "status": status, "stages": stages, "batch": r.batch_size(reqs[0]),
-                   "vae_tile": r.vae_tile(reqs[0], int(h) // 8, int(w) // 8),
+                   "vae_tile": r.vae_tile(reqs[0], *(int(v) // r.model.vae_scale_factor for v in (h, w))),
                    "seconds": seconds,
                    "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
                    "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,

@@ -174,7 +174,7 @@ def test_the_light_vae_decodes_the_test_beds_picture_at_its_own_size(testbed, tm
 
 
 def test_the_demo_vaes_pooled_attention_keeps_an_enlarged_scene(testbed):
-    """`tiling.vae_attention_keys` (the demo job's 4096, BENCHMARKS.md "CPU: the default job"): a test-bed scene
+    """`tiling.vae_attention_keys` (the demo job's 4096, BENCHMARKS.md "The default job under 5 minutes"): a test-bed scene
     enlarged 4x (1024x576, 9,216 latent positions) through the demo VAE's encode and decode with the mid blocks
     attending to 1,024 pooled keys (pooled by 3) is the exact round trip's picture within 40 dB: one sun, one
     horizon, the same rim."""
