@@ -7,11 +7,13 @@ at once as a bulk worker runs them (the stages' round trips and the decode besid
 """
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -31,6 +33,19 @@ def config(*overrides):
         return OmegaConf.to_object(compose("config", overrides=list(overrides)))
 
 
+def counted(parked, seconds: list):
+    """`Adapter.parked` that adds to `seconds` what sending the modules to the CPU and back took."""
+    @contextmanager
+    def timed():
+        t0 = time.perf_counter()
+        with parked():
+            seconds.append(time.perf_counter() - t0)
+            yield
+            t0 = time.perf_counter()
+        seconds[-1] += time.perf_counter() - t0
+    return timed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cap-gb", type=float, default=12.0, help="the card's memory, in 1e9 bytes")
@@ -39,7 +54,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="more overrides, e.g. tiling.batch=0")
     ap.add_argument("--out", default="mem.json")
     args = ap.parse_args()
-    out, rows = tempfile.mkdtemp(), []
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out, rows, parks = tempfile.mkdtemp(), [], []
     base = ["model=sdxl", "model.weights=random", f"job.steps={args.steps}", f"output.dir={out}", *args.set]
     r = None
 
@@ -57,9 +73,12 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 total = torch.cuda.get_device_properties(0).total_memory
                 torch.cuda.set_per_process_memory_fraction(args.cap_gb * 1e9 / total, 0)
+                for m in r.models():
+                    m.parked = counted(m.parked, parks)
             reqs = plan(cfg)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            parks.clear()
             t0 = time.perf_counter()
             try:
                 done = run_them(reqs)
@@ -73,7 +92,8 @@ def main() -> None:
                    "seconds": seconds,
                    "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
                    "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
-                   "free_seen_gb": free_memory("cuda", 1.0) / 1e9}
+                   "free_seen_gb": free_memory("cuda", 1.0) / 1e9,
+                   "parked_passes": len(parks), "park_seconds": sum(parks)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     env = {"device": torch.cuda.get_device_name(), "cap_gb": args.cap_gb, "command": " ".join(sys.argv)}

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import datetime, timezone
 from typing import List, Optional, Sequence
 
@@ -27,6 +27,7 @@ from models.deepcache import DeepStep, why_not
 from models.loading import compile_denoiser
 from tiling import (TileBatch, decode_tiled_shared, decoder_sweeps, encode_tiled, fitting_tile, free_memory, tile_bytes,
                     to_uint8)
+from tiling.vae import LADDER
 from tiling.features import FeatureCanvas
 from tiling.progressive import resize
 from tiling.render import ModelInfo, Stage, denoise_group, group_key, seam_scores, stages_of, vae_options, wraps
@@ -131,7 +132,10 @@ class Renderer:
         gpu = self.model.device.type == "cuda" and model.offload == "none"
         self._stream = torch.cuda.Stream(self.model.device) if gpu else None  # for a decode beside a denoise
         self.overlap = gpu  # decodes may run beside a denoise (bench/dit_gpu.py compares without)
-        self._vae_plans = {}  # (spec.vae_tile, h, w) -> (the VAE tile chosen last, the free memory it saw)
+        self.parks = gpu  # a VAE pass alone may send the denoisers to the CPU (`_vae_room`)
+        # (spec.vae_tile, h, w) -> (the VAE tile chosen last, the free memory it saw, the denoisers parked then)
+        self._vae_plans = {}
+        self._parked = False  # the denoisers are on the CPU for a VAE pass alone (`_vae_room`)
         self._peaks = {}  # (group_key, images) -> the memory its denoise took above what was allocated before
         self._batches = {}  # tile size -> automatic batch size
         self._sweeps = {}  # image id -> its tiled decode's Sweeps, while a tile-parallel decode runs
@@ -175,21 +179,39 @@ class Renderer:
             device, free = self.model.device, free_memory(self.model.device, 1.0)
             share = 0.8 if device.type == "cuda" else 0.4
             tile = spec.vae_tile or fitting_tile(self.model.vae, h, w, share * free)
-            self._vae_plans[(spec.vae_tile, h, w)] = (tile, free)
+            self._vae_plans[(spec.vae_tile, h, w)] = (tile, free, self._parked)
         return tile
 
     def _fits_beside(self, spec: RenderSpec, runs, peak: Optional[int]) -> bool:
         """Whether VAE `runs` ((vae, h, w) each: a decode or encode of an h x w latent canvas) may run beside the
         other call's next denoise: `overlap` on, the group's denoise `peak` measured, and each canvas's VAE tile
-        chosen here before, alone (`vae_tile`), its run and that peak within 80% of the free memory it was chosen
-        in."""
+        chosen here before, alone (`vae_tile`) and not with the denoisers parked (`_vae_room`), its run and that peak
+        within 80% of the free memory it was chosen in."""
         if not self.overlap or peak is None:
             return False
         for vae, h, w in runs:
             plan = self._vae_plans.get((spec.vae_tile, h, w))
-            if plan is None or tile_bytes(vae, h, w, plan[0]) + peak > 0.8 * plan[1]:
+            if plan is None or plan[2] or tile_bytes(vae, h, w, plan[0]) + peak > 0.8 * plan[1]:
                 return False
         return True
+
+    @contextmanager
+    def _vae_room(self, runs):
+        """VAE `runs` ((vae, h, w) each: a decode or encode of an h x w latent canvas) done alone, holding the
+        device lock: under the decode lock too, and where the least one of them can take (`tile_bytes` at the
+        smallest tile: its latent-resolution stage over the whole canvas) is more than the share of free memory a
+        VAE tile is chosen in (`vae_tile`), with every model's denoiser and text encoders on the CPU meanwhile
+        (`Adapter.parked`): SDXL at 7680x4320 on a 12 GB card, whose VAE mid block over the 518,400 latent
+        positions does not fit beside the resident UNet. Yields whether they were parked."""
+        with self._decoding, ExitStack() as parked:
+            need = max((tile_bytes(vae, h, w, LADDER[-1]) for vae, h, w in runs), default=0)
+            if self.parks and not self._parked and need > 0.8 * free_memory(self.model.device, 1.0):
+                log.info("a VAE pass of %.1f GB at the least: the denoisers wait on the CPU", need / 1e9)
+                for m in self.models():
+                    parked.enter_context(m.parked())
+                self._parked = True
+                parked.callback(setattr, self, "_parked", False)
+            yield self._parked
 
     def _planned_tile(self, spec: RenderSpec, h: int, w: int) -> int:
         """The VAE tile `vae_tile` chose last, alone, for an h x w canvas: what a pass beside a denoise runs with."""
@@ -415,8 +437,7 @@ class Renderer:
         again alone."""
         spec = reqs[0]
         if zs is not None and spec.upscale == "pixel":
-            m, dec = self._trip_models(spec, number, zs, stage)
-            runs = [(dec.vae, *z.shape[-2:]) for z in zs] + [(m.vae, stage.h, stage.w)]
+            runs = self._trip_runs(spec, number, zs, stage)
             if self._fits_beside(spec, runs, peak):
                 self._device.release()  # held by the caller (`_holding`): the other call's denoise may run
                 try:
@@ -438,6 +459,15 @@ class Renderer:
         m = self.model_of(stage.refine)
         return m, self.model_of(stages_of(spec, self.info())[number - 1].refine) if zs is not None else m
 
+    def _trip_runs(self, spec: RenderSpec, number: int, zs: Optional[List[torch.Tensor]], stage: Stage) -> list:
+        """The VAE passes ((vae, h, w) each) of stage `number`'s round trip: the decode of each canvas `zs` before
+        it (none for init pictures, nor for a latent upscale that keeps no stage pictures), the encode of each
+        enlarged picture (none for a latent upscale)."""
+        m, dec = self._trip_models(spec, number, zs, stage)
+        latent = zs is not None and spec.upscale == "latent"
+        decodes = [] if zs is None or (latent and not self.output.keep_stages) else [(dec.vae, *z.shape[-2:]) for z in zs]
+        return decodes + ([] if latent else [(m.vae, stage.h, stage.w)])
+
     def _round_trip(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]], stage: Stage,
                     planned: bool = False) -> List[torch.Tensor]:
         """Stage `number`'s starting canvases: the finished canvases `zs` of the stage before, or (zs None) the
@@ -447,53 +477,57 @@ class Renderer:
         `latent` resizes the latents. Under `output.keep_stages` each decoded stage is
         written beside the image. The stage before is decoded by the VAE of the model that ran it, the picture
         encoded by this stage's (`model.stage_path`: the hires checkpoint's). `planned`: with the VAE tiles chosen
-        last (`_planned_tile`), as a pass beside a denoise runs."""
+        last (`_planned_tile`), as a pass beside a denoise runs; else alone (`_vae_room`)."""
         f, spec = self.model.vae_scale_factor, reqs[0]
         m, dec = self._trip_models(spec, number, zs, stage)
         latent = zs is not None and spec.upscale == "latent"
         tile_of = functools.partial(self._planned_tile if planned else self.vae_tile, spec)
         passes = max(3, spec.vae_passes)  # per-tile statistics would shift a tile's tone, and each stage keeps it
         out, vaes = [], [m] if dec is m else [m, dec]
-        for a in vaes:
-            a.vae_on_device(True)
-        try:
-            for k, req in enumerate(reqs):
-                if zs is None:
-                    picture = read_picture(req.init_image)
-                elif not latent or self.output.keep_stages:
-                    picture = decode_tiled_shared(dec.vae, dec.unscale(zs[k]), tile_of(*zs[k].shape[-2:]),
-                                                  spec.vae_overlap, passes=passes, **vae_options(spec))
-                    if self.output.keep_stages:
-                        h, w = zs[k].shape[-2:]
-                        write_image(to_uint8(picture, w * f, h * f), self.output.dir, req.stage_path(number - 1),
-                                    self.output.format, self.output.quality, req.parameters_text())
-                if latent:
-                    out.append(resize(zs[k], (stage.h, stage.w), **wraps(spec)))
-                    continue
-                (w, h), (H, W) = stage.size, (stage.h * f, stage.w * f)
-                picture = F.pad(resize(picture[None], (h, w), **wraps(spec)), (0, W - w, 0, H - h),
-                                mode="replicate").clamp(-1, 1)
-                out.append(m.scale(encode_tiled(m.vae, picture.to(m.device, m.vae_dtype),
-                                                tile_of(stage.h, stage.w), spec.vae_overlap,
-                                                passes=passes, **vae_options(spec))))
-        finally:
+        room = nullcontext() if planned else self._vae_room(self._trip_runs(spec, number, zs, stage))
+        with room:
             for a in vaes:
-                a.vae_on_device(False)
+                a.vae_on_device(True)
+            try:
+                for k, req in enumerate(reqs):
+                    if zs is None:
+                        picture = read_picture(req.init_image)
+                    elif not latent or self.output.keep_stages:
+                        picture = decode_tiled_shared(dec.vae, dec.unscale(zs[k]), tile_of(*zs[k].shape[-2:]),
+                                                      spec.vae_overlap, passes=passes, **vae_options(spec))
+                        if self.output.keep_stages:
+                            h, w = zs[k].shape[-2:]
+                            write_image(to_uint8(picture, w * f, h * f), self.output.dir, req.stage_path(number - 1),
+                                        self.output.format, self.output.quality, req.parameters_text())
+                    if latent:
+                        out.append(resize(zs[k], (stage.h, stage.w), **wraps(spec)))
+                        continue
+                    (w, h), (H, W) = stage.size, (stage.h * f, stage.w * f)
+                    picture = F.pad(resize(picture[None], (h, w), **wraps(spec)), (0, W - w, 0, H - h),
+                                    mode="replicate").clamp(-1, 1)
+                    out.append(m.scale(encode_tiled(m.vae, picture.to(m.device, m.vae_dtype),
+                                                    tile_of(stage.h, stage.w), spec.vae_overlap,
+                                                    passes=passes, **vae_options(spec))))
+            finally:
+                for a in vaes:
+                    a.vae_on_device(False)
         return out
 
     def _decode(self, req: ImageRequest, z: torch.Tensor, tile: Optional[int] = None):
         """(uint8 pixels, seconds, the VAE tile side it ran with: `tile`, else `vae_tile`'s) of a finished canvas;
-        raises what stops the decode (`tiling.vae.DecodeError` for a non-finite one)."""
+        raises what stops the decode (`tiling.vae.DecodeError` for a non-finite one). Without `tile`, alone
+        (`_vae_room`: holding the device lock)."""
         m = self.final_model(req)
-        m.vae_on_device(True)
-        try:
-            t0 = time.perf_counter()
-            tile = tile or self.vae_tile(req, *z.shape[-2:])
-            img = decode_tiled_shared(m.vae, m.unscale(z), tile, req.vae_overlap, passes=req.vae_passes,
-                                      **vae_options(req))
-            return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tile
-        finally:
-            m.vae_on_device(False)
+        t0 = time.perf_counter()
+        with nullcontext() if tile else self._vae_room([(m.vae, *z.shape[-2:])]):
+            m.vae_on_device(True)
+            try:
+                tile = tile or self.vae_tile(req, *z.shape[-2:])
+                img = decode_tiled_shared(m.vae, m.unscale(z), tile, req.vae_overlap, passes=req.vae_passes,
+                                          **vae_options(req))
+                return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tile
+            finally:
+                m.vae_on_device(False)
 
     def decode_begin(self, req: ImageRequest, z: torch.Tensor, tile: int, refined: bool = False) -> list:
         """Tile-parallel decode, on every worker: `req`'s canvas `z` in VAE tiles of side `tile`, its

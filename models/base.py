@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
@@ -172,6 +173,23 @@ class Adapter:
         else:
             self.vae.to("cpu")
             torch.cuda.empty_cache()
+
+    @contextmanager
+    def parked(self):
+        """The denoiser and the text encoders on the CPU for the block, then back on the device (a GPU without
+        `model.offload`, where they are resident): room for a VAE pass that does not fit beside them."""
+        if self.offload != "none" or self.device.type != "cuda":
+            yield
+            return
+        modules = [getattr(self, self.denoiser), *self.text_modules()]
+        for m in modules:
+            m.to("cpu")
+        torch.cuda.empty_cache()
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.to(self.device)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [1, C, h, w] to an image [1, 3, f*h, f*w] in [-1, 1] in one piece."""

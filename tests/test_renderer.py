@@ -200,3 +200,39 @@ def test_a_round_trip_between_stages_beside_the_other_call_gives_the_same_pictur
     # too where it began before that peak was known), the later ones beside but for the one that ran out of
     # memory, which ran again alone
     assert len(trips) == 9 and trips[:2] == [False, False] and trips.count(True) in (4, 6), trips
+
+
+def test_a_vae_pass_that_does_not_fit_beside_the_denoiser_sends_it_to_the_cpu(tmp_path, monkeypatch):
+    """Where even the smallest VAE tile does not fit (the latent-resolution stage runs over the whole canvas: SDXL at
+    7680x4320 on a 12 GB card), a round trip or decode done alone parks the denoisers and text encoders
+    (`Adapter.parked`) and chooses its tile in the memory that leaves; a plan made so never runs beside a denoise.
+    The same bytes as a renderer with memory to spare (`parks` and `overlap` forced: this runs on a CPU, where
+    parking moves nothing; the free memory is faked)."""
+    from contextlib import contextmanager
+
+    import cluster.renderer as renderer
+
+    cfg = compose(*SMALL, "job.base_size=64", f"output.dir={tmp_path / 'roomy'}", "job.seeds=[1,2]",
+                  "tiling.vae_tile=0")
+    reqs = plan(cfg)
+    expected = [row["sha256"] for row in map(_renderer(cfg, threads=1).render, reqs)]
+
+    cfg.output.dir = str(tmp_path / "tight")
+    r = _renderer(cfg, threads=1)
+    r.parks = r.overlap = True
+    parked = []
+
+    @contextmanager
+    def park():
+        parked.append(len(parked))
+        yield
+
+    monkeypatch.setattr(r.model, "parked", park)
+    monkeypatch.setattr(renderer, "free_memory", lambda device, share: share * (1e12 if r._parked else 1.0))
+    trips, inner = [], r._round_trip
+    monkeypatch.setattr(r, "_round_trip", lambda *a, planned=False: trips.append(planned) or inner(*a, planned))
+    rows = [r.render_group([req])[0] for req in reqs]
+    assert [row["status"] for row in rows] == ["ok"] * 2, [row["error"] for row in rows]
+    assert [row["sha256"] for row in rows] == expected
+    assert trips == [False] * 4 and len(parked) == 6  # two round trips and a decode an image, each parked
+    assert all(plan_[2] for plan_ in r._vae_plans.values()) and not r._parked

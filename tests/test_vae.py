@@ -286,19 +286,63 @@ def test_wrapped_encode_rolls_with_the_image(vae):
 # ------------------------------------------------------------------------------------ memory-fitted tiles
 
 def test_the_tile_fits_the_memory_the_whole_frame_when_it_can(vae):
-    from tiling.vae import LADDER, activation_bytes, fitting_tile
+    from tiling.vae import LADDER, activation_bytes, fitting_tile, stage_bytes, tile_bytes
 
     per_px = activation_bytes(vae, 4)
     assert per_px == 3 * 4 * (2 * 16 * 8 ** 2)  # the decoder's last upsample: 16 channels at 8x, in and out, fp32
-    assert fitting_tile(vae, 24, 32, 24 * 32 * per_px) == 32  # the whole frame: one exact sweep
-    sides = [fitting_tile(vae, 300, 400, free) for free in (1e6, 1e7, 1e8, 1e9, 1e12)]
+    assert fitting_tile(vae, 24, 32, tile_bytes(vae, 24, 32, 32)) == 32  # the whole frame: one exact sweep
+    frees = (1e6, 1e7, 1e8, 1e9, 1e12)
+    sides = [fitting_tile(vae, 300, 400, free) for free in frees]
     assert sides == sorted(sides) and sides[-1] == 400 and sides[0] == LADDER[-1]
     assert all(s in LADDER for s in sides[:-1])
-    context = max(decoder_needs(vae) + encoder_needs(vae))
-    for free, side in zip((1e6, 1e7, 1e8, 1e9), sides):  # what it picks fits, the next side up would not
+    for free, side in zip(frees[:-1], sides):  # what it picks fits, the next side up would not
         bigger = [s for s in LADDER if s > side]
-        assert side == LADDER[-1] or (side + 2 * context) ** 2 * per_px <= free
-        assert not bigger or (bigger[-1] + 2 * context) ** 2 * per_px > free
+        assert side == LADDER[-1] or tile_bytes(vae, 300, 400, side) <= free
+        assert not bigger or tile_bytes(vae, 300, 400, bigger[-1]) > free
+    # however small the tile, the latent-resolution stage runs over the whole canvas
+    assert tile_bytes(vae, 300, 400, LADDER[-1]) >= stage_bytes(vae, 300, 400) > 300 * 400 * 16 * 4 * 8
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The bytes of the tensor storages that ops made and that are still alive, and their peak: what a device's
+    allocator would hold for a block (on the CPU, where no allocator counts it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
+                st = t.untyped_storage()
+                key, n = st.data_ptr(), st.nbytes()
+                self.live[key] = n
+                self.now += n
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(st, self._gone, key)
+        return out
+
+    def _gone(self, key):
+        self.now -= self.live.pop(key, 0)
+
+
+def test_the_memory_estimate_holds_what_the_passes_take():
+    """`tile_bytes` bounds the live bytes a tiled decode and encode make (their tiles, the canvases, the
+    latent-resolution stage over the whole canvas), here for a VAE whose wide mid block (256 channels, as SDXL's
+    512 at 7680x4320 are its largest part) outweighs its tiles; and the stage's part is no gross overestimate."""
+    from tiling.vae import stage_bytes, tile_bytes
+
+    v = small_vae(block_out_channels=(8, 16, 32, 256), norm_num_groups=8)
+    z, x = latent(40, 48), torch.rand(1, 3, 320, 384, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    for tile in (16, 48):
+        for fn in (lambda: decode_tiled_shared(v, z, tile, 2), lambda: encode_tiled(v, x, tile, 2)):
+            live = LiveBytes()
+            with torch.no_grad(), live:
+                fn()
+            assert 0.6 * stage_bytes(v, 40, 48) < live.peak <= tile_bytes(v, 40, 48, tile)
 
 
 def test_the_sd_vae_at_4k_is_estimated_as_measured():

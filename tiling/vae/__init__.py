@@ -18,11 +18,11 @@ fp32 retry), `autoencoder` (the AutoencoderKL's receptive field and the one plac
 """
 from .autoencoder import decode_tiled_shared, decoder_needs, decoder_sweeps, encode_tiled, encoder_needs, vae_factor
 from .geometry import Span, assemble, axis_spans, to_uint8, window
-from .memory import LADDER, activation_bytes, fitting_tile, free_memory, tile_bytes
+from .memory import LADDER, activation_bytes, fitting_tile, free_memory, stage_bytes, tile_bytes
 from .stats import SharedGroupNorm, merged
 from .sweeps import DecodeError, Sweeps, decode_each, run_sweeps
 
 __all__ = ["decode_tiled_shared", "decoder_needs", "decoder_sweeps", "encode_tiled", "encoder_needs", "vae_factor",
            "Span", "assemble", "axis_spans", "to_uint8", "window", "LADDER", "activation_bytes", "fitting_tile",
-           "free_memory", "tile_bytes", "SharedGroupNorm", "merged", "DecodeError", "Sweeps", "decode_each",
+           "free_memory", "stage_bytes", "tile_bytes", "SharedGroupNorm", "merged", "DecodeError", "Sweeps", "decode_each",
            "run_sweeps"]

@@ -32,15 +32,35 @@ def activation_bytes(vae, dtype_bytes: int, slack: float = 3.0) -> float:
 LADDER = (256, 192, 128, 96, 64, 48, 32, 16)  # tile sides tried below the whole frame, latent pixels
 
 
+# Copies of the mid block's input that the latent-resolution stage holds at its peak (the input, its normalised copy,
+# the attention's queries, keys, values, output and projection, the residual sum): 8.1 for the decode's head and 7.1
+# for the encode's tail, measured (live tensor bytes, SDXL's VAE on the CPU at 96x96 and 128x128 latents).
+STAGE_COPIES = 8.5
+
+
+def stage_bytes(vae, h: int, w: int) -> float:
+    """What a tiled decode or encode of an h x w latent canvas holds at its peak outside its tiles: the
+    latent-resolution stage (conv_in and the mid block of the decoder, the mid block and after of the encoder) over
+    the whole canvas, beside the encode's fp32 feature canvas and its quotient and the picture on the device. It
+    grows with the canvas whatever the tile: SDXL's VAE in bf16 at 7680x4320 holds ~7 GB."""
+    mid = max(vae.decoder.conv_in.out_channels, vae.encoder.conv_norm_out.num_channels)
+    item, f = work_dtype(vae).itemsize, vae_factor(vae)
+    return h * w * (mid * (STAGE_COPIES * item + 8) + 3 * f * f * item)
+
+
 def tile_bytes(vae, h: int, w: int, tile: int) -> float:
     """What the tiled decode or encode of an h x w latent canvas in `tile`-sided tiles takes at its peak (in the
-    dtype the tiled decode runs the VAE in): the whole frame's activations when the tile covers it, else one
-    tile's window (the tile and the context its convolutions need on each side)."""
-    per_px = activation_bytes(vae, work_dtype(vae).itemsize)
+    dtype the tiled decode runs the VAE in): its latent-resolution stage (`stage_bytes`), or its sweeps where they
+    take more: the whole frame's activations when the tile covers it, else one tile's window (the tile and the
+    context its convolutions need on each side), beside the canvas the tiles read or write and the picture."""
+    f = vae_factor(vae)
+    per_px, item = activation_bytes(vae, work_dtype(vae).itemsize), work_dtype(vae).itemsize
+    resident = h * w * (vae.encoder.conv_norm_out.num_channels * 4 + 3 * f * f * item)
     if tile >= max(h, w):
-        return h * w * per_px
+        return max(stage_bytes(vae, h, w), resident + h * w * per_px)
     context = max(decoder_needs(vae) + encoder_needs(vae))
-    return (min(tile, h) + 2 * context) * (min(tile, w) + 2 * context) * per_px
+    window = (min(tile, h) + 2 * context) * (min(tile, w) + 2 * context) * per_px
+    return max(stage_bytes(vae, h, w), resident + window)
 
 
 def fitting_tile(vae, h: int, w: int, free_bytes: float) -> int:
