@@ -176,20 +176,36 @@ class Adapter:
 
     @contextmanager
     def parked(self):
-        """The denoiser and the text encoders on the CPU for the block, then back on the device (a GPU without
-        `model.offload`, where they are resident): room for a VAE pass that does not fit beside them."""
-        if self.offload != "none" or self.device.type != "cuda":
+        """The denoiser and the text encoders off the device for the block, then back: room for a VAE pass that does
+        not fit beside them (`cluster.renderer.Renderer.parks`: a GPU without `model.offload`; under offload they
+        are off already). The weights do not change, so their copy in pinned host memory is made at the first park
+        and kept: each park after only drops the device copy, each return is one host-to-device copy."""
+        if self.offload != "none":
             yield
             return
-        modules = [getattr(self, self.denoiser), *self.text_modules()]
-        for m in modules:
-            m.to("cpu")
+        tensors = [t for m in (getattr(self, self.denoiser), *self.text_modules())
+                   for t in (*m.parameters(), *m.buffers())]
+        host = self._host_copies(tensors)
+        for t in tensors:
+            t.data = host[id(t)]
         torch.cuda.empty_cache()
         try:
             yield
         finally:
-            for m in modules:
-                m.to(self.device)
+            for t in tensors:
+                t.data = host[id(t)].to(self.device, non_blocking=True)
+
+    def _host_copies(self, tensors) -> dict:
+        """id of each of `tensors` -> its copy in host memory (pinned where CUDA is), made once and kept while the
+        tensor keeps its dtype and shape (an fp32 retry changes them)."""
+        if not hasattr(self, "_host"):
+            self._host = {}
+        for t in tensors:
+            kept = self._host.get(id(t))
+            if kept is None or kept.dtype != t.dtype or kept.shape != t.shape:
+                pinned = torch.cuda.is_available()
+                self._host[id(t)] = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned).copy_(t.detach())
+        return self._host
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [1, C, h, w] to an image [1, 3, f*h, f*w] in [-1, 1] in one piece."""

@@ -236,3 +236,22 @@ def test_a_vae_pass_that_does_not_fit_beside_the_denoiser_sends_it_to_the_cpu(tm
     assert [row["sha256"] for row in rows] == expected
     assert trips == [False] * 4 and len(parked) == 6  # two round trips and a decode an image, each parked
     assert all(plan_[2] for plan_ in r._vae_plans.values()) and not r._parked
+
+
+def test_parked_weights_come_back_from_one_host_copy(tmp_path):
+    """`Adapter.parked` on the CPU (where the renderer never calls it: its host copies are CPU tensors too): inside
+    and after, the denoiser's and text encoder's weights hold their values; a second park reuses the host copies the
+    first made (the weights do not change); the VAE is not touched."""
+    r = _renderer(compose(*SMALL, f"output.dir={tmp_path}"), threads=1)
+    m = r.model
+    weights = {name: t.clone() for name, t in m.unet.state_dict().items()}
+    vae = [t.data_ptr() for t in m.vae.parameters()]
+    parks = []
+    for _ in range(2):
+        with m.parked():
+            parks.append({id(t): m._host[id(t)] for t in (*m.unet.parameters(), *m.text_encoder.parameters())})
+            assert all(t.data_ptr() == parks[-1][id(t)].data_ptr() for t in m.unet.parameters())
+        assert all(torch.equal(t, weights[name]) for name, t in m.unet.state_dict().items())
+        assert [t.data_ptr() for t in m.vae.parameters()] == vae
+    assert parks[0].keys() == parks[1].keys() and all(parks[1][k] is v for k, v in parks[0].items())
+    assert r.render(plan(compose(*SMALL, f"output.dir={tmp_path}"))[0])["status"] == "ok"
