@@ -89,11 +89,11 @@ def main() -> None:
         try:
             done = run_them(reqs)
             status = [d["status"] if d["status"] == "ok" else d["error"] for d in done]
-            stages = done[0].get("stages")
+            stages, warnings = done[0].get("stages"), [d.get("warnings") for d in done]
         except torch.OutOfMemoryError as e:
-            status, stages = [f"OOM: {e}"[:300]], None
+            status, stages, warnings = [f"OOM: {e}"[:300]], None, None
         seconds = time.perf_counter() - t0
-        row = {"size": size, "case": label, "parks": parking, "status": status, "stages": stages,
+        row = {"size": size, "case": label, "parks": parking, "status": status, "warnings": warnings, "stages": stages,
                "batch": r.batch_size(reqs[0]), "seconds": seconds,
                # latent canvas -> the VAE tile its last pass chose, and whether the denoisers were parked then
                "vae_plans": {f"{pw}x{ph}": [tile, parked] for (_, ph, pw), (tile, _, parked) in r._vae_plans.items()},

@@ -105,6 +105,10 @@ class Renderer:
     def __init__(self, model: ModelConfig, output: OutputConfig, threads: Optional[int] = None):
         if threads:
             torch.set_num_threads(threads)
+        # a CUDA caching allocator that grows its segments instead of cutting new ones: the VAE's full-resolution
+        # tensors (half a GB each at 4K) then fit where the memory is free but fragmented (read at the process's
+        # first CUDA allocation; a user's own setting stays)
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         self.model = load_model(model)
         # a hires checkpoint (model.stage_path) for the stages that refine a reference; else the model itself
         self.stage_model = load_model(stage_model_config(model)) if model.stage_path else self.model
