@@ -113,6 +113,9 @@ def main() -> None:
                          "-direct: job.strategy=direct; a suffix -latent: job.upscale=latent, tiling.vae_passes=1, "
                          "tiling.vae_tile=32")
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every render, e.g. job.base_size=512")
+    ap.add_argument("--model", default=None,
+                    help="another test-bed folder of scenes-sd's layout (model=sd15 model.path=...), e.g. "
+                         "tests/assets/scenes-sd-zoom; default: the shipped demo model")
     ap.add_argument("--images", default="outputs/bench-regions")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -128,7 +131,8 @@ def main() -> None:
         if variant.endswith("-latent"):  # no VAE round trip between stages; the final decode per-tile statistics
             extra += ["job.upscale=latent", "tiling.vae_passes=1", "tiling.vae_tile=32"]
         for seed in args.seeds:
-            overrides = TESTBED + [f"job.width={w}", f"job.height={h}", f"job.seeds=[{seed}]",
+            model = ["model=sd15", f"model.path={args.model}"] if args.model else ["model=demo"]
+            overrides = model + TESTBED[1:] + [f"job.width={w}", f"job.height={h}", f"job.seeds=[{seed}]",
                                    "job.prompts=['a day landscape']", f"output.dir={args.images}"] + extra + args.set
             with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
                 cfg = OmegaConf.to_object(compose("config", overrides=overrides))
@@ -147,7 +151,7 @@ def main() -> None:
             s_apart = score(apart, means)
             rows.append({"variant": variant, "seed": seed, "size": args.size, "image_id": row["image_id"],
                          "path": row["path"], "stages": row["stages"], "seconds": round(seconds, 1),
-                         "seam_score": row["seam_score"], "overrides": extra + args.set, **s,
+                         "seam_score": row["seam_score"], "overrides": model[1:] + extra + args.set, **s,
                          "latent_thirds_decoded_apart": {k: s_apart[k] for k in ("thirds", "all_nearest_own",
                                                                                   "max_suns_per_third")}})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "thirds"}),

@@ -469,8 +469,8 @@ class Renderer:
         enlarged picture (none for a latent upscale)."""
         m, dec = self._trip_models(spec, number, zs, stage)
         latent = zs is not None and spec.upscale == "latent"
-        decodes = [] if zs is None or (latent and not self.output.keep_stages) else [(dec.vae, *z.shape[-2:]) for z in zs]
-        return decodes + ([] if latent else [(m.vae, stage.h, stage.w)])
+        decoded = zs is not None and (not latent or self.output.keep_stages)
+        return [(dec.vae, *z.shape[-2:]) for z in zs or () if decoded] + ([] if latent else [(m.vae, stage.h, stage.w)])
 
     def _round_trip(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]], stage: Stage,
                     planned: bool = False) -> List[torch.Tensor]:
@@ -488,8 +488,7 @@ class Renderer:
         tile_of = functools.partial(self._planned_tile if planned else self.vae_tile, spec)
         passes = max(3, spec.vae_passes)  # per-tile statistics would shift a tile's tone, and each stage keeps it
         out, vaes = [], [m] if dec is m else [m, dec]
-        room = nullcontext() if planned else self._vae_room(self._trip_runs(spec, number, zs, stage))
-        with room:
+        with nullcontext() if planned else self._vae_room(self._trip_runs(spec, number, zs, stage)):
             for a in vaes:
                 a.vae_on_device(True)
             try:

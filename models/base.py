@@ -98,6 +98,7 @@ class Adapter:
         for m in (net, self.vae, *self.text_modules()):
             m.eval()
         self._cache = PromptCache(self._encode_pair)
+        self._host = {}  # id of a parked weight -> its host copy (`parked`)
         self.deep_calls = (deepcache.full, deepcache.shallow)  # model.compile compiles them too
 
     def deep_call(self, deep, halves: int, *inputs):
@@ -198,8 +199,6 @@ class Adapter:
     def _host_copies(self, tensors) -> dict:
         """id of each of `tensors` -> its copy in host memory (pinned where CUDA is), made once and kept while the
         tensor keeps its dtype and shape (an fp32 retry changes them)."""
-        if not hasattr(self, "_host"):
-            self._host = {}
         for t in tensors:
             kept = self._host.get(id(t))
             if kept is None or kept.dtype != t.dtype or kept.shape != t.shape:
