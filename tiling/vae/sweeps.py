@@ -100,8 +100,8 @@ class Sweeps:
 
     def __init__(self, blocks: nn.Module, dtype: torch.dtype, run_tile: TileFn, src: torch.Tensor, grid: Grid):
         self.run_tile, self.src, self.grid, self.spans = run_tile, src, grid, grid.spans()
-        self.current = Current()
-        self.nets = Precisions(blocks, dtype, lambda m: rebuilt(m, shared_norms(self.current)))
+        self.current = current = Current()  # the nets' norms hold it, not this: no cycle keeps `src` alive
+        self.nets = Precisions(blocks, dtype, lambda m: rebuilt(m, shared_norms(current)))
         self.ref = {}  # tile index -> its window's statistics in its last gathering sweep
 
     @torch.no_grad()
