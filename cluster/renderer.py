@@ -536,13 +536,17 @@ class Renderer:
         """Tile-parallel decode, on every worker: `req`'s canvas `z` in VAE tiles of side `tile`, its
         latent-resolution stage run here (by the VAE of the
         model that ran its last stage: `refined`, a stage that refined a reference) and its tiles made ready to
-        sweep (`decode_sweep`); returns the tiles' spans (for `tiling.vae.assemble`)."""
+        sweep (`decode_sweep`); returns the tiles' spans (for `tiling.vae.assemble`). The latent-resolution stage
+        runs in `_vae_room` (the denoisers parked where it does not fit beside them); the sweeps, called later, beside
+        them."""
         m = self.model_of(refined)
         with self._device:
             m.vae_on_device(True)
             try:
                 key = req.image_id
-                self._sweeps[key] = decoder_sweeps(m.vae, m.unscale(z), tile, req.vae_overlap, **vae_options(req))
+                with self._vae_room([(m.vae, *z.shape[-2:])]):
+                    self._sweeps[key] = decoder_sweeps(m.vae, m.unscale(z), tile, req.vae_overlap,
+                                                       **vae_options(req))
                 self._sweep_models[key] = m
             except BaseException:
                 m.vae_on_device(False)
