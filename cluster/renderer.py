@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from typing import List, Optional, Sequence
 
@@ -200,22 +200,39 @@ class Renderer:
         return True
 
     @contextmanager
-    def _vae_room(self, runs):
+    def _vae_room(self, runs, force: bool = False):
         """VAE `runs` ((vae, h, w) each: a decode or encode of an h x w latent canvas) done alone, holding the
         device lock: under the decode lock too, and where the least one of them can take (`tile_bytes` at the
         smallest tile: its latent-resolution stage over the whole canvas) is more than the share of free memory a
         VAE tile is chosen in (`vae_tile`), with every model's denoiser and text encoders on the CPU meanwhile
         (`Adapter.parked`): SDXL at 7680x4320 on a 12 GB card, whose VAE mid block over the 518,400 latent
-        positions does not fit beside the resident UNet. Yields whether they were parked."""
+        positions does not fit beside the resident UNet; `force`: parked whatever the estimate says. Yields whether
+        they were parked."""
         with self._decoding, ExitStack() as parked:
             need = max((tile_bytes(vae, h, w, LADDER[-1]) for vae, h, w in runs), default=0)
-            if self.parks and not self._parked and need > 0.8 * free_memory(self.model.device, 1.0):
+            if self.parks and not self._parked and (force or need > 0.8 * free_memory(self.model.device, 1.0)):
                 log.info("a VAE pass of %.1f GB at the least: the denoisers wait on the CPU", need / 1e9)
                 for m in self.models():
                     parked.enter_context(m.parked())
                 self._parked = True
                 parked.callback(setattr, self, "_parked", False)
             yield self._parked
+
+    def _alone(self, runs, fn):
+        """`fn()`, VAE `runs`, in `_vae_room`; out of memory there with the denoisers resident (the estimate is
+        not the allocator: fragmentation, convolution workspaces), once more with them parked and its tiles chosen
+        again in the memory that leaves."""
+        parked = False
+        try:
+            with self._vae_room(runs) as parked:
+                return fn()
+        except torch.OutOfMemoryError:
+            if not self.parks or parked:
+                raise
+        log.warning("CUDA out of memory in a VAE pass beside the resident denoisers: run again with them parked")
+        torch.cuda.empty_cache()
+        with self._vae_room(runs, force=True):
+            return fn()
 
     def _planned_tile(self, spec: RenderSpec, h: int, w: int) -> int:
         """The VAE tile `vae_tile` chose last, alone, for an h x w canvas: what a pass beside a denoise runs with."""
@@ -481,14 +498,16 @@ class Renderer:
         `latent` resizes the latents. Under `output.keep_stages` each decoded stage is
         written beside the image. The stage before is decoded by the VAE of the model that ran it, the picture
         encoded by this stage's (`model.stage_path`: the hires checkpoint's). `planned`: with the VAE tiles chosen
-        last (`_planned_tile`), as a pass beside a denoise runs; else alone (`_vae_room`)."""
+        last (`_planned_tile`), as a pass beside a denoise runs; else alone (`_alone`)."""
         f, spec = self.model.vae_scale_factor, reqs[0]
         m, dec = self._trip_models(spec, number, zs, stage)
         latent = zs is not None and spec.upscale == "latent"
         tile_of = functools.partial(self._planned_tile if planned else self.vae_tile, spec)
         passes = max(3, spec.vae_passes)  # per-tile statistics would shift a tile's tone, and each stage keeps it
-        out, vaes = [], [m] if dec is m else [m, dec]
-        with nullcontext() if planned else self._vae_room(self._trip_runs(spec, number, zs, stage)):
+        vaes = [m] if dec is m else [m, dec]
+
+        def trip():
+            out = []
             for a in vaes:
                 a.vae_on_device(True)
             try:
@@ -514,39 +533,41 @@ class Renderer:
             finally:
                 for a in vaes:
                     a.vae_on_device(False)
-        return out
+            return out
+        return trip() if planned else self._alone(self._trip_runs(spec, number, zs, stage), trip)
 
     def _decode(self, req: ImageRequest, z: torch.Tensor, tile: Optional[int] = None):
         """(uint8 pixels, seconds, the VAE tile side it ran with: `tile`, else `vae_tile`'s) of a finished canvas;
         raises what stops the decode (`tiling.vae.DecodeError` for a non-finite one). Without `tile`, alone
-        (`_vae_room`: holding the device lock)."""
+        (`_alone`: holding the device lock)."""
         m = self.final_model(req)
         t0 = time.perf_counter()
-        with nullcontext() if tile else self._vae_room([(m.vae, *z.shape[-2:])]):
+
+        def decode():
             m.vae_on_device(True)
             try:
-                tile = tile or self.vae_tile(req, *z.shape[-2:])
-                img = decode_tiled_shared(m.vae, m.unscale(z), tile, req.vae_overlap, passes=req.vae_passes,
+                side = tile or self.vae_tile(req, *z.shape[-2:])
+                img = decode_tiled_shared(m.vae, m.unscale(z), side, req.vae_overlap, passes=req.vae_passes,
                                           **vae_options(req))
-                return to_uint8(img, req.width, req.height), time.perf_counter() - t0, tile
+                return to_uint8(img, req.width, req.height), time.perf_counter() - t0, side
             finally:
                 m.vae_on_device(False)
+        return decode() if tile else self._alone([(m.vae, *z.shape[-2:])], decode)
 
     def decode_begin(self, req: ImageRequest, z: torch.Tensor, tile: int, refined: bool = False) -> list:
         """Tile-parallel decode, on every worker: `req`'s canvas `z` in VAE tiles of side `tile`, its
         latent-resolution stage run here (by the VAE of the
         model that ran its last stage: `refined`, a stage that refined a reference) and its tiles made ready to
         sweep (`decode_sweep`); returns the tiles' spans (for `tiling.vae.assemble`). The latent-resolution stage
-        runs in `_vae_room` (the denoisers parked where it does not fit beside them); the sweeps, called later, beside
+        runs `_alone` (the denoisers parked where it does not fit beside them); the sweeps, called later, beside
         them."""
         m = self.model_of(refined)
         with self._device:
             m.vae_on_device(True)
             try:
                 key = req.image_id
-                with self._vae_room([(m.vae, *z.shape[-2:])]):
-                    self._sweeps[key] = decoder_sweeps(m.vae, m.unscale(z), tile, req.vae_overlap,
-                                                       **vae_options(req))
+                self._sweeps[key] = self._alone([(m.vae, *z.shape[-2:])], lambda: decoder_sweeps(
+                    m.vae, m.unscale(z), tile, req.vae_overlap, **vae_options(req)))
                 self._sweep_models[key] = m
             except BaseException:
                 m.vae_on_device(False)

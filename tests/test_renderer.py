@@ -255,3 +255,42 @@ def test_parked_weights_come_back_from_one_host_copy(tmp_path):
         assert [t.data_ptr() for t in m.vae.parameters()] == vae
     assert parks[0].keys() == parks[1].keys() and all(parks[1][k] is v for k, v in parks[0].items())
     assert r.render(plan(compose(*SMALL, f"output.dir={tmp_path}"))[0])["status"] == "ok"
+
+
+def test_a_vae_pass_out_of_memory_beside_the_resident_denoiser_runs_again_parked(tmp_path, monkeypatch):
+    """The estimate said the pass fits beside the denoisers, the allocator disagreed: each decode or encode alone
+    that runs out of memory so runs once more with them parked, and the rows are ok, their bytes those of a
+    renderer that never ran short (`parks` forced; the first try of each pass fails here)."""
+    from contextlib import contextmanager
+
+    import cluster.renderer as renderer
+
+    cfg = compose(*SMALL, "job.base_size=64", f"output.dir={tmp_path / 'roomy'}", "job.seeds=[1]")
+    req = plan(cfg)[0]
+    expected = _renderer(cfg, threads=1).render(req)["sha256"]
+
+    cfg.output.dir = str(tmp_path / "short")
+    r = _renderer(cfg, threads=1)
+    r.parks, parked, tries = True, [], []
+
+    @contextmanager
+    def park():
+        parked.append(1)
+        yield
+
+    def short(inner):
+        def run(*a, **k):
+            tries.append(r._parked)
+            if not r._parked:
+                raise torch.OutOfMemoryError("CUDA out of memory (test)")
+            return inner(*a, **k)
+        return run
+
+    monkeypatch.setattr(r.model, "parked", park)
+    monkeypatch.setattr(renderer, "decode_tiled_shared", short(renderer.decode_tiled_shared))
+    monkeypatch.setattr(renderer, "encode_tiled", short(renderer.encode_tiled))
+    row = r.render(req)
+    assert row["status"] == "ok", row["error"]
+    assert row["sha256"] == expected and row["warnings"] is None
+    assert len(parked) == 3 and not r._parked  # two round trips and the final decode, each parked on its retry
+    assert tries == [False, True, True, False, True, True, False, True]  # a trip's encode runs parked with its decode
