@@ -145,6 +145,7 @@ class Renderer:
         self._sweeps = {}  # image id -> its tiled decode's Sweeps, while a tile-parallel decode runs
         self._sweep_models = {}  # image id -> the adapter whose VAE runs them
         self._notes = {}  # prompt -> its truncation warning (or None)
+        self._local = threading.local()  # the notes of the group this thread renders (`render_group`)
 
     def models(self) -> list:
         """The loaded adapters: the model, and the hires checkpoint if it is another."""
@@ -229,7 +230,11 @@ class Renderer:
         except torch.OutOfMemoryError:
             if not self.parks or parked:
                 raise
-        log.warning("CUDA out of memory in a VAE pass beside the resident denoisers: run again with them parked")
+        note = "CUDA out of memory in a VAE pass beside the resident denoisers: ran again with them parked"
+        log.warning(note)
+        notes = getattr(self._local, "notes", None)
+        if notes is not None and note not in notes:
+            notes.append(note)
         torch.cuda.empty_cache()
         with self._vae_room(runs, force=True):
             return fn()
@@ -299,6 +304,7 @@ class Renderer:
         (then the rows fail: no black picture is ever marked ok). The decode runs beside the other call's next
         denoise where `_fits_beside` says the memory holds both (`_decode_beside`)."""
         started, notes = now(), []
+        self._local.notes = notes  # what this thread's passes have to say (`_alone`)
         try:
             batch, fp32 = self.batch_size(reqs[0]), False
             tick = (lambda i, n: progress.add.remote(n)) if progress is not None else None

@@ -260,7 +260,8 @@ def test_parked_weights_come_back_from_one_host_copy(tmp_path):
 def test_a_vae_pass_out_of_memory_beside_the_resident_denoiser_runs_again_parked(tmp_path, monkeypatch):
     """The estimate said the pass fits beside the denoisers, the allocator disagreed: each decode or encode alone
     that runs out of memory so runs once more with them parked, and the rows are ok, their bytes those of a
-    renderer that never ran short (`parks` forced; the first try of each pass fails here)."""
+    renderer that never ran short, and their warnings say it once (`parks` forced; the first try of each pass fails
+    here)."""
     from contextlib import contextmanager
 
     import cluster.renderer as renderer
@@ -291,6 +292,7 @@ def test_a_vae_pass_out_of_memory_beside_the_resident_denoiser_runs_again_parked
     monkeypatch.setattr(renderer, "encode_tiled", short(renderer.encode_tiled))
     row = r.render(req)
     assert row["status"] == "ok", row["error"]
-    assert row["sha256"] == expected and row["warnings"] is None
+    assert row["sha256"] == expected and row["warnings"] == ("CUDA out of memory in a VAE pass beside the resident "
+                                                             "denoisers: ran again with them parked")
     assert len(parked) == 3 and not r._parked  # two round trips and the final decode, each parked on its retry
     assert tries == [False, True, True, False, True, True, False, True]  # a trip's encode runs parked with its decode
