@@ -222,22 +222,26 @@ class Renderer:
     def _alone(self, runs, fn):
         """`fn()`, VAE `runs`, in `_vae_room`; out of memory there with the denoisers resident (the estimate is
         not the allocator: fragmentation, convolution workspaces), once more with them parked and its tiles chosen
-        again in the memory that leaves."""
+        again in the memory that leaves. Out of memory with them parked (or where they cannot be) is a RenderError:
+        a smaller denoise tile batch, `render_group`'s retry, would not change the pass."""
         parked = False
         try:
             with self._vae_room(runs) as parked:
                 return fn()
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as e:
             if not self.parks or parked:
-                raise
+                raise RenderError(f"CUDA out of memory in a VAE pass ({_first_line(e)})") from e
         note = "CUDA out of memory in a VAE pass beside the resident denoisers: ran again with them parked"
         log.warning(note)
         notes = getattr(self._local, "notes", None)
         if notes is not None and note not in notes:
             notes.append(note)
         torch.cuda.empty_cache()
-        with self._vae_room(runs, force=True):
-            return fn()
+        try:
+            with self._vae_room(runs, force=True):
+                return fn()
+        except torch.OutOfMemoryError as e:
+            raise RenderError(f"CUDA out of memory in a VAE pass, the denoisers parked ({_first_line(e)})") from e
 
     def _planned_tile(self, spec: RenderSpec, h: int, w: int) -> int:
         """The VAE tile `vae_tile` chose last, alone, for an h x w canvas: what a pass beside a denoise runs with."""

@@ -197,13 +197,12 @@ class Adapter:
                 t.data = host[id(t)].to(self.device, non_blocking=True)
 
     def _host_copies(self, tensors) -> dict:
-        """id of each of `tensors` -> its copy in host memory (pinned where CUDA is), made once and kept while the
+        """id of each of `tensors` -> its copy in host memory (`_host_empty`), made once and kept while the
         tensor keeps its dtype and shape (an fp32 retry changes them)."""
         for t in tensors:
             kept = self._host.get(id(t))
             if kept is None or kept.dtype != t.dtype or kept.shape != t.shape:
-                pinned = torch.cuda.is_available()
-                self._host[id(t)] = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned).copy_(t.detach())
+                self._host[id(t)] = _host_empty(t).copy_(t.detach())
         return self._host
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -218,6 +217,16 @@ class Adapter:
         """Latents in the VAE's own space (scale and shift undone), on its device and dtype: what
         `tiling.decode_tiled_shared` takes."""
         return unscale_latents(self.vae, z, self.device)
+
+
+def _host_empty(t: torch.Tensor) -> torch.Tensor:
+    """An empty host tensor like `t`: pinned where CUDA can pin it, else pageable (a host short of memory to lock)."""
+    if torch.cuda.is_available():
+        try:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        except RuntimeError:
+            pass
+    return torch.empty(t.shape, dtype=t.dtype)
 
 
 @torch.no_grad()

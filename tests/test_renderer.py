@@ -296,3 +296,27 @@ def test_a_vae_pass_out_of_memory_beside_the_resident_denoiser_runs_again_parked
                                                              "denoisers: ran again with them parked")
     assert len(parked) == 3 and not r._parked  # two round trips and the final decode, each parked on its retry
     assert tries == [False, True, True, False, True, True, False, True]  # a trip's encode runs parked with its decode
+
+
+def test_a_vae_pass_out_of_memory_even_parked_fails_its_row_without_denoising_again(tmp_path, monkeypatch):
+    """Out of memory in a VAE pass with the denoisers parked: the row fails at once, saying where; the group is not
+    started again at smaller denoise tile batches (which would not change the pass)."""
+    from contextlib import nullcontext
+
+    import cluster.renderer as renderer
+
+    cfg = compose(*SMALL, "job.base_size=64", f"output.dir={tmp_path}", "job.seeds=[1]")
+    r = _renderer(cfg, threads=1)
+    r.parks, denoises = True, []
+    monkeypatch.setattr(r.model, "parked", nullcontext)  # nothing to move on a CPU
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    inner = r._denoise
+    monkeypatch.setattr(r, "_denoise", lambda *a: denoises.append(a[1]) or inner(*a))
+    monkeypatch.setattr(renderer, "encode_tiled", oom)
+    row = r.render(plan(cfg)[0])
+    assert row["status"] == "failed" and denoises == [2]
+    assert row["error"].startswith("CUDA out of memory in a VAE pass, the denoisers parked")
+    assert row["warnings"].endswith("in a VAE pass beside the resident denoisers: ran again with them parked")
