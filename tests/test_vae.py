@@ -348,7 +348,7 @@ def test_the_memory_estimate_holds_what_the_passes_take():
 def test_a_vae_pass_frees_what_it_made_when_it_returns():
     """Nothing a tiled decode or encode made outlives it but its result, freed by reference counts alone: a cycle
     (the sweeps' nets once held the sweeps) kept each pass's canvas on the device until the garbage collector ran,
-    ~0.7 GB a pass for SDXL at 7680x4320."""
+    for SDXL at 7680x4320 0.53 GB a decode, 0.2 GB an encode."""
     import gc
 
     v, z, x = small_vae(), latent(24, 32), torch.rand(1, 3, 192, 256, generator=torch.Generator().manual_seed(3))
