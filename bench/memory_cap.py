@@ -4,7 +4,8 @@ the job's defaults as `python3 run.py model=sdxl` resolves them (the memory-awar
 at once as a bulk worker runs them (the stages' round trips and the decode beside the other call's denoise); with
 `--unparked`, sizes again with the denoisers never sent to the CPU for a VAE pass (`Renderer.parks` off).
 
-    python3 bench/memory_cap.py --cap-gb 12 --sizes 7680x4320 3840x2160 --unparked 3840x2160 --steps 10 --out $OUT/mem.json
+    python3 bench/memory_cap.py --cap-gb 12 --sizes 7680x4320 3840x2160 --unparked 3840x2160 --steps 10 \
+        --out $OUT/mem.json
 """
 import argparse
 import json

@@ -24,5 +24,5 @@ from .sweeps import DecodeError, Sweeps, decode_each, run_sweeps
 
 __all__ = ["decode_tiled_shared", "decoder_needs", "decoder_sweeps", "encode_tiled", "encoder_needs", "vae_factor",
            "Span", "assemble", "axis_spans", "to_uint8", "window", "LADDER", "activation_bytes", "fitting_tile",
-           "free_memory", "stage_bytes", "tile_bytes", "SharedGroupNorm", "merged", "DecodeError", "Sweeps", "decode_each",
-           "run_sweeps"]
+           "free_memory", "stage_bytes", "tile_bytes", "SharedGroupNorm", "merged", "DecodeError", "Sweeps",
+           "decode_each", "run_sweeps"]
