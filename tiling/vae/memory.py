@@ -53,14 +53,14 @@ def tile_bytes(vae, h: int, w: int, tile: int) -> float:
     dtype the tiled decode runs the VAE in): its latent-resolution stage (`stage_bytes`), or its sweeps where they
     take more: the whole frame's activations when the tile covers it, else one tile's window (the tile and the
     context its convolutions need on each side), beside the canvas the tiles read or write and the picture."""
-    f = vae_factor(vae)
-    per_px, item = activation_bytes(vae, work_dtype(vae).itemsize), work_dtype(vae).itemsize
+    f, item = vae_factor(vae), work_dtype(vae).itemsize
     resident = h * w * (vae.encoder.conv_norm_out.num_channels * 4 + 3 * f * f * item)
     if tile >= max(h, w):
-        return max(stage_bytes(vae, h, w), resident + h * w * per_px)
-    context = max(decoder_needs(vae) + encoder_needs(vae))
-    window = (min(tile, h) + 2 * context) * (min(tile, w) + 2 * context) * per_px
-    return max(stage_bytes(vae, h, w), resident + window)
+        window = h * w
+    else:
+        context = max(decoder_needs(vae) + encoder_needs(vae))
+        window = (min(tile, h) + 2 * context) * (min(tile, w) + 2 * context)
+    return max(stage_bytes(vae, h, w), resident + window * activation_bytes(vae, item))
 
 
 def fitting_tile(vae, h: int, w: int, free_bytes: float) -> int:
