@@ -312,7 +312,7 @@ def test_model_demo_is_the_trained_landscape_model_with_its_own_job_and_tiling()
                                                                                  4.0)
     assert (cfg.tiling.method, cfg.tiling.tile, cfg.tiling.overlap, cfg.tiling.vae_tile) == ("shifted", 32, 0, 512)
     assert (cfg.job.width, cfg.job.height, cfg.job.seeds, cfg.job.steps) == (3840, 2160, [1], 10)
-    assert (cfg.job.strategy, cfg.job.stage_factor, cfg.job.upscale) == ("progressive", 4.0, "pixel")
+    assert (cfg.job.strategy, cfg.job.stage_factor, cfg.job.upscale) == ("progressive", 2.0, "pixel")
     other = compose("model=sd15")
     assert (other.job.name, other.job.guidance, other.tiling.tile) == ("default", 7.0, 64)
     assert compose("model=demo", "job=smoke").job.name == "smoke"
