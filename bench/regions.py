@@ -41,8 +41,8 @@ from jobs.spec import TesseraConfig  # noqa: E402
 from scenes import PALETTES, count_suns, scenes  # noqa: E402
 from tiling.seams import seam_score  # noqa: E402
 
-# the shipped demo model under the default job and tiling (the demo's own are for 3840x2160 on a CPU)
-TESTBED = ["model=demo", "job=default", "tiling=default", "model.dtype=fp32", "tiling.tile=32", "tiling.overlap=8",
+# the default job and tiling for a test-bed model (the demo's own are for 3840x2160 on a CPU); `--model` picks it
+TESTBED = ["job=default", "tiling=default", "model.dtype=fp32", "tiling.tile=32", "tiling.overlap=8",
            "tiling.batch=8", "tiling.vae_tile=128", "tiling.vae_passes=1", "job.guidance=4", "job.steps=25"]
 THIRDS = ("dusk", "day", "night")  # what each third of the picture should be
 
@@ -123,6 +123,8 @@ def main() -> None:
     ConfigStore.instance().store(name="tessera_schema", node=TesseraConfig)
     means = palette_means()
     rows, renderer = [], None
+    path = [f"model.path={args.model}"] if args.model else []  # recorded in each row's overrides
+    model = ["model=sd15", *path] if args.model else ["model=demo"]
     for variant in args.variants:
         extra = [] if variant.startswith("none") else \
             [regions_override(float(variant.split("-f")[1].split("-")[0]) if "-f" in variant else 0.05)]
@@ -131,8 +133,7 @@ def main() -> None:
         if variant.endswith("-latent"):  # no VAE round trip between stages; the final decode per-tile statistics
             extra += ["job.upscale=latent", "tiling.vae_passes=1", "tiling.vae_tile=32"]
         for seed in args.seeds:
-            model = ["model=sd15", f"model.path={args.model}"] if args.model else ["model=demo"]
-            overrides = model + TESTBED[1:] + [f"job.width={w}", f"job.height={h}", f"job.seeds=[{seed}]",
+            overrides = model + TESTBED + [f"job.width={w}", f"job.height={h}", f"job.seeds=[{seed}]",
                                    "job.prompts=['a day landscape']", f"output.dir={args.images}"] + extra + args.set
             with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
                 cfg = OmegaConf.to_object(compose("config", overrides=overrides))
@@ -151,7 +152,7 @@ def main() -> None:
             s_apart = score(apart, means)
             rows.append({"variant": variant, "seed": seed, "size": args.size, "image_id": row["image_id"],
                          "path": row["path"], "stages": row["stages"], "seconds": round(seconds, 1),
-                         "seam_score": row["seam_score"], "overrides": model[1:] + extra + args.set, **s,
+                         "seam_score": row["seam_score"], "overrides": path + extra + args.set, **s,
                          "latent_thirds_decoded_apart": {k: s_apart[k] for k in ("thirds", "all_nearest_own",
                                                                                   "max_suns_per_third")}})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "thirds"}),
