@@ -61,7 +61,8 @@ def words(n): return [WORDS[int(i)] for i in torch.randint(0, 3, (n,), generator
 
 
 def crops(n, size, lo, hi):
-    """n crops of size x size from scenes drawn at one side of size x (lo to hi) a call (as train.py --zoom draws them)."""
+    """n crops of size x size from scenes drawn at one side of size x (lo to hi) a call (as train.py --zoom draws
+    them)."""
     v = int(size * lo * (hi / lo) ** float(rand(())))
     big = scenes(n, v, words(n), g, dev)
     at = torch.randint(0, v - size + 1, (n, 2), generator=g).tolist()
@@ -80,15 +81,20 @@ def enlarged(n, size):
     return F.grid_sample(x, grid, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def palettes(n, size):
-    """n scenes of two or three palettes side by side: one geometry (the same generator state) drawn in each
-    palette, blended across soft vertical edges at random places."""
-    state = g.get_state()
-    ws = [words(n) for _ in range(3)]
+def alike(n, size, ws, state):
+    """The same n scenes (the generator at `state` for each) drawn once in each list of palette words of `ws`."""
     layers = []
     for w in ws:
         g.set_state(state)
         layers.append(scenes(n, size, w, g, dev))
+    return layers
+
+
+def palettes(n, size):
+    """n scenes of two or three palettes side by side: one geometry (`alike`) drawn in each palette, blended across
+    soft vertical edges at random places."""
+    state = g.get_state()
+    layers = alike(n, size, [words(n) for _ in range(3)], state)
     x = torch.linspace(0, 1, size, device=dev).view(1, 1, 1, size)
     e = rand(n, 2).sort(dim=1).values.to(dev).view(n, 2, 1, 1, 1)
     soft = (0.01 + 0.1 * rand(n)).to(dev).view(n, 1, 1, 1)
@@ -160,10 +166,10 @@ with torch.no_grad():
         side = int(S * k) // 8 * 8
         x = scenes(H, side, ["day"] * H, g, dev, sun=(0.04 * k, 0.085 * k))
         z = enc(x)
-        checks[f"day_large_sun_x{k}"] = {m: [count_suns(im) for im in dec(d, z).cpu()] for m, d in (("old", old), ("new", new))}
-        checks[f"day_large_sun_x{k}"]["drawn"] = [count_suns(im) for im in x.cpu()]
+        suns = {m: [count_suns(im) for im in dec(d, z).cpu()] for m, d in (("old", old), ("new", new))}
+        checks[f"day_large_sun_x{k}"] = {**suns, "drawn": [count_suns(im) for im in x.cpu()]}
     # the stages' round trips without the UNet: a day scene enlarged 1.83x by bicubic and sent through the VAE,
-    # three times (256 > 468 > 856 > 1568 at --size 256); suns and rim after each
+    # three times (256 > 464 > 848 > 1544 at --size 256); suns and rim after each
     x0 = scenes(4, S, ["day"] * 4, g, dev)
     for m, d in (("old", old), ("new", new)):
         x, chain = x0, []
@@ -174,13 +180,9 @@ with torch.no_grad():
             chain.append({"side": side, "suns": [count_suns(im) for im in x.cpu()],
                           "rim_px": [round(sun_edge_width(im), 1) for im in x.cpu()]})
         checks[f"day_round_trips_{m}"] = chain
-    # three palettes side by side (dusk | day | night thirds, hard edges): each third's mean colour, decoded, nearest
-    # to its own palette's mean?
-    state = g.get_state()
-    thirds = []
-    for w in ("dusk", "day", "night"):
-        g.set_state(state)
-        thirds.append(scenes(4, S, [w] * 4, g, dev))
+    # three palettes side by side (dusk | day | night thirds, WORDS' order, hard edges): is each decoded third's mean
+    # colour nearest to that third of the scene drawn in its own palette?
+    thirds = alike(4, S, [[w] * 4 for w in WORDS], g.get_state())
     c = S // 3
     x = torch.cat([thirds[0][..., :c], thirds[1][..., c:2 * c], thirds[2][..., 2 * c:]], dim=-1)
     z = enc(x)
@@ -190,8 +192,7 @@ with torch.no_grad():
         for i in range(3):  # the palette whose own scene's mean over this third is nearest
             col = lambda t: t[..., i * c:(i + 1) * c].mean(dim=(0, 2, 3))
             got.append(min(range(3), key=lambda v: float((col(y) - col(thirds[v])).norm())))
-        got = [("dusk", "day", "night")[v] for v in got]
-        checks[f"three_palettes_{m}"] = got
+        checks[f"three_palettes_{m}"] = [WORDS[v] for v in got]
 
 report = dict(out=out, device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", smoke=sm, training=train_log,
               checks=checks, total_seconds=round(time.time() - T00, 1))
