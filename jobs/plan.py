@@ -89,6 +89,7 @@ class RenderSpec:
     guide_clock: str = "stage"
     anchor: float = 1.0  # job.anchor, or the family's
     anchor_sigma: float = 1.0
+    anchor_detail: Optional[float] = None  # job.anchor_detail: the detail gate's quantile
     init_sha256: Optional[str] = None  # the picture an img2img render starts from
     init_size: Optional[Tuple[int, int]] = None  # its (width, height): its sha256 decides it, so it is not hashed
     job_regions: Tuple[RegionPrompt, ...] = ()  # job.regions (or a prompt row's)
@@ -147,6 +148,8 @@ class RenderSpec:
             key["guide_clock"] = self.guide_clock
         if staged and self.anchor:
             key["anchor"] = [self.anchor, self.anchor_sigma]
+            if self.anchor_detail is not None:  # off: the ids they had before
+                key["anchor_detail"] = self.anchor_detail
         for name in ("model_config", "stage_model_path", "vae_path"):
             if getattr(self, name):
                 key[name] = getattr(self, name)
@@ -211,7 +214,8 @@ def spec_fields(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optiona
         strategy=j.strategy, strength=float(j.strength), stage_factor=float(j.stage_factor),
         base_size=int(j.base_size), upscale=j.upscale, skip_residual=float(j.skip_residual), dilation=dilation,
         strength_decay=float(j.strength_decay), guide_clock=j.guide_clock, anchor=anchor,
-        anchor_sigma=float(j.anchor_sigma), init_sha256=init_sha256, init_size=init_size,
+        anchor_sigma=float(j.anchor_sigma), anchor_detail=None if j.anchor_detail is None else float(j.anchor_detail),
+        init_sha256=init_sha256, init_size=init_size,
         job_regions=regions_of(j), xml=xml_prompts.expand(source, family_of(m.name).name))
 
 
@@ -272,6 +276,8 @@ class ImageRequest(RenderSpec):
                                                 ("Anchor", self.anchor, 0.0)) if value != off]
             if self.anchor:
                 fields.append(f"Anchor sigma: {self.anchor_sigma:g}")
+                if self.anchor_detail is not None:
+                    fields.append(f"Anchor detail gate: {self.anchor_detail:g}")
         if self.stage_model:
             fields.append(f"Hires checkpoint: {self.stage_model}")
         if self.vae_model:

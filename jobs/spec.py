@@ -132,6 +132,9 @@ class JobConfig:
     #                      frequencies by this weight (1: exactly, 0: off; tiling.progressive.low_pass_anchor); null:
     #                      the family's (FamilySpec.anchor)
     anchor_sigma: float = 1.0  # that low-pass Gaussian's sigma, in the previous stage's latent pixels
+    anchor_detail: Optional[float] = None  # the anchor keeps a stage's own detail only where its reference has
+    #                      detail of its own, gated at this quantile of the reference's detail energy (0.9: the
+    #                      busiest tenth keeps all); null: off, the stage's detail everywhere
     init_image: Optional[str] = None  # img2img / upscaling: a picture, a folder of them, or a Parquet file whose
     #                                   `init_image` (or `path`) column lists them; the stages start from it
     date: Optional[str] = None  # null: no partition; "today" or YYYY-MM-DD: images/ and manifest/ under date=<day>/
@@ -295,6 +298,8 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
            "must be a number in [0, 1]: how much of the reference's low frequencies each enlarged stage keeps")
     _check(_number(j.anchor_sigma) and 0.1 <= j.anchor_sigma <= 8.0, "job.anchor_sigma", j.anchor_sigma,
            "must be a number from 0.1 to 8: the low-pass blur's sigma in the previous stage's latent pixels")
+    _check(j.anchor_detail is None or (_number(j.anchor_detail) and 0.0 < j.anchor_detail < 1.0), "job.anchor_detail",
+           j.anchor_detail, "must be null (off) or a quantile in (0, 1) of the reference's detail energy")
     if j.init_image is not None:  # what it lists is read once, when the job is planned (init_images)
         _check(os.path.exists(os.path.expanduser(j.init_image)), "job.init_image", j.init_image,
                "no such file or folder")

@@ -87,7 +87,7 @@ CHANGES_PIXELS = [
     ("job", "prompt_template", "archer style, {prompt}"),
     ("job", "strategy", "direct"), ("job", "strength", 0.5), ("job", "stage_factor", 1.5), ("job", "base_size", 384),
     ("job", "upscale", "latent"), ("job", "skip_residual", 3.0), ("job", "dilation", 0.5), ("job", "anchor", 0.0),
-    ("job", "anchor_sigma", 2.0), ("model", "deep_cache", 3),
+    ("job", "anchor_sigma", 2.0), ("job", "anchor_detail", 0.9), ("model", "deep_cache", 3),
 ]
 KEEPS_PIXELS = [
     ("job", "name", "other_job"), ("output", "dir", "/elsewhere"), ("output", "format", "webp"),
@@ -291,6 +291,7 @@ BAD = [
     ("job", "base_size", 10, "job.base_size"), ("job", "upscale", "nearest", "job.upscale"),
     ("job", "skip_residual", -1.0, "job.skip_residual"), ("job", "dilation", -0.5, "job.dilation"),
     ("job", "anchor", 1.5, "job.anchor"), ("job", "anchor_sigma", 0.0, "job.anchor_sigma"),
+    ("job", "anchor_detail", 1.0, "job.anchor_detail"), ("job", "anchor_detail", 0.0, "job.anchor_detail"),
     ("job", "init_image", "/no/such/picture.png", "job.init_image"),
     ("tiling", "vae_attention_keys", 10, "tiling.vae_attention_keys"),
     ("tiling", "vae_attention_keys", -1, "tiling.vae_attention_keys"),

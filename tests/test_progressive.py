@@ -191,6 +191,30 @@ def test_the_anchor_gives_the_clean_canvas_its_references_low_frequencies():
     assert torch.equal(low_pass_anchor([s], [ref], 0.0, 2.0)(0, 0, t, x_in, pred), pred)
 
 
+def test_the_detail_gate_keeps_the_stages_detail_only_where_the_reference_has_its_own():
+    """A reference flat on its left half and busy on its right: the gated clean canvas has the reference's low
+    frequencies everywhere, the prediction's detail on the busy half (gate 1) and none deep in the flat half (gate
+    0); the gate lies in [0, 1] and reaches 1 on at least the quantile's share of the canvas."""
+    from diffusers import EulerDiscreteScheduler
+
+    from tiling.progressive import detail_gate, low_pass_anchor, predicted_x0
+
+    s = EulerDiscreteScheduler(**SD_BETAS)
+    s.set_timesteps(20)
+    t = s.timesteps[14]
+    g = torch.Generator().manual_seed(4)
+    ref, x_in, pred = (torch.randn(1, 4, 32, 64, generator=g) for _ in range(3))
+    ref[..., :32] = 0.5
+    low = lambda z: gaussian_blur(z, 1.0, 3)  # noqa: E731
+    gate = detail_gate(ref, low(ref), 0.5, 1.0, 3, {})
+    assert gate.shape == (1, 1, 32, 64) and gate.min() >= 0 and gate.max() == 1
+    assert gate[..., :24].max() < 1e-5 and (gate == 1).float().mean() >= 0.5
+    y0 = predicted_x0(s, x_in, low_pass_anchor([s], [ref], 1.0, 1.0, 0.5)(0, 0, t, x_in, pred), t)[0]
+    x0 = predicted_x0(s, x_in, pred, t)[0]
+    assert torch.allclose(y0, low(ref) + gate * (x0 - low(x0)), atol=1e-4)
+    assert torch.allclose(y0[..., :24], low(ref)[..., :24], atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------- through the renderer
 
 from conftest import SMALL, compose, render_first  # noqa: E402
@@ -233,9 +257,9 @@ def test_a_progressive_render_runs_its_stages_and_keeps_them(demo):
 @pytest.mark.parametrize("extra", [["job.upscale=latent"], ["job.skip_residual=3"], ["job.dilation=0.5"],
                                    ["job.skip_residual=3", "job.dilation=1", "tiling.method=shifted"],
                                    ["job.guide_clock=schedule", "job.dilation=0.5"], ["job.strength_decay=0.5", "job.steps=10"],
-                                   ["job.anchor=0"], ["job.anchor_sigma=2"]],
+                                   ["job.anchor=0"], ["job.anchor_sigma=2"], ["job.anchor_detail=0.9"]],
                          ids=["latent", "skip", "dilation", "skip-dilation-shifted", "schedule-clock", "decay",
-                              "no-anchor", "anchor-sigma"])
+                              "no-anchor", "anchor-sigma", "detail-gate"])
 def test_each_option_of_the_stages_renders_its_own_picture(demo, extra):
     base = _render(demo, "job.base_size=64", *[e for e in extra if e.startswith("job.steps")])[1]
     req, row = _render(demo, "job.base_size=64", *extra)

@@ -129,7 +129,7 @@ def predicted_x0(scheduler, x_in: torch.Tensor, pred: torch.Tensor, t) -> Tuple[
 
 
 def low_pass_anchor(schedulers: Sequence, references: Sequence[torch.Tensor], weight: float, sigma: float,
-                    wrap_y: bool = False, wrap_x: bool = False
+                    detail: Optional[float] = None, wrap_y: bool = False, wrap_x: bool = False
                     ) -> Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """A `correct` for the denoise loop that holds an enlarged stage's composition: before canvas k's step, its
     fused prediction is changed so that the clean canvas it points at (`predicted_x0`), split into its blurred
@@ -138,17 +138,38 @@ def low_pass_anchor(schedulers: Sequence, references: Sequence[torch.Tensor], we
     stage keeps its own detail on the reference's low frequencies: it cannot repaint a region's tone or paint a
     new subject larger than the blur. I-Max's projected flow (Du et al. 2024) does this for flow models; here in
     any scheduler's terms. Elementwise, like `gaussian_blur`: its bits do not depend on the thread count. A
-    wrapped axis is blurred around its seam (`wrap_y`, `wrap_x`)."""
+    wrapped axis is blurred around its seam (`wrap_y`, `wrap_x`).
+
+    `detail` (a quantile in (0, 1), or None: off) gates the stage's own detail by its reference's: x0's detail is
+    scaled by g = clamp(e / quantile(e, detail), 0, 1), e the blurred channel mean of |ref - blur(ref)|. The stage
+    then sharpens what its reference outlines (rims, ridges) and paints nothing into what the reference has flat (an
+    enlarged sun's inside, a clear sky), where an ungated stage paints texture of its own."""
     radius = max(1, min(math.ceil(3 * sigma), min(references[0].shape[-2:]) - 1))  # reflect padding's limit
     wrap = {"wrap_y": wrap_y, "wrap_x": wrap_x}
     lows = [gaussian_blur(r.float(), sigma, radius, **wrap) for r in references]
+    gates = [None if detail is None else detail_gate(r.float(), low, detail, sigma, radius, wrap)
+             for r, low in zip(references, lows)]
 
     def correct(k: int, i: int, t, x_in: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         x0, back = predicted_x0(schedulers[k], x_in.float(), pred.float(), t)
         low = lows[k].to(x0.device)
-        return back(weight * (low - gaussian_blur(x0, sigma, radius, **wrap)))
+        blurred = gaussian_blur(x0, sigma, radius, **wrap)
+        delta = weight * (low - blurred)
+        if gates[k] is not None:  # x0's detail (x0 - blurred) scaled by the gate
+            delta = delta + (gates[k].to(x0.device) - 1) * (x0 - blurred)
+        return back(delta)
 
     return correct
+
+
+def detail_gate(reference: torch.Tensor, low: torch.Tensor, quantile: float, sigma: float, radius: int,
+                wrap: dict) -> torch.Tensor:
+    """[n, 1, H, W] in [0, 1]: the reference's detail energy (the blurred channel mean of |reference - low|) over
+    its `quantile` in each canvas, clamped at 1. The channel mean as a sum of slices, elementwise as the blur is."""
+    d = (reference - low).abs()
+    energy = gaussian_blur(sum(d[:, c:c + 1] for c in range(d.shape[1])) / d.shape[1], sigma, radius, **wrap)
+    scale = torch.quantile(energy.flatten(1).double(), quantile, dim=1).float().clamp_min(1e-12)
+    return (energy / scale[:, None, None, None]).clamp(0.0, 1.0)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, radius: int, wrap_y: bool = False,

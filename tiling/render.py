@@ -175,7 +175,8 @@ def denoise_group(predict, info: ModelInfo, reqs: Sequence[RenderSpec], batch: i
             if reqs[0].anchor:  # the blur's side in the previous stage's (or the init picture's) pixels
                 before = stages[number - 1].size if number else reqs[0].init_size
                 sigma = reqs[0].anchor_sigma * stage.size[0] / before[0]
-                correct = low_pass_anchor(schedulers, refs, reqs[0].anchor, sigma, **wraps(reqs[0]))
+                correct = low_pass_anchor(schedulers, refs, reqs[0].anchor, sigma, reqs[0].anchor_detail,
+                                          **wraps(reqs[0]))
         else:
             xs = [x.to(device) for _, x, _ in begun]
         steps = len(schedulers[0].timesteps) - stage.first
@@ -197,8 +198,8 @@ def group_key(req: ImageRequest) -> tuple:
     """Images with equal keys can be stepped together: one prompt pair, guidance, size, schedule and stages."""
     return (req.prompt, req.negative_prompt, req.guidance, req.width, req.height, req.steps, req.scheduler,
             req.strategy, req.strength, req.stage_factor, req.base_size, req.upscale, req.skip_residual,
-            req.dilation, req.strength_decay, req.guide_clock, req.anchor, req.anchor_sigma, req.init_size,
-            req.regions)
+            req.dilation, req.strength_decay, req.guide_clock, req.anchor, req.anchor_sigma, req.anchor_detail,
+            req.init_size, req.regions)
 
 
 def iter_groups(reqs, size: int) -> Iterator[List[ImageRequest]]:
