@@ -13,7 +13,7 @@ of each variant to a PNG.
 A variant is `direct`, or `p<strength>` with optional suffixes `s<skip residual power>`, `f<stage factor>`,
 `d<dilated sampling power>`, `k<strength decay>`, `c` / `a` (the cosine weights on the stage's clock, the default,
 or on the whole schedule's, DemoFusion's), `t<tile>` (latent tiles, overlap a quarter), `n<anchor weight>`,
-`g<anchor sigma>`, `q<anchor detail gate>`, `L` (latent upscale),
+`g<anchor sigma>`, `q<anchor detail gate>`, `u<sharpen amount>`, `r<sharpen sigma>`, `L` (latent upscale),
 `S` (shifted tiles), `U` (uniform tiles), `D<interval>` (DeepCache, `model.deep_cache`), e.g. `p0.4s3d1f1.5`.
 """
 from __future__ import annotations
@@ -54,14 +54,15 @@ def variant_overrides(name: str) -> list:
     """The job and tiling overrides a variant name stands for (see the module docstring)."""
     if name == "direct":
         return ["job.strategy=direct"]
-    m = re.fullmatch(r"p([\d.]+)((?:[sdfktngqD][\d.]+|[LSUca])*)", name)
+    m = re.fullmatch(r"p([\d.]+)((?:[sdfktngqurD][\d.]+|[LSUca])*)", name)
     if not m:
         raise SystemExit(f"unknown variant {name!r}")
     out = ["job.strategy=progressive", f"job.strength={m.group(1)}"]
-    for key, value in re.findall(r"([sdfktngqDLSUca])([\d.]*)", m.group(2)):
+    for key, value in re.findall(r"([sdfktngqurDLSUca])([\d.]*)", m.group(2)):
         out += {"s": [f"job.skip_residual={value}"], "d": [f"job.dilation={value}"], "f": [f"job.stage_factor={value}"],
                 "k": [f"job.strength_decay={value}"], "n": [f"job.anchor={value}"],
                 "g": [f"job.anchor_sigma={value}"], "q": [f"job.anchor_detail={value}"],
+                "u": [f"job.sharpen={value}"], "r": [f"job.sharpen_sigma={value}"],
                 "D": [f"model.deep_cache={value}"], "c": ["job.guide_clock=stage"], "a": ["job.guide_clock=schedule"],
                 "t": [f"tiling.tile={value}", f"tiling.overlap={int(float(value or 0)) // 4}"],
                 "L": ["job.upscale=latent"],

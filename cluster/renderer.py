@@ -29,7 +29,7 @@ from tiling import (TileBatch, decode_tiled_shared, decoder_sweeps, encode_tiled
                     to_uint8)
 from tiling.vae import LADDER
 from tiling.features import FeatureCanvas
-from tiling.progressive import resize
+from tiling.progressive import resize, unsharp
 from tiling.render import ModelInfo, Stage, denoise_group, group_key, seam_scores, stages_of, vae_options, wraps
 from tiling.vae import DecodeError
 
@@ -535,8 +535,10 @@ class Renderer:
                         out.append(resize(zs[k], (stage.h, stage.w), **wraps(spec)))
                         continue
                     (w, h), (H, W) = stage.size, (stage.h * f, stage.w * f)
-                    picture = F.pad(resize(picture[None], (h, w), **wraps(spec)), (0, W - w, 0, H - h),
-                                    mode="replicate").clamp(-1, 1)
+                    before = picture.shape[-1]
+                    picture = resize(picture[None], (h, w), **wraps(spec))
+                    picture = unsharp(picture, spec.sharpen, spec.sharpen_sigma * w / before, **wraps(spec))
+                    picture = F.pad(picture, (0, W - w, 0, H - h), mode="replicate").clamp(-1, 1)
                     out.append(m.scale(encode_tiled(m.vae, picture.to(m.device, m.vae_dtype),
                                                     tile_of(stage.h, stage.w), spec.vae_overlap,
                                                     passes=passes, **vae_options(spec))))

@@ -83,6 +83,8 @@ class RenderSpec:
     stage_factor: float = 2.0
     base_size: int = 0  # 0: the model's native size
     upscale: str = "pixel"
+    sharpen: float = 0.0  # job.sharpen, job.sharpen_sigma
+    sharpen_sigma: float = 3.0
     skip_residual: float = 0.0
     dilation: float = 0.0  # job.dilation, or the family's
     strength_decay: float = 1.0
@@ -146,6 +148,8 @@ class RenderSpec:
             key["strength_decay"] = self.strength_decay
         if staged and self.guide_clock != "schedule":
             key["guide_clock"] = self.guide_clock
+        if staged and self.sharpen:  # off: the ids they had before
+            key["sharpen"] = [self.sharpen, self.sharpen_sigma]
         if staged and self.anchor:
             key["anchor"] = [self.anchor, self.anchor_sigma]
             if self.anchor_detail is not None:  # off: the ids they had before
@@ -212,7 +216,8 @@ def spec_fields(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optiona
         vae_tile=int(t.vae_tile), vae_overlap=int(t.vae_overlap), vae_passes=int(t.vae_passes),
         vae_attention_keys=int(t.vae_attention_keys),
         strategy=j.strategy, strength=float(j.strength), stage_factor=float(j.stage_factor),
-        base_size=int(j.base_size), upscale=j.upscale, skip_residual=float(j.skip_residual), dilation=dilation,
+        base_size=int(j.base_size), upscale=j.upscale, sharpen=float(j.sharpen), sharpen_sigma=float(j.sharpen_sigma),
+        skip_residual=float(j.skip_residual), dilation=dilation,
         strength_decay=float(j.strength_decay), guide_clock=j.guide_clock, anchor=anchor,
         anchor_sigma=float(j.anchor_sigma), anchor_detail=None if j.anchor_detail is None else float(j.anchor_detail),
         init_sha256=init_sha256, init_size=init_size,
@@ -274,6 +279,8 @@ class ImageRequest(RenderSpec):
                                                 ("Strength decay", self.strength_decay, 1.0),
                                                 ("Guide clock", self.guide_clock, "stage"),
                                                 ("Anchor", self.anchor, 0.0)) if value != off]
+            if self.sharpen:
+                fields.append(f"Sharpen: {self.sharpen:g} sigma {self.sharpen_sigma:g}")
             if self.anchor:
                 fields.append(f"Anchor sigma: {self.anchor_sigma:g}")
                 if self.anchor_detail is not None:

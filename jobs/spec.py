@@ -122,6 +122,9 @@ class JobConfig:
     stage_factor: float = 2.0
     base_size: int = 0  # the base's side in pixels (its area is base_size squared); 0: the model's native size
     upscale: str = "pixel"  # between stages: pixel (decode, bicubic, encode) or latent (bicubic on the latents)
+    sharpen: float = 0.0  # pixel upscale: an unsharp mask of this amount on each enlarged picture before its encode
+    #                       (1: adds once what a Gaussian blur removes); 0: off
+    sharpen_sigma: float = 3.0  # that mask's Gaussian sigma, in the previous stage's (or init picture's) pixels
     skip_residual: float = 0.0  # DemoFusion's skip residual, the power of its cosine weight (3 in the paper); 0: off
     dilation: Optional[float] = None  # DemoFusion's dilated sampling, the power of its cosine weight (1 in the paper);
     #                                  0: off; null: the family's (FamilySpec.dilation)
@@ -298,6 +301,12 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
            "must be a number in [0, 1]: how much of the reference's low frequencies each enlarged stage keeps")
     _check(_number(j.anchor_sigma) and 0.1 <= j.anchor_sigma <= 8.0, "job.anchor_sigma", j.anchor_sigma,
            "must be a number from 0.1 to 8: the low-pass blur's sigma in the previous stage's latent pixels")
+    _check(_number(j.sharpen) and 0.0 <= j.sharpen <= 10.0, "job.sharpen", j.sharpen,
+           "must be a number from 0 (off) to 10: the unsharp mask's amount on each enlarged picture")
+    _check(not j.sharpen or j.upscale == "pixel", "job.sharpen", j.sharpen,
+           "sharpens the enlarged picture of job.upscale=pixel; a latent upscale has none (set job.sharpen=0)")
+    _check(_number(j.sharpen_sigma) and 0.1 <= j.sharpen_sigma <= 32.0, "job.sharpen_sigma", j.sharpen_sigma,
+           "must be a number from 0.1 to 32: the unsharp mask's sigma in the previous stage's pixels")
     _check(j.anchor_detail is None or (_number(j.anchor_detail) and 0.0 < j.anchor_detail < 1.0), "job.anchor_detail",
            j.anchor_detail, "must be null (off) or a quantile in (0, 1) of the reference's detail energy")
     if j.init_image is not None:  # what it lists is read once, when the job is planned (init_images)

@@ -87,7 +87,8 @@ CHANGES_PIXELS = [
     ("job", "prompt_template", "archer style, {prompt}"),
     ("job", "strategy", "direct"), ("job", "strength", 0.5), ("job", "stage_factor", 1.5), ("job", "base_size", 384),
     ("job", "upscale", "latent"), ("job", "skip_residual", 3.0), ("job", "dilation", 0.5), ("job", "anchor", 0.0),
-    ("job", "anchor_sigma", 2.0), ("job", "anchor_detail", 0.9), ("model", "deep_cache", 3),
+    ("job", "anchor_sigma", 2.0), ("job", "anchor_detail", 0.9), ("job", "sharpen", 2.0),
+    ("model", "deep_cache", 3),
 ]
 KEEPS_PIXELS = [
     ("job", "name", "other_job"), ("output", "dir", "/elsewhere"), ("output", "format", "webp"),
@@ -199,7 +200,7 @@ def test_every_field_of_the_render_spec_is_in_the_image_id_and_nothing_else_is(t
 
     region = RegionConfig(box=[0, 0, 0.5, 1], prompt="a night landscape")
     Image.new("RGB", (512, 256)).save(tmp_path / "init.png")
-    r = plan(make_cfg(job=dict(init_image=str(tmp_path / "init.png"), dilation=0.3,
+    r = plan(make_cfg(job=dict(init_image=str(tmp_path / "init.png"), dilation=0.3, sharpen=1.0,
                                regions=[region])))[0]
     spec = {f.name: getattr(r, f.name) for f in dataclasses.fields(RenderSpec) if f.init}
     assert RenderSpec(**spec).image_id == r.image_id
@@ -211,7 +212,8 @@ def test_every_field_of_the_render_spec_is_in_the_image_id_and_nothing_else_is(t
     assert dataclasses.replace(r, init_size=(256, 128)).image_id == r.image_id
     for name in ("job", "folder", "init_image", "stage_model", "vae_model"):
         assert dataclasses.replace(r, **{name: "elsewhere"}).image_id == r.image_id, name
-    moved = make_cfg(job=dict(init_image=str(tmp_path / "init.png"), dilation=0.3, name="other", regions=[region]),
+    moved = make_cfg(job=dict(init_image=str(tmp_path / "init.png"), dilation=0.3, sharpen=1.0, name="other",
+                              regions=[region]),
                      output=dict(dir=str(tmp_path / "out"), format="webp"), cluster=dict(workers=3, group=2))
     again = plan(moved)[0]
     assert again.image_id == r.image_id and again.path == f"images/other/{r.image_id}.webp"
@@ -292,6 +294,7 @@ BAD = [
     ("job", "skip_residual", -1.0, "job.skip_residual"), ("job", "dilation", -0.5, "job.dilation"),
     ("job", "anchor", 1.5, "job.anchor"), ("job", "anchor_sigma", 0.0, "job.anchor_sigma"),
     ("job", "anchor_detail", 1.0, "job.anchor_detail"), ("job", "anchor_detail", 0.0, "job.anchor_detail"),
+    ("job", "sharpen", -1.0, "job.sharpen"), ("job", "sharpen_sigma", 0.0, "job.sharpen_sigma"),
     ("job", "init_image", "/no/such/picture.png", "job.init_image"),
     ("tiling", "vae_attention_keys", 10, "tiling.vae_attention_keys"),
     ("tiling", "vae_attention_keys", -1, "tiling.vae_attention_keys"),
@@ -305,6 +308,11 @@ def test_validate_names_field_and_value(section, name, value, field_name):
         validate(cfg)
     assert e.value.field_name == field_name and e.value.value == value
     assert str(e.value).startswith(f"{field_name}={value!r}: ")
+
+
+def test_sharpen_needs_the_pixel_upscale():
+    with pytest.raises(ConfigError, match=r"^job.sharpen=2.0: sharpens the enlarged picture of job.upscale=pixel"):
+        validate(make_cfg(job=dict(sharpen=2.0, upscale="latent")))
 
 
 def test_validate_model_path_must_exist():

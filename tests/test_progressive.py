@@ -215,6 +215,20 @@ def test_the_detail_gate_keeps_the_stages_detail_only_where_the_reference_has_it
     assert torch.allclose(y0[..., :24], low(ref)[..., :24], atol=1e-4)
 
 
+def test_unsharp_adds_what_the_blur_removes_and_keeps_a_flat_picture():
+    from tiling.progressive import unsharp
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 3, 24, 40, generator=g)
+    assert torch.equal(unsharp(x, 0.0, 2.0), x)
+    assert torch.allclose(unsharp(x, 1.5, 2.0), x + 1.5 * (x - gaussian_blur(x, 2.0, 6)), atol=1e-6)
+    flat = torch.full((1, 3, 24, 40), 0.25)
+    assert torch.allclose(unsharp(flat, 3.0, 2.0), flat, atol=1e-6)
+    edge = (torch.arange(40) >= 20).float().expand(1, 1, 24, 40)  # a step: overshoot on both sides of it
+    s = unsharp(edge, 1.0, 2.0)
+    assert s[..., 19].max() < 0 and s[..., 20].min() > 1 and torch.allclose(s[..., :8], edge[..., :8])
+
+
 # ------------------------------------------------------------------------------------- through the renderer
 
 from conftest import SMALL, compose, render_first  # noqa: E402
@@ -257,9 +271,10 @@ def test_a_progressive_render_runs_its_stages_and_keeps_them(demo):
 @pytest.mark.parametrize("extra", [["job.upscale=latent"], ["job.skip_residual=3"], ["job.dilation=0.5"],
                                    ["job.skip_residual=3", "job.dilation=1", "tiling.method=shifted"],
                                    ["job.guide_clock=schedule", "job.dilation=0.5"], ["job.strength_decay=0.5", "job.steps=10"],
-                                   ["job.anchor=0"], ["job.anchor_sigma=2"], ["job.anchor_detail=0.9"]],
+                                   ["job.anchor=0"], ["job.anchor_sigma=2"], ["job.anchor_detail=0.9"],
+                                   ["job.sharpen=2"]],
                          ids=["latent", "skip", "dilation", "skip-dilation-shifted", "schedule-clock", "decay",
-                              "no-anchor", "anchor-sigma", "detail-gate"])
+                              "no-anchor", "anchor-sigma", "detail-gate", "sharpen"])
 def test_each_option_of_the_stages_renders_its_own_picture(demo, extra):
     base = _render(demo, "job.base_size=64", *[e for e in extra if e.startswith("job.steps")])[1]
     req, row = _render(demo, "job.base_size=64", *extra)
