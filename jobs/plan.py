@@ -217,8 +217,8 @@ def spec_fields(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optiona
         vae_attention_keys=int(t.vae_attention_keys),
         strategy=j.strategy, strength=float(j.strength), stage_factor=float(j.stage_factor),
         base_size=int(j.base_size), upscale=j.upscale, sharpen=float(j.sharpen), sharpen_sigma=float(j.sharpen_sigma),
-        skip_residual=float(j.skip_residual), dilation=dilation,
-        strength_decay=float(j.strength_decay), guide_clock=j.guide_clock, anchor=anchor,
+        skip_residual=float(j.skip_residual), dilation=dilation, strength_decay=float(j.strength_decay),
+        guide_clock=j.guide_clock, anchor=anchor,
         anchor_sigma=float(j.anchor_sigma), anchor_detail=None if j.anchor_detail is None else float(j.anchor_detail),
         init_sha256=init_sha256, init_size=init_size,
         job_regions=regions_of(j), xml=xml_prompts.expand(source, family_of(m.name).name))

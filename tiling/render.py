@@ -197,10 +197,9 @@ def denoise_request(predict, info: ModelInfo, req: RenderSpec, callback: Optiona
 def group_key(req: ImageRequest) -> tuple:
     """Images with equal keys can be stepped together: one prompt pair, guidance, size, schedule and stages."""
     return (req.prompt, req.negative_prompt, req.guidance, req.width, req.height, req.steps, req.scheduler,
-            req.strategy, req.strength, req.stage_factor, req.base_size, req.upscale, req.sharpen,
-            req.sharpen_sigma, req.skip_residual,
-            req.dilation, req.strength_decay, req.guide_clock, req.anchor, req.anchor_sigma, req.anchor_detail,
-            req.init_size, req.regions)
+            req.strategy, req.strength, req.stage_factor, req.base_size, req.upscale, req.sharpen, req.sharpen_sigma,
+            req.skip_residual, req.dilation, req.strength_decay, req.guide_clock, req.anchor, req.anchor_sigma,
+            req.anchor_detail, req.init_size, req.regions)
 
 
 def iter_groups(reqs, size: int) -> Iterator[List[ImageRequest]]:
