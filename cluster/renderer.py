@@ -307,8 +307,15 @@ class Renderer:
         latents or decode (NaN, inf: an fp16/bf16 overflow) start the group again once with the model in fp32
         (then the rows fail: no black picture is ever marked ok). The decode runs beside the other call's next
         denoise where `_fits_beside` says the memory holds both (`_decode_beside`)."""
-        started, notes = now(), []
-        self._local.notes = notes  # what this thread's passes have to say (`_alone`)
+        notes: List[str] = []
+        self._local.notes = notes  # what this thread's passes have to say (`_alone`), this group's only
+        try:
+            return self._render_group(reqs, progress, notes)
+        finally:
+            self._local.notes = None
+
+    def _render_group(self, reqs: Sequence[ImageRequest], progress, notes: List[str]) -> List[dict]:
+        started = now()
         try:
             batch, fp32 = self.batch_size(reqs[0]), False
             tick = (lambda i, n: progress.add.remote(n)) if progress is not None else None

@@ -78,6 +78,7 @@ def test_seeds_stepped_together_give_the_images_rendered_one_by_one(tmp_path):
     together = [np.asarray(Image.open(tmp_path / row["path"])).astype(int) for row in rows]
     assert all(np.abs(a - b).max() <= 1 for a, b in zip(alone, together))
     assert len({row["sha256"] for row in rows}) == 3  # three different seeds, three pictures
+    assert r._local.notes is None  # a pass after the group cannot add to its rows' warnings
 
 
 def test_groups_hold_consecutive_seeds_of_one_prompt():
