@@ -206,7 +206,7 @@ def test_the_detail_gate_keeps_the_stages_detail_only_where_the_reference_has_it
     ref, x_in, pred = (torch.randn(1, 4, 32, 64, generator=g) for _ in range(3))
     ref[..., :32] = 0.5
     low = lambda z: gaussian_blur(z, 1.0, 3)  # noqa: E731
-    gate = detail_gate(ref, low(ref), 0.5, 1.0, 3, {})
+    gate = detail_gate(ref, low(ref), 0.5, 1.0, 3)
     assert gate.shape == (1, 1, 32, 64) and gate.min() >= 0 and gate.max() == 1
     assert gate[..., :24].max() < 1e-5 and (gate == 1).float().mean() >= 0.5
     y0 = predicted_x0(s, x_in, low_pass_anchor([s], [ref], 1.0, 1.0, 0.5)(0, 0, t, x_in, pred), t)[0]

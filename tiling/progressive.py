@@ -144,10 +144,10 @@ def low_pass_anchor(schedulers: Sequence, references: Sequence[torch.Tensor], we
     scaled by g = clamp(e / quantile(e, detail), 0, 1), e the blurred channel mean of |ref - blur(ref)|. The stage
     then sharpens what its reference outlines (rims, ridges) and paints nothing into what the reference has flat (an
     enlarged sun's inside, a clear sky), where an ungated stage paints texture of its own."""
-    radius = max(1, min(math.ceil(3 * sigma), min(references[0].shape[-2:]) - 1))  # reflect padding's limit
+    radius = blur_radius(sigma, references[0])
     wrap = {"wrap_y": wrap_y, "wrap_x": wrap_x}
     lows = [gaussian_blur(r.float(), sigma, radius, **wrap) for r in references]
-    gates = [None if detail is None else detail_gate(r.float(), low, detail, sigma, radius, wrap)
+    gates = [None if detail is None else detail_gate(r.float(), low, detail, sigma, radius, **wrap)
              for r, low in zip(references, lows)]
 
     def correct(k: int, i: int, t, x_in: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
@@ -163,11 +163,12 @@ def low_pass_anchor(schedulers: Sequence, references: Sequence[torch.Tensor], we
 
 
 def detail_gate(reference: torch.Tensor, low: torch.Tensor, quantile: float, sigma: float, radius: int,
-                wrap: dict) -> torch.Tensor:
+                wrap_y: bool = False, wrap_x: bool = False) -> torch.Tensor:
     """[n, 1, H, W] in [0, 1]: the reference's detail energy (the blurred channel mean of |reference - low|) over
     its `quantile` in each canvas, clamped at 1. The channel mean as a sum of slices, elementwise as the blur is."""
     d = (reference - low).abs()
-    energy = gaussian_blur(sum(d[:, c:c + 1] for c in range(d.shape[1])) / d.shape[1], sigma, radius, **wrap)
+    energy = gaussian_blur(sum(d[:, c:c + 1] for c in range(d.shape[1])) / d.shape[1], sigma, radius,
+                           wrap_y=wrap_y, wrap_x=wrap_x)
     scale = torch.quantile(energy.flatten(1).double(), quantile, dim=1).float().clamp_min(1e-12)
     return (energy / scale[:, None, None, None]).clamp(0.0, 1.0)
 
@@ -180,8 +181,13 @@ def unsharp(x: torch.Tensor, amount: float, sigma: float, wrap_y: bool = False, 
     refines the picture it was given. Elementwise (`gaussian_blur`)."""
     if amount <= 0:
         return x
-    radius = max(1, min(math.ceil(3 * sigma), min(x.shape[-2:]) - 1))
-    return x + amount * (x - gaussian_blur(x, sigma, radius, wrap_y=wrap_y, wrap_x=wrap_x))
+    return x + amount * (x - gaussian_blur(x, sigma, blur_radius(sigma, x), wrap_y=wrap_y, wrap_x=wrap_x))
+
+
+def blur_radius(sigma: float, x: torch.Tensor) -> int:
+    """A Gaussian blur's reach over [..., H, W] `x`: 3 sigma, at least 1, at most one less than its shorter side
+    (reflect padding's limit)."""
+    return max(1, min(math.ceil(3 * sigma), min(x.shape[-2:]) - 1))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, radius: int, wrap_y: bool = False,
