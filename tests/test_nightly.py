@@ -254,7 +254,8 @@ def test_a_full_disk_stops_the_night_with_an_error_and_a_rerun_finishes_it(ray_l
     assert len(Manifest(out, PART).rows()) == 2
     before = mtimes(out)  # finished images: two recorded, perhaps more written without their rows
     s = render_job(night_cfg(out, source, workers=1), show_progress=False)  # the lock was released by the error
-    assert s["skipped"] == 2 and s["recovered"] == len(before) - 2 and s["written"] == 5 - len(before)
+    # a killed worker's last write may still land after the error (ray.kill is asynchronous): recovered, not redone
+    assert s["skipped"] == 2 and s["recovered"] >= len(before) - 2 and s["recovered"] + s["written"] == 3, s
     assert_exactly_once(out, 5)
     assert {k: v for k, v in mtimes(out).items() if k in before} == before
 
