@@ -4,8 +4,8 @@ its zoom-aware sibling).
 Each variant renders every prompt x seed through the renderer's own path (`cluster.renderer.Renderer.render`,
 no Ray) and is scored with the test bed's measures (`scenes.py`): `count_suns` (1 as trained), `horizon_jumps`
 (below 0.05: one continuous horizon) and `sun_edge_width` (the rim in pixels; the model's own at its native size,
-and a bicubic enlargement of the base, are measured beside). Rows go to a JSON file; a contact sheet of one seed
-of each variant to a PNG.
+and a bicubic enlargement of the base, are measured beside). Rows go to a JSON file (each with its picture's path
+under --workdir); every picture, small and labelled, to a contact sheet (--sheet, a PNG or JPEG).
 
     python3 bench/coherence.py --model models/scenes-sd --sizes 1920x1080 --seeds 1 2 \
         --variants direct p0.5 p0.5s3 --out bench/results/coherence.json
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageOps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -85,7 +85,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--out", default="coherence.json")
-    ap.add_argument("--sheet", default=None, help="a PNG contact sheet of the first seed and prompt per variant")
+    ap.add_argument("--sheet", default=None, help="a contact sheet (.png or .jpg) of every picture: a row per model, "
+                    "size and variant, a column per prompt and seed, each labelled with its sun count")
     ap.add_argument("--workdir", default="/tmp/coherence")
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every render, e.g. tiling.vae_passes=1")
     a = ap.parse_args()
@@ -123,6 +124,7 @@ def main() -> None:
                     pixels = np.array(Image.open(os.path.join(a.workdir, row["path"])))
                     out = {"model": os.path.basename(os.path.normpath(model_path)), "size": f"{w}x{h}",
                            "variant": variant, "prompt": req.prompt, "seed": req.seed, "stages": row["stages"],
+                           "image_id": row["image_id"], "path": row["path"],
                            "seconds": round(wall, 2), "seam_score": round(row["seam_score"], 4),
                            "seam_score_vae": round(row["seam_score_vae"], 4), "device": device, **measures(pixels)}
                     if variant != "direct":  # the base enlarged by bicubic alone: what the stages must beat
@@ -132,16 +134,32 @@ def main() -> None:
                     rows.append(out)
                     print(json.dumps(out), flush=True)
                     save(a, rows, device)
-                    if req.seed == a.seeds[0] and req.prompt == a.prompts[0]:
-                        sheet.append((f"{out['model']} {size} {variant}", Image.fromarray(pixels)))
+                    if a.sheet:
+                        sheet.append((out, ImageOps.pad(Image.fromarray(pixels), SHEET_CELL, Image.LANCZOS)))
     if a.sheet and sheet:
-        cell = (480, 270)
-        grid = Image.new("RGB", (cell[0] * 4, cell[1] * -(-len(sheet) // 4)))
-        for i, (_, im) in enumerate(sheet):
-            grid.paste(im.resize(cell, Image.BICUBIC), ((i % 4) * cell[0], (i // 4) * cell[1]))
-        grid.save(a.sheet)
-        print("sheet:", [name for name, _ in sheet])
+        contact_sheet(sheet, a.sheet)
     print(summary(rows))
+
+
+SHEET_CELL = (320, 180)
+
+
+def contact_sheet(sheet, path: str) -> None:
+    """Every picture `sheet` holds ((row, thumbnail) each) in a grid: a row per model, size and variant, a column per
+    prompt and seed, in the order rendered, each labelled with what it is and its sun count."""
+    lines = list(dict.fromkeys((r["model"], r["size"], r["variant"]) for r, _ in sheet))
+    columns = list(dict.fromkeys((r["prompt"], r["seed"]) for r, _ in sheet))
+    w, h = SHEET_CELL
+    grid = Image.new("RGB", (w * len(columns), h * len(lines)))
+    draw = ImageDraw.Draw(grid)
+    for r, im in sheet:
+        x, y = w * columns.index((r["prompt"], r["seed"])), h * lines.index((r["model"], r["size"], r["variant"]))
+        grid.paste(im, (x, y))
+        label = f"{r['size']} {r['variant']} | {r['prompt']} {r['seed']} | suns {r['suns']}"
+        draw.rectangle((x, y + h - 14, x + w, y + h), fill=(0, 0, 0))
+        draw.text((x + 3, y + h - 13), label, fill=(255, 255, 255))
+    grid.save(path, quality=85) if path.lower().endswith((".jpg", ".jpeg")) else grid.save(path)
+    print("sheet:", path, f"{len(lines)} rows x {len(columns)} columns")
 
 
 def save(a, rows, device) -> None:
