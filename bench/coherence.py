@@ -13,8 +13,9 @@ under --workdir); every picture, small and labelled, to a contact sheet (--sheet
 A variant is `direct`, or `p<strength>` with optional suffixes `s<skip residual power>`, `f<stage factor>`,
 `d<dilated sampling power>`, `k<strength decay>`, `c` / `a` (the cosine weights on the stage's clock, the default,
 or on the whole schedule's, DemoFusion's), `t<tile>` (latent tiles, overlap a quarter), `n<anchor weight>`,
-`g<anchor sigma>`, `q<anchor detail gate>`, `u<sharpen amount>`, `r<sharpen sigma>`, `L` (latent upscale),
-`S` (shifted tiles), `U` (uniform tiles), `D<interval>` (DeepCache, `model.deep_cache`), e.g. `p0.4s3d1f1.5`.
+`g<anchor sigma>`, `q<anchor detail gate>`, `u<sharpen amount>`, `r<sharpen sigma>`, `x<colour fix sigma>`,
+`L` (latent upscale), `S` (shifted tiles), `U` (uniform tiles), `D<interval>` (DeepCache, `model.deep_cache`),
+e.g. `p0.4s3d1f1.5`.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,15 +56,16 @@ def variant_overrides(name: str) -> list:
     """The job and tiling overrides a variant name stands for (see the module docstring)."""
     if name == "direct":
         return ["job.strategy=direct"]
-    m = re.fullmatch(r"p([\d.]+)((?:[sdfktngqurD][\d.]+|[LSUca])*)", name)
+    m = re.fullmatch(r"p([\d.]+)((?:[sdfktngqurxD][\d.]+|[LSUca])*)", name)
     if not m:
         raise SystemExit(f"unknown variant {name!r}")
     out = ["job.strategy=progressive", f"job.strength={m.group(1)}"]
-    for key, value in re.findall(r"([sdfktngqurDLSUca])([\d.]*)", m.group(2)):
+    for key, value in re.findall(r"([sdfktngqurxDLSUca])([\d.]*)", m.group(2)):
         out += {"s": [f"job.skip_residual={value}"], "d": [f"job.dilation={value}"], "f": [f"job.stage_factor={value}"],
                 "k": [f"job.strength_decay={value}"], "n": [f"job.anchor={value}"],
                 "g": [f"job.anchor_sigma={value}"], "q": [f"job.anchor_detail={value}"],
                 "u": [f"job.sharpen={value}"], "r": [f"job.sharpen_sigma={value}"],
+                "x": [f"job.color_fix={value}"],
                 "D": [f"model.deep_cache={value}"], "c": ["job.guide_clock=stage"], "a": ["job.guide_clock=schedule"],
                 "t": [f"tiling.tile={value}", f"tiling.overlap={int(float(value or 0)) // 4}"],
                 "L": ["job.upscale=latent"],
@@ -131,6 +134,7 @@ def main() -> None:
                         base = read_picture(os.path.join(a.workdir, req.stage_path(0)))
                         plain = resize(base[None], (h, w))[0].clamp(-1, 1)
                         out["resized_base"] = measures(plain)
+                        out["base_drift"] = drift(torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1, base)
                     rows.append(out)
                     print(json.dumps(out), flush=True)
                     save(a, rows, device)
@@ -142,6 +146,13 @@ def main() -> None:
 
 
 SHEET_CELL = (320, 180)
+
+
+def drift(picture: torch.Tensor, base: torch.Tensor) -> float:
+    """How far a picture's colours moved from its base's ([3, H, W] each, in [-1, 1]): the mean absolute difference,
+    in 0-255 steps, of their 32x18 grids of cell means (the composition, none of the detail the stages add)."""
+    cells = [F.adaptive_avg_pool2d(x[None].float(), (18, 32)) for x in (picture, base)]
+    return round(float((cells[0] - cells[1]).abs().mean()) * 127.5, 2)
 
 
 def contact_sheet(sheet, path: str) -> None:
@@ -174,14 +185,15 @@ def summary(rows) -> str:
     groups = {}
     for r in rows:
         groups.setdefault((r["model"], r["size"], r["variant"]), []).append(r)
-    lines = ["model size variant: suns(mean) one-sun% horizon rim_px [resized-base rim] seconds"]
+    lines = ["model size variant: suns(mean) one-sun% horizon rim_px [resized-base rim] seconds drift-from-base"]
     for (m, s, v), rs in groups.items():
         rims = [r["rim_px"] for r in rs if r["rim_px"] == r["rim_px"]]
         base = [r["resized_base"]["rim_px"] for r in rs if "resized_base" in r and r["resized_base"]["rim_px"] == r["resized_base"]["rim_px"]]
         lines.append(f"{m} {s} {v}: {np.mean([r['suns'] for r in rs]):.2f} "
                      f"{100 * np.mean([r['suns'] == 1 for r in rs]):.0f}% {np.mean([r['horizon_jumps'] for r in rs]):.3f} "
                      f"{np.median(rims) if rims else float('nan'):.1f} [{np.median(base) if base else float('nan'):.1f}] "
-                     f"{np.mean([r['seconds'] for r in rs]):.1f}s")
+                     f"{np.mean([r['seconds'] for r in rs]):.1f}s "
+                     f"{np.mean([r.get('base_drift', np.nan) for r in rs]):.1f}")
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ from tiling import (TileBatch, decode_tiled_shared, decoder_sweeps, encode_tiled
                     to_uint8)
 from tiling.vae import LADDER
 from tiling.features import FeatureCanvas
-from tiling.progressive import resize, unsharp
+from tiling.progressive import color_fix, resize, unsharp
 from tiling.render import ModelInfo, Stage, denoise_group, group_key, seam_scores, stages_of, vae_options, wraps
 from tiling.vae import DecodeError
 
@@ -429,7 +429,8 @@ class Renderer:
 
         stage_predict = predict_of(self.stage_model) if self.stage_model is not self.model else None
         return denoise_group(predict_of(self.model), self.info(), reqs, batch, self.model.device, tick,
-                             lambda k, zs, stage: self._reference(reqs, k, zs, stage, peak), stage_predict)
+                             lambda k, zs, stage, bases: self._reference(reqs, k, zs, stage, bases, peak),
+                             stage_predict)
 
     @contextmanager
     def _in_fp32(self, on: bool):
@@ -461,13 +462,13 @@ class Renderer:
         return note
 
     def reference(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]],
-                  stage: Stage) -> List[torch.Tensor]:
+                  stage: Stage, bases: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
         """Tile-parallel mode: `_reference` for the driver's loop; the canvases go back on the CPU."""
         with self._device:
-            return [z.cpu() for z in self._reference(reqs, number, zs, stage)]
+            return [z.cpu() for z in self._reference(reqs, number, zs, stage, bases)]
 
     def _reference(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]], stage: Stage,
-                   peak: Optional[int] = None) -> List[torch.Tensor]:
+                   bases: Optional[List[torch.Tensor]] = None, peak: Optional[int] = None) -> List[torch.Tensor]:
         """Stage `number`'s starting canvases (`_round_trip`), called holding the device lock. Where the group's
         denoise `peak` is known and the round trip's decodes and encodes fit beside it with VAE tiles chosen alone
         before (`_fits_beside`), the device lock is let go meanwhile and the round trip runs on the side stream
@@ -479,7 +480,7 @@ class Renderer:
             if self._fits_beside(spec, runs, peak):
                 self._device.release()  # held by the caller (`_holding`): the other call's denoise may run
                 try:
-                    out = self._on_side_stream(lambda: self._round_trip(reqs, number, zs, stage, planned=True))
+                    out = self._on_side_stream(lambda: self._round_trip(reqs, number, zs, stage, bases, True))
                     for z in out:  # made on the side stream, read on the default one from here
                         if z.is_cuda:
                             z.record_stream(torch.cuda.current_stream(z.device))
@@ -489,7 +490,7 @@ class Renderer:
                     torch.cuda.empty_cache()
                 finally:
                     self._device.acquire()
-        return self._round_trip(reqs, number, zs, stage)
+        return self._round_trip(reqs, number, zs, stage, bases)
 
     def _trip_models(self, spec: RenderSpec, number: int, zs: Optional[List[torch.Tensor]], stage: Stage):
         """(the adapter whose VAE encodes stage `number`'s start, the one whose VAE decodes the stage before it:
@@ -507,21 +508,24 @@ class Renderer:
         return [(dec.vae, *z.shape[-2:]) for z in zs or () if decoded] + ([] if latent else [(m.vae, stage.h, stage.w)])
 
     def _round_trip(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]], stage: Stage,
-                    planned: bool = False) -> List[torch.Tensor]:
+                    bases: Optional[List[torch.Tensor]] = None, planned: bool = False) -> List[torch.Tensor]:
         """Stage `number`'s starting canvases: the finished canvases `zs` of the stage before, or (zs None) the
         requests' init pictures, enlarged to the stage. `job.upscale=pixel` decodes a canvas (tiled, shared
         statistics, always: `tiling.vae_passes=1`'s tone shift between tiles would be kept by every stage after),
         resizes the picture (bicubic) to the stage's size, edge-padded to its latent canvas, and encodes it (tiled);
         `latent` resizes the latents. Under `output.keep_stages` each decoded stage is
         written beside the image. The stage before is decoded by the VAE of the model that ran it, the picture
-        encoded by this stage's (`model.stage_path`: the hires checkpoint's). `planned`: with the VAE tiles chosen
-        last (`_planned_tile`), as a pass beside a denoise runs; else alone (`_alone`)."""
+        encoded by this stage's (`model.stage_path`: the hires checkpoint's). `job.color_fix` holds each enlarged
+        picture to the base at the base's resolution (`tiling.progressive.color_fix`): the init picture, the
+        canvases decoded at stage 1, or `bases` (the base's canvases) decoded by the base's VAE. `planned`: with the
+        VAE tiles chosen last (`_planned_tile`), as a pass beside a denoise runs; else alone (`_alone`)."""
         f, spec = self.model.vae_scale_factor, reqs[0]
         m, dec = self._trip_models(spec, number, zs, stage)
         latent = zs is not None and spec.upscale == "latent"
         tile_of = functools.partial(self._planned_tile if planned else self.vae_tile, spec)
         passes = max(3, spec.vae_passes)  # per-tile statistics would shift a tile's tone, and each stage keeps it
-        vaes = [m] if dec is m else [m, dec]
+        first = self.model_of(False)  # the base's model, whose VAE decodes `bases`
+        vaes = list({id(a): a for a in [m, dec] + ([first] if bases is not None else [])}.values())
 
         def trip():
             out = []
@@ -543,7 +547,13 @@ class Renderer:
                         continue
                     (w, h), (H, W) = stage.size, (stage.h * f, stage.w * f)
                     before = picture.shape[-1]
+                    colors = None if not spec.color_fix else (  # the colour fix's reference
+                        read_picture(req.init_image) if req.init_image else picture if bases is None
+                        else decode_tiled_shared(first.vae, first.unscale(bases[k]), tile_of(*bases[k].shape[-2:]),
+                                                 spec.vae_overlap, passes=passes, **vae_options(spec)))
                     picture = resize(picture[None], (h, w), **wraps(spec))
+                    if colors is not None:
+                        picture = color_fix(picture, colors[None].to(picture.device), spec.color_fix, **wraps(spec))
                     picture = unsharp(picture, spec.sharpen, spec.sharpen_sigma * w / before, **wraps(spec))
                     picture = F.pad(picture, (0, W - w, 0, H - h), mode="replicate").clamp(-1, 1)
                     out.append(m.scale(encode_tiled(m.vae, picture.to(m.device, m.vae_dtype),

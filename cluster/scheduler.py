@@ -191,8 +191,8 @@ def run_tile_parallel(workers, requests: Iterable[ImageRequest], cfg: TesseraCon
             batch = ray.get(workers[0].batch_size.remote(req))  # the worker's, measured once per tile size
             t0 = time.perf_counter()
             z = denoise_request(predict_of(False), info, req, lambda step, n: progress.tiles(n), batch,
-                                reference=lambda k, zs, stage: ray.get(
-                                    workers[0].reference.remote([req], k, zs, stage)),
+                                reference=lambda k, zs, stage, bases: ray.get(
+                                    workers[0].reference.remote([req], k, zs, stage, bases)),
                                 stage_predict=predict_of(True) if cfg.model.stage_path else None)
             seconds = time.perf_counter() - t0
             decoded = decode_across(workers, req, z, info.vae_scale_factor,

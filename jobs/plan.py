@@ -85,6 +85,7 @@ class RenderSpec:
     upscale: str = "pixel"
     sharpen: float = 0.0  # job.sharpen, job.sharpen_sigma
     sharpen_sigma: float = 3.0
+    color_fix: float = 0.0  # job.color_fix
     skip_residual: float = 0.0
     dilation: float = 0.0  # job.dilation, or the family's
     strength_decay: float = 1.0
@@ -150,6 +151,8 @@ class RenderSpec:
             key["guide_clock"] = self.guide_clock
         if staged and self.sharpen:  # off: the ids they had before
             key["sharpen"] = [self.sharpen, self.sharpen_sigma]
+        if staged and self.color_fix:  # off: the ids they had before
+            key["color_fix"] = self.color_fix
         if staged and self.anchor:
             key["anchor"] = [self.anchor, self.anchor_sigma]
             if self.anchor_detail is not None:  # off: the ids they had before
@@ -217,6 +220,7 @@ def spec_fields(cfg: TesseraConfig, prompt: str, seed: int, init_sha256: Optiona
         vae_attention_keys=int(t.vae_attention_keys),
         strategy=j.strategy, strength=float(j.strength), stage_factor=float(j.stage_factor),
         base_size=int(j.base_size), upscale=j.upscale, sharpen=float(j.sharpen), sharpen_sigma=float(j.sharpen_sigma),
+        color_fix=float(j.color_fix),
         skip_residual=float(j.skip_residual), dilation=dilation, strength_decay=float(j.strength_decay),
         guide_clock=j.guide_clock, anchor=anchor,
         anchor_sigma=float(j.anchor_sigma), anchor_detail=None if j.anchor_detail is None else float(j.anchor_detail),
@@ -281,6 +285,8 @@ class ImageRequest(RenderSpec):
                                                 ("Anchor", self.anchor, 0.0)) if value != off]
             if self.sharpen:
                 fields.append(f"Sharpen: {self.sharpen:g} sigma {self.sharpen_sigma:g}")
+            if self.color_fix:
+                fields.append(f"Color fix: {self.color_fix:g}")
             if self.anchor:
                 fields.append(f"Anchor sigma: {self.anchor_sigma:g}")
                 if self.anchor_detail is not None:

@@ -125,6 +125,8 @@ class JobConfig:
     sharpen: float = 0.0  # pixel upscale: an unsharp mask of this amount on each enlarged picture before its encode
     #                       (1: adds once what a Gaussian blur removes); 0: off
     sharpen_sigma: float = 3.0  # that mask's Gaussian sigma, in the previous stage's (or init picture's) pixels
+    color_fix: float = 0.0  # pixel upscale: each enlarged picture's content at the base's resolution made the base's
+    #                         (or the init picture's), blurred by this sigma in base pixels; 0: off
     skip_residual: float = 0.0  # DemoFusion's skip residual, the power of its cosine weight (3 in the paper); 0: off
     dilation: Optional[float] = None  # DemoFusion's dilated sampling, the power of its cosine weight (1 in the paper);
     #                                  0: off; null: the family's (FamilySpec.dilation)
@@ -305,6 +307,10 @@ def validate(cfg: TesseraConfig) -> TesseraConfig:
            "must be a number from 0 (off) to 10: the unsharp mask's amount on each enlarged picture")
     _check(not j.sharpen or j.upscale == "pixel", "job.sharpen", j.sharpen,
            "sharpens the enlarged picture of job.upscale=pixel; a latent upscale has none (set job.sharpen=0)")
+    _check(_number(j.color_fix) and 0.0 <= j.color_fix <= 64.0, "job.color_fix", j.color_fix,
+           "must be a number from 0 (off) to 64: the colour fix's blur sigma in the base's pixels")
+    _check(not j.color_fix or j.upscale == "pixel", "job.color_fix", j.color_fix,
+           "fixes the enlarged picture of job.upscale=pixel; a latent upscale has none (set job.color_fix=0)")
     _check(_number(j.sharpen_sigma) and 0.1 <= j.sharpen_sigma <= 32.0, "job.sharpen_sigma", j.sharpen_sigma,
            "must be a number from 0.1 to 32: the unsharp mask's sigma in the previous stage's pixels")
     _check(j.anchor_detail is None or (_number(j.anchor_detail) and 0.0 < j.anchor_detail < 1.0), "job.anchor_detail",

@@ -119,6 +119,23 @@ def test_regions_render_the_same_bytes_in_bulk_and_tile_parallel(ray_local, tmp_
     assert images["bulk"] == images["tile_parallel"] != images["none"]
 
 
+def test_the_color_fix_renders_the_same_bytes_in_bulk_and_tile_parallel(ray_local, tmp_path):
+    """`job.color_fix` through three stages: the base's canvases reach the round trips of every later stage, on the
+    worker that runs them in either mode."""
+    images = {}
+    for name, extra in (("bulk", ["cluster.workers=1"]), ("tile_parallel", ["cluster.workers=2"]),
+                        ("none", ["cluster.workers=1"])):
+        out = tmp_path / name
+        cfg = compose(*SMALL, "job.base_size=64", f"output.dir={out}", *extra,
+                      *([] if name == "none" else ["job.color_fix=1"]))
+        s = render_job(cfg, show_progress=False)
+        assert s["written"] == 1 and s["mode"] == ("bulk" if name == "none" else name)
+        (row,) = Manifest(out).rows()
+        assert row["stages"].count(">") == 2
+        images[name] = (out / row["path"]).read_bytes()
+    assert images["bulk"] == images["tile_parallel"] != images["none"]
+
+
 def test_the_default_job_draws_one_landscape_with_the_shipped_demo(ray_local, tmp_path):
     """`python3 run.py`'s job (model=demo: the trained model with its own job and tiling) at 512x288 instead of
     3840x2160: the demo's prompt and seed, a base at the model's own area and one enlarged stage, one sun and one

@@ -87,7 +87,7 @@ CHANGES_PIXELS = [
     ("job", "prompt_template", "archer style, {prompt}"),
     ("job", "strategy", "direct"), ("job", "strength", 0.5), ("job", "stage_factor", 1.5), ("job", "base_size", 384),
     ("job", "upscale", "latent"), ("job", "skip_residual", 3.0), ("job", "dilation", 0.5), ("job", "anchor", 0.0),
-    ("job", "anchor_sigma", 2.0), ("job", "anchor_detail", 0.9), ("job", "sharpen", 2.0),
+    ("job", "anchor_sigma", 2.0), ("job", "anchor_detail", 0.9), ("job", "sharpen", 2.0), ("job", "color_fix", 2.0),
     ("model", "deep_cache", 3),
 ]
 KEEPS_PIXELS = [
@@ -295,6 +295,7 @@ BAD = [
     ("job", "anchor", 1.5, "job.anchor"), ("job", "anchor_sigma", 0.0, "job.anchor_sigma"),
     ("job", "anchor_detail", 1.0, "job.anchor_detail"), ("job", "anchor_detail", 0.0, "job.anchor_detail"),
     ("job", "sharpen", -1.0, "job.sharpen"), ("job", "sharpen_sigma", 0.0, "job.sharpen_sigma"),
+    ("job", "color_fix", -1.0, "job.color_fix"), ("job", "color_fix", 65.0, "job.color_fix"),
     ("job", "init_image", "/no/such/picture.png", "job.init_image"),
     ("tiling", "vae_attention_keys", 10, "tiling.vae_attention_keys"),
     ("tiling", "vae_attention_keys", -1, "tiling.vae_attention_keys"),
@@ -313,6 +314,8 @@ def test_validate_names_field_and_value(section, name, value, field_name):
 def test_sharpen_needs_the_pixel_upscale():
     with pytest.raises(ConfigError, match=r"^job.sharpen=2.0: sharpens the enlarged picture of job.upscale=pixel"):
         validate(make_cfg(job=dict(sharpen=2.0, upscale="latent")))
+    with pytest.raises(ConfigError, match=r"^job.color_fix=1.0: fixes the enlarged picture of job.upscale=pixel"):
+        validate(make_cfg(job=dict(color_fix=1.0, upscale="latent")))
 
 
 def test_validate_model_path_must_exist():

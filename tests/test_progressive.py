@@ -229,6 +229,23 @@ def test_unsharp_adds_what_the_blur_removes_and_keeps_a_flat_picture():
     assert s[..., 19].max() < 0 and s[..., 20].min() > 1 and torch.allclose(s[..., :8], edge[..., :8])
 
 
+def test_the_color_fix_gives_back_the_bases_colours_and_keeps_the_detail():
+    from tiling.progressive import color_fix, resize
+
+    g = torch.Generator().manual_seed(6)
+    base = gaussian_blur(torch.rand(1, 3, 12, 20, generator=g) * 2 - 1, 1.5, 4)  # smooth at its own pixels
+    detail = 0.2 * torch.sign(torch.randn(1, 3, 48, 80, generator=g))  # finer than a base pixel: the stages' own
+    enlarged = resize(base, (48, 80))
+    shifted = enlarged + detail + torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1)  # round trips' colour shift
+    for sigma in (0.0, 1.0):
+        fixed = color_fix(shifted, base, sigma)
+        assert fixed.shape == shifted.shape
+        assert (fixed.mean((2, 3)) - base.mean((2, 3))).abs().max() < 0.01  # the shift is gone
+        kept = torch.corrcoef(torch.stack([(fixed - enlarged).flatten(), detail.flatten()]))[0, 1]
+        assert kept > 0.9  # the detail finer than a base pixel is the stages', and stays
+    assert torch.allclose(color_fix(enlarged, base, 0.0), enlarged, atol=0.05)  # nothing to fix: left as it is
+
+
 # ------------------------------------------------------------------------------------- through the renderer
 
 from conftest import SMALL, compose, render_first  # noqa: E402
@@ -272,9 +289,9 @@ def test_a_progressive_render_runs_its_stages_and_keeps_them(demo):
                                    ["job.skip_residual=3", "job.dilation=1", "tiling.method=shifted"],
                                    ["job.guide_clock=schedule", "job.dilation=0.5"], ["job.strength_decay=0.5", "job.steps=10"],
                                    ["job.anchor=0"], ["job.anchor_sigma=2"], ["job.anchor_detail=0.9"],
-                                   ["job.sharpen=2"]],
+                                   ["job.sharpen=2"], ["job.color_fix=1"]],
                          ids=["latent", "skip", "dilation", "skip-dilation-shifted", "schedule-clock", "decay",
-                              "no-anchor", "anchor-sigma", "detail-gate", "sharpen"])
+                              "no-anchor", "anchor-sigma", "detail-gate", "sharpen", "color-fix"])
 def test_each_option_of_the_stages_renders_its_own_picture(demo, extra):
     base = _render(demo, "job.base_size=64", *[e for e in extra if e.startswith("job.steps")])[1]
     req, row = _render(demo, "job.base_size=64", *extra)
@@ -300,6 +317,8 @@ def test_an_init_image_is_enlarged_and_recorded(demo, tmp_path):
     req, row = _render(demo, f"job.init_image={pic}")
     assert row["stages"] == "196x130" and row["init_sha256"] == sha256_file(pic) and row["init_image"] == str(pic)
     assert Image.open(out / row["path"]).size == (196, 130)
+    fixed = _render(demo, f"job.init_image={pic}", "job.color_fix=1")[1]  # its colours held to the init picture's
+    assert fixed["status"] == "ok" and fixed["sha256"] != row["sha256"]
     # another picture at the same path is another image; a folder renders each of its pictures
     _picture(tmp_path / "small.png", 98, 65, seed=1)
     assert plan(compose(*SMALL, f"job.init_image={pic}"))[0].image_id != req.image_id

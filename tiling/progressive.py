@@ -184,6 +184,20 @@ def unsharp(x: torch.Tensor, amount: float, sigma: float, wrap_y: bool = False, 
     return x + amount * (x - gaussian_blur(x, sigma, blur_radius(sigma, x), wrap_y=wrap_y, wrap_x=wrap_x))
 
 
+def color_fix(x: torch.Tensor, base: torch.Tensor, sigma: float, wrap_y: bool = False, wrap_x: bool = False
+              ) -> torch.Tensor:
+    """[n, C, H, W] `x` with what it shows at the base's resolution made the base's: x + up(blur(base) -
+    blur(down(x))), `base` [n, C, h, w] the picture the stages started from, down and up antialiased bicubic
+    resizes, blur a Gaussian of `sigma` base pixels (0: none). StableSR's and SUPIR's colour fix (the upscale's
+    low frequencies from its input), with the base as the reference: each VAE round trip shifts a picture's
+    colours a little, and over several stages the shifts add up (the test bed's dusk sky turns grey)."""
+    wrap = {"wrap_y": wrap_y, "wrap_x": wrap_x}
+    d = base.float() - resize(x, tuple(base.shape[-2:]), **wrap)
+    if sigma > 0:
+        d = gaussian_blur(d, sigma, blur_radius(sigma, d), **wrap)
+    return x + resize(d, tuple(x.shape[-2:]), **wrap)
+
+
 def blur_radius(sigma: float, x: torch.Tensor) -> int:
     """A Gaussian blur's reach over [..., H, W] `x`: 3 sigma, at least 1, at most one less than its shorter side
     (reflect padding's limit)."""

@@ -136,9 +136,10 @@ def stage_layouts(req: RenderSpec, stage: Stage, number: int, steps: int, info: 
                         req.seed + number, **wraps(req))
 
 
-# reference(k, zs, stage) -> stage k's starting canvases, one an image: the canvases zs of stage k - 1 enlarged, or at
-# the first stage of an img2img render (zs None) the init pictures (the model's VAE does either).
-Reference = Callable[[int, Optional[List[torch.Tensor]], "Stage"], List[torch.Tensor]]
+# reference(k, zs, stage, bases) -> stage k's starting canvases, one an image: the canvases zs of stage k - 1 enlarged,
+# or at the first stage of an img2img render (zs None) the init pictures (the model's VAE does either); `bases`, the
+# base's canvases from stage 2 on where `job.color_fix` wants them (else None).
+Reference = Callable[[int, Optional[List[torch.Tensor]], "Stage", Optional[List[torch.Tensor]]], List[torch.Tensor]]
 
 
 def denoise_group(predict, info: ModelInfo, reqs: Sequence[RenderSpec], batch: int,
@@ -150,7 +151,7 @@ def denoise_group(predict, info: ModelInfo, reqs: Sequence[RenderSpec], batch: i
     render's first) the canvases it starts from."""
     gens = [torch.Generator("cpu").manual_seed(req.seed) for req in reqs]
     regions = [Region(r.box, r.weight, r.feather) for r in reqs[0].regions]
-    zs, base_predict = None, predict
+    zs, base_predict, bases = None, predict, None
     stages = stages_of(reqs[0], info)
     for number, stage in enumerate(stages):
         begun = [start_canvas(info, req, stage, g) for req, g in zip(reqs, gens)]
@@ -162,7 +163,7 @@ def denoise_group(predict, info: ModelInfo, reqs: Sequence[RenderSpec], batch: i
         if stage.refine:
             if reference is None:
                 raise ValueError("a progressive or img2img render needs a reference (the model's VAE) for its stages")
-            refs = [z.to(device) for z in reference(number, zs, stage)]
+            refs = [z.to(device) for z in reference(number, zs, stage, bases if number > 1 else None)]
             t0 = schedulers[0].timesteps[stage.first]
             xs = [noised(s, r, n.to(device), t0) for s, r, (_, n, _) in zip(schedulers, refs, begun)]
             # the cosine weights' clock: 1 at pure noise (DemoFusion's), or at this stage's first step
@@ -183,6 +184,8 @@ def denoise_group(predict, info: ModelInfo, reqs: Sequence[RenderSpec], batch: i
         layouts = [stage_layouts(req, stage, number, steps, info) for req in reqs]
         zs = denoise_canvases(predict, xs, schedulers, layouts, reqs[0].tiling_method, batch, gens, callback,
                               stage.first, guide, dilation, correct)
+        if number == 0 and not stage.refine and reqs[0].color_fix:
+            bases = zs  # the base drawn: the colour fix's reference at every stage after the first
     return zs
 
 
@@ -198,8 +201,8 @@ def group_key(req: ImageRequest) -> tuple:
     """Images with equal keys can be stepped together: one prompt pair, guidance, size, schedule and stages."""
     return (req.prompt, req.negative_prompt, req.guidance, req.width, req.height, req.steps, req.scheduler,
             req.strategy, req.strength, req.stage_factor, req.base_size, req.upscale, req.sharpen, req.sharpen_sigma,
-            req.skip_residual, req.dilation, req.strength_decay, req.guide_clock, req.anchor, req.anchor_sigma,
-            req.anchor_detail, req.init_size, req.regions)
+            req.color_fix, req.skip_residual, req.dilation, req.strength_decay, req.guide_clock, req.anchor,
+            req.anchor_sigma, req.anchor_detail, req.init_size, req.regions)
 
 
 def iter_groups(reqs, size: int) -> Iterator[List[ImageRequest]]:
