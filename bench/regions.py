@@ -86,7 +86,7 @@ def render(renderer, req):
     t0 = time.perf_counter()
     z = denoise_group(lambda bs, t: [renderer._predict(b, t, conds[b.prompt], req.guidance) for b in bs],
                       renderer.info(), [req], renderer.batch_size(req), renderer.model.device, None,
-                      lambda k, zs, stage: renderer._reference([req], k, zs, stage))[0]
+                      lambda k, zs, stage, bases: renderer._reference([req], k, zs, stage, bases))[0]
     seconds = time.perf_counter() - t0
     return z, renderer.write(req, renderer._decode(req, z), started, seconds)
 
