@@ -480,7 +480,7 @@ class Renderer:
             if self._fits_beside(spec, runs, peak):
                 self._device.release()  # held by the caller (`_holding`): the other call's denoise may run
                 try:
-                    out = self._on_side_stream(lambda: self._round_trip(reqs, number, zs, stage, bases, True))
+                    out = self._on_side_stream(lambda: self._round_trip(reqs, number, zs, stage, bases, planned=True))
                     for z in out:  # made on the side stream, read on the default one from here
                         if z.is_cuda:
                             z.record_stream(torch.cuda.current_stream(z.device))

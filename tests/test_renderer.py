@@ -185,11 +185,11 @@ def test_a_round_trip_between_stages_beside_the_other_call_gives_the_same_pictur
     r = _renderer(cfg, threads=1)
     r.overlap, trips, inner = True, [], r._round_trip
 
-    def round_trip(reqs, number, zs, stage, planned=False):
+    def round_trip(reqs, number, zs, stage, bases=None, planned=False):
         trips.append(planned)
         if planned and trips.count(True) == 1:  # the first beside a denoise
             raise torch.OutOfMemoryError("CUDA out of memory (test)")
-        return inner(reqs, number, zs, stage, planned)
+        return inner(reqs, number, zs, stage, bases, planned=planned)
 
     monkeypatch.setattr(r, "_round_trip", round_trip)
     with ThreadPoolExecutor(2) as pool:
