@@ -547,10 +547,15 @@ class Renderer:
                         continue
                     (w, h), (H, W) = stage.size, (stage.h * f, stage.w * f)
                     before = picture.shape[-1]
-                    colors = None if not spec.color_fix else (  # the colour fix's reference
-                        read_picture(req.init_image) if req.init_image else picture if bases is None
-                        else decode_tiled_shared(first.vae, first.unscale(bases[k]), tile_of(*bases[k].shape[-2:]),
-                                                 spec.vae_overlap, passes=passes, **vae_options(spec)))
+                    if not spec.color_fix:
+                        colors = None
+                    elif zs is None or (bases is None and not req.init_image):  # the init picture or the base itself
+                        colors = picture
+                    elif req.init_image:  # a later stage of an img2img render
+                        colors = read_picture(req.init_image)
+                    else:
+                        colors = decode_tiled_shared(first.vae, first.unscale(bases[k]), tile_of(*bases[k].shape[-2:]),
+                                                     spec.vae_overlap, passes=passes, **vae_options(spec))
                     picture = resize(picture[None], (h, w), **wraps(spec))
                     if colors is not None:
                         picture = color_fix(picture, colors[None].to(picture.device), spec.color_fix, **wraps(spec))
