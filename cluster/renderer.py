@@ -103,6 +103,7 @@ class Renderer:
     stages (`_reference`: the decode, resize and encode that start the next stage)."""
 
     def __init__(self, model: ModelConfig, output: OutputConfig, threads: Optional[int] = None):
+        self.threads = threads  # torch's CPU threads for each call (None: left as they are)
         if threads:
             torch.set_num_threads(threads)
         # a CUDA caching allocator that grows its segments instead of cutting new ones: the VAE's full-resolution
@@ -146,6 +147,26 @@ class Renderer:
         self._sweep_models = {}  # image id -> the adapter whose VAE runs them
         self._notes = {}  # prompt -> its truncation warning (or None)
         self._local = threading.local()  # the notes of the group this thread renders (`render_group`)
+
+    def _set_threads(self, lent: int = 1) -> None:
+        """This OS thread's torch CPU threads: the worker's own (`cluster.cpus_per_worker`), times `lent` (at most
+        the machine's CPUs) for a pass the other workers wait on: tile-parallel mode's round trips and one-tile
+        decodes, whose VAE passes give the same bytes on any count (`tiling.vae.sweeps.PointwiseConv`). OpenMP
+        keeps a count per OS thread, a new one starts from the count set last anywhere, and a worker's calls run
+        on several threads: so every call sets its own."""
+        if self.threads and self.model.device.type == "cpu":
+            n = min(self.threads * lent, os.cpu_count() or 1) if lent > 1 else self.threads
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
+
+    @contextmanager
+    def _threads(self, lent: int = 1):
+        """`_set_threads(lent)` for a call, the worker's own count after it."""
+        self._set_threads(lent)
+        try:
+            yield
+        finally:
+            self._set_threads()
 
     def models(self) -> list:
         """The loaded adapters: the model, and the hires checkpoint if it is another."""
@@ -290,7 +311,7 @@ class Renderer:
         """Tile-parallel mode: one batch from the driver (`refine`: of a stage that refines a reference); the
         prediction goes back on the CPU."""
         m = self.model_of(refine)
-        with self._device:
+        with self._device, self._threads():
             return self._predict(batch, t, m.encode(prompt, negative), guidance, pad_to, m).cpu()
 
     def render(self, req: ImageRequest, progress=None) -> dict:
@@ -309,6 +330,7 @@ class Renderer:
         denoise where `_fits_beside` says the memory holds both (`_decode_beside`)."""
         notes: List[str] = []
         self._local.notes = notes  # what this thread's passes have to say (`_alone`), this group's only
+        self._set_threads()
         try:
             return self._render_group(reqs, progress, notes)
         finally:
@@ -462,9 +484,10 @@ class Renderer:
         return note
 
     def reference(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]],
-                  stage: Stage, bases: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
-        """Tile-parallel mode: `_reference` for the driver's loop; the canvases go back on the CPU."""
-        with self._device:
+                  stage: Stage, bases: Optional[List[torch.Tensor]] = None, lent: int = 1) -> List[torch.Tensor]:
+        """Tile-parallel mode: `_reference` for the driver's loop (on `lent` workers' threads, `_set_threads`);
+        the canvases go back on the CPU."""
+        with self._device, self._threads(lent):
             return [z.cpu() for z in self._reference(reqs, number, zs, stage, bases)]
 
     def _reference(self, reqs: Sequence[ImageRequest], number: int, zs: Optional[List[torch.Tensor]], stage: Stage,
@@ -588,15 +611,16 @@ class Renderer:
                 m.vae_on_device(False)
         return decode() if tile else self._alone([(m.vae, *z.shape[-2:])], decode)
 
-    def decode_begin(self, req: ImageRequest, z: torch.Tensor, tile: int, refined: bool = False) -> list:
+    def decode_begin(self, req: ImageRequest, z: torch.Tensor, tile: int, refined: bool = False,
+                     lent: int = 1) -> list:
         """Tile-parallel decode, on every worker: `req`'s canvas `z` in VAE tiles of side `tile`, its
         latent-resolution stage run here (by the VAE of the
         model that ran its last stage: `refined`, a stage that refined a reference) and its tiles made ready to
         sweep (`decode_sweep`); returns the tiles' spans (for `tiling.vae.assemble`). The latent-resolution stage
         runs `_alone` (the denoisers parked where it does not fit beside them); the sweeps, called later, beside
-        them."""
+        them. `lent`: on that many workers' threads (`_set_threads`)."""
         m = self.model_of(refined)
-        with self._device:
+        with self._device, self._threads(lent):
             m.vae_on_device(True)
             try:
                 key = req.image_id
@@ -608,11 +632,12 @@ class Renderer:
                 raise
             return self._sweeps[key].spans
 
-    def decode_sweep(self, key: str, indices: Sequence[int], applied, last: bool, number: int) -> dict:
+    def decode_sweep(self, key: str, indices: Sequence[int], applied, last: bool, number: int,
+                     lent: int = 1) -> dict:
         """Sweep `number` over this worker's share of the tiles: tile index -> its owned moments (gathering,
         `applied` the statistics merged from the sweep before) or, in the `last` sweep, its float32 output; on
-        the CPU. The last sweep, or a failure, ends the decode here."""
-        with self._device:
+        the CPU (on `lent` workers' threads). The last sweep, or a failure, ends the decode here."""
+        with self._device, self._threads(lent):
             try:
                 out = {i: v.float().cpu() if last else {k: (n, m.cpu(), q.cpu()) for k, (n, m, q) in v.items()}
                        for i, v in self._sweeps[key].sweep(indices, applied, last, number)}
@@ -636,7 +661,8 @@ class Renderer:
             pixels, seconds_decode, vae_tile = decoded
             stages = ">".join(f"{s.size[0]}x{s.size[1]}" for s in stages_of(req, self.info()))
             t0 = time.perf_counter()
-            with ThreadPoolExecutor(1) as pool:
+            self._set_threads()
+            with ThreadPoolExecutor(1, initializer=self._set_threads) as pool:
                 scores = pool.submit(seam_scores, pixels, req, self.model.vae_scale_factor, vae_tile)
                 sha, size = write_image(pixels, self.output.dir, req.path, self.output.format, self.output.quality,
                                         req.parameters_text(stages))

@@ -144,18 +144,21 @@ def decode_across(workers, req: ImageRequest, z, factor: int, refined: bool = Fa
     every len(workers)-th tile; between sweeps the tiles' GroupNorm moments are merged here in tile order, so
     the picture is the one a single worker decodes, with the VAE tile worker 0 picks for all (`tiling.vae_tile=0`),
     by the VAE of the model that ran the last stage (`refined`: the hires checkpoint's, `Renderer.final_model`).
+    A canvas of one tile is decoded by worker 0 alone, on the threads of all (CPU workers: `Renderer._set_threads`).
     (uint8 pixels, seconds, that tile side); a Ray fault ends the decode on every worker and is raised."""
     t0 = time.perf_counter()
+    tile = ray.get(workers[0].vae_tile.remote(req, *z.shape[-2:]))  # one for all
+    lent = len(workers) if tile >= max(z.shape[-2:]) else 1
+    workers = workers[:1] if lent > 1 else workers
     try:
-        tile = ray.get(workers[0].vae_tile.remote(req, *z.shape[-2:]))  # one for all
         canvas = ray.put(z)  # stored once, read by every worker
-        spans = ray.get([w.decode_begin.remote(req, canvas, tile, refined) for w in workers])[0]
+        spans = ray.get([w.decode_begin.remote(req, canvas, tile, refined, lent) for w in workers])[0]
         shares = [range(k, len(spans), len(workers)) for k in range(len(workers))]
         applied, passes = None, 1 if len(spans) == 1 else req.vae_passes  # as tiling.vae.run_sweeps
         for number in range(1, passes + 1):
             last = number == passes
             parts = {}
-            for out in ray.get([w.decode_sweep.remote(req.image_id, list(share), applied, last, number)
+            for out in ray.get([w.decode_sweep.remote(req.image_id, list(share), applied, last, number, lent)
                                 for w, share in zip(workers, shares)]):
                 parts.update(out)
             if not last:
@@ -191,8 +194,8 @@ def run_tile_parallel(workers, requests: Iterable[ImageRequest], cfg: TesseraCon
             batch = ray.get(workers[0].batch_size.remote(req))  # the worker's, measured once per tile size
             t0 = time.perf_counter()
             z = denoise_request(predict_of(False), info, req, lambda step, n: progress.tiles(n), batch,
-                                reference=lambda k, zs, stage, bases: ray.get(
-                                    workers[0].reference.remote([req], k, zs, stage, bases)),
+                                reference=lambda k, zs, stage, bases: ray.get(workers[0].reference.remote(
+                                    [req], k, zs, stage, bases, lent=len(workers))),
                                 stage_predict=predict_of(True) if cfg.model.stage_path else None)
             seconds = time.perf_counter() - t0
             decoded = decode_across(workers, req, z, info.vae_scale_factor,

@@ -115,6 +115,30 @@ def test_automatic_batch_on_a_cpu_is_four(tmp_path):
     assert r.batch_size(plan(cfg)[0]) == 4 and r.render(plan(cfg)[0])["status"] == "ok"
 
 
+def test_a_pass_the_other_workers_wait_on_runs_on_their_threads_and_each_call_on_its_own(tmp_path):
+    """Tile-parallel mode lends the waiting workers' threads to worker 0's round trips and one-tile decodes
+    (`lent`); a thread that starts meanwhile starts from that count (OpenMP's), and a call sets the worker's own."""
+    import threading
+
+    old = torch.get_num_threads()
+    r, seen, lent = _renderer(compose(*SMALL, f"output.dir={tmp_path}"), threads=1), {}, min(2, os.cpu_count())
+
+    def fresh():
+        seen["fresh"] = torch.get_num_threads()
+        r._set_threads()
+        seen["own"] = torch.get_num_threads()
+    try:
+        with r._threads(lent=2):
+            seen["lent"] = torch.get_num_threads()
+            t = threading.Thread(target=fresh)
+            t.start()
+            t.join()
+        seen["after"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+    assert seen == {"lent": lent, "fresh": lent, "own": 1, "after": 1}
+
+
 def test_an_automatic_vae_tile_decodes_the_whole_frame_when_it_fits(tmp_path, monkeypatch):
     """`tiling.vae_tile=0`: the whole frame (one sweep, the exact full-frame decode: the bytes of a tile that
     covers the canvas) where memory allows, the ladder's tiles where it does not (the bytes of that tile)."""

@@ -436,3 +436,25 @@ def test_pooled_attention_tiles_and_wraps_as_the_exact_one_does(vae, z):
     assert psnr(decode_tiled_shared(vae, z, 8, 2, attention_keys=64), whole) > 40
     assert type(vae.decoder.mid_block.attentions[0]).__name__ == "Attention"
     assert decode_tiled_shared(vae, z, 8, 2, wrap_x=True, attention_keys=64).shape == whole.shape
+
+
+def test_the_passes_give_the_same_bytes_on_any_thread_count():
+    """Tile-parallel mode lends the waiting workers' threads to the one worker that runs a VAE pass
+    (`Renderer._set_threads`), so bulk and tile-parallel pictures agree only if a pass's bytes do not depend on the
+    thread count. On the demo VAE oneDNN's 1x1 convolutions round differently on two threads (by ~1e-6 on a
+    2-core AVX2 EPYC, 2026-12-08); as matrix products (`PointwiseConv`) they do not."""
+    from pathlib import Path
+
+    vae = AutoencoderKL.from_pretrained(Path(__file__).parents[1] / "models" / "scenes-sd" / "vae").eval()
+    z = latent(24, 40)  # differs at this size too with the 1x1 convs left to oneDNN
+    out = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            img = decode_tiled_shared(vae, z, tile=64, overlap=0, attention_keys=1024)
+            tiled = decode_tiled_shared(vae, z, tile=16, overlap=4)
+            out.append((img, tiled, encode_tiled(vae, img[None].clamp(-1, 1), tile=64, overlap=0)))
+        finally:
+            torch.set_num_threads(1)
+    for a, b in zip(*out):
+        assert torch.equal(a, b)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .geometry import Canvas, Grid
-from .sweeps import Precisions, Sweeps, periodic, rebuilt, run_sweeps
+from .sweeps import Precisions, Sweeps, either, periodic, pointwise, rebuilt, run_sweeps
 from .stats import TileStats
 
 # ------------------------------------------------------------------------------------------ receptive field
@@ -132,13 +132,9 @@ def pooled_attention(keys: int):
 
 
 def _latent_stage(wrap_y: bool, wrap_x: bool, keys: int):
-    """The copy of the latent-resolution blocks a tiled pass runs: periodic convs, pooled attention."""
-    conv, attention = periodic(wrap_y, wrap_x), pooled_attention(keys)
-
-    def swap(name: str, child: nn.Module) -> Optional[nn.Module]:
-        r = conv(name, child)
-        return r if r is not None else attention(name, child)
-    return lambda m: rebuilt(m, swap)
+    """The copy of the latent-resolution blocks a tiled pass runs: periodic convs, pooled attention, a CPU's
+    1x1 convs as matrix products."""
+    return lambda m: rebuilt(m, either(periodic(wrap_y, wrap_x), pooled_attention(keys), pointwise(m)))
 
 
 def _decoder_head(m: nn.Module, z: torch.Tensor) -> torch.Tensor:

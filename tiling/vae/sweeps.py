@@ -49,6 +49,42 @@ def periodic(wrap_y: bool, wrap_x: bool):
     return swap
 
 
+class PointwiseConv(nn.Module):
+    """Stands in for a 1x1 nn.Conv2d on a CPU: the same sums as one matrix product (`torch.addmm`, the bias
+    first, as oneDNN adds it: the same bytes on one thread). oneDNN's 1x1 convolution rounds differently with
+    the thread count (by ~1e-6), the matrix product and the VAE's other layers do not, so a pass gives the same
+    picture on one thread as on several (tile-parallel mode lends an idle worker's threads to the one pass)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, (n, _, h, w) = self.conv, x.shape
+        weight = c.weight.view(c.out_channels, -1)
+        bias = c.bias if c.bias is not None else weight.new_zeros(c.out_channels)
+        return torch.stack([torch.addmm(bias[:, None], weight, x[k].reshape(-1, h * w)) for k in range(n)]
+                           ).view(n, -1, h, w)
+
+
+def pointwise(module: nn.Module):
+    """For `rebuilt`: on a CPU, the 1x1 convs swapped for PointwiseConvs (a GPU's convolutions stay)."""
+    cpu = next(module.parameters()).device.type == "cpu"
+
+    def swap(name, m):
+        plain = (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1
+                 and m.padding in ((0, 0), "valid") and m.dilation == (1, 1))
+        return PointwiseConv(m) if cpu and plain else None
+    return swap
+
+
+def either(*swaps: Callable[[str, nn.Module], Optional[nn.Module]]):
+    """For `rebuilt`: the first of `swaps` that swaps a module."""
+    def swap(name, m):
+        return next((r for r in (s(name, m) for s in swaps) if r is not None), None)
+    return swap
+
+
 def rebuilt(module: nn.Module, replace: Callable[[str, nn.Module], Optional[nn.Module]]) -> nn.Module:
     """A copy of `module` that shares its parameters and buffers, with submodules swapped by `replace`
     (the caller's module is never changed)."""
@@ -101,7 +137,7 @@ class Sweeps:
     def __init__(self, blocks: nn.Module, dtype: torch.dtype, run_tile: TileFn, src: torch.Tensor, grid: Grid):
         self.run_tile, self.src, self.grid, self.spans = run_tile, src, grid, grid.spans()
         self.current = current = Current()  # the nets' norms hold it, not this: no cycle keeps `src` alive
-        self.nets = Precisions(blocks, dtype, lambda m: rebuilt(m, shared_norms(current)))
+        self.nets = Precisions(blocks, dtype, lambda m: rebuilt(m, either(shared_norms(current), pointwise(m))))
         self.ref = {}  # tile index -> its window's statistics in its last gathering sweep
 
     @torch.no_grad()
