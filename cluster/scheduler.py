@@ -5,7 +5,8 @@ Two modes over one denoise loop (`tiling.render.denoise_request`):
                  worker is kept busy with two groups in flight.
   tile_parallel  the driver runs the loop for one image at a time and fans each step's tile batches
                  out to all workers; the decode's tiles are spread over all workers too (`decode_across`),
-                 and a worker writes the image while the next one denoises.
+                 and a worker writes the image while the next one denoises. What one worker runs alone (the
+                 stages' round trips, a decode of one tile) gets the other CPU workers' threads (`lent`).
 Dead workers are handled in one place, `_rows`: the image becomes a `failed` row and the job goes on
 (each actor restarts once, reloading its model, before Ray gives up on it).
 """
