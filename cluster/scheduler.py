@@ -127,9 +127,9 @@ def run_bulk(workers, requests: Iterable[ImageRequest], cfg: TesseraConfig, on_r
             progress.expect_tiles(sum(tile_steps(r, info) for r in group))
             pending[w.render_group.remote(group, counter)] = (w, group, now())
 
-    for w in workers:
-        submit(w)
-        submit(w)
+    for _ in range(2):  # round by round: a job of as many images as workers gives each worker one
+        for w in workers:
+            submit(w)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
         progress.tiles_to(ray.get(counter.value.remote()))

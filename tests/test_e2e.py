@@ -66,6 +66,8 @@ def test_images_are_byte_identical_whatever_the_worker_count_and_mode(ray_local,
         assert s["written"] == 2 and s["mode"] == mode
         rows = sorted(Manifest(out).rows(), key=lambda r: r["seed"])
         assert {r["stages"] for r in rows} == {"80x56>128x88>196x130" if strategy else "196x130"}
+        if (workers, mode, group) == (2, "bulk", 1):  # one image a worker, not both on the first
+            assert len({r["worker"] for r in rows}) == 2
         pixels[(workers, mode, group)] = [np.asarray(Image.open(out / r["path"]), dtype=np.float64) for r in rows]
     one = pixels.pop((1, "bulk", 1))
     for key, images in pixels.items():
