@@ -197,7 +197,8 @@ def print_summary(s: dict) -> None:
           + f" (of {s['images']}{' for ' + s['date'] if s.get('date') else ''}) in {s['seconds']:.1f} s"
           + (f", {s['seconds_per_image']:.2f} s an image ({s['images_per_hour']:.1f} images/hour)"
              if s["written"] else "")
-          + (f", {s['mode']} mode on {s['workers']} worker(s) ({s['device']})" if "mode" in s else ""))
+          + (f", {s['mode']} mode on {s['workers']} worker(s) ({s['device']})" if "mode" in s else "")
+          + (f", the last {s['tile_parallel_tail']} tile-parallel" if s.get("tile_parallel_tail") else ""))
     for iid, error in s["failures"]:
         print(f"  failed {iid}: {error}", file=sys.stderr)
     if s["failed"] > len(s["failures"]):

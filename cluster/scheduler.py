@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 import ray
 
@@ -223,10 +223,12 @@ def run_job(cfg: TesseraConfig, requests: Iterable[ImageRequest], on_row: Callab
     workers = start_workers(cfg)
     try:
         info = ray.get(workers[0].info.remote())
-        mode = cfg.cluster.mode
+        mode, tail = cfg.cluster.mode, []
         head = first + list(itertools.islice(stream, len(workers) - 1))
         if mode == "auto":  # DeepCache's features stay on the worker that renders the whole image
             mode = "bulk" if len(head) >= len(workers) or cfg.model.deep_cache > 1 else "tile_parallel"
+            if mode == "bulk" and cfg.model.deep_cache <= 1 and cfg.cluster.group == 1:
+                stream = whole_rounds(stream, len(workers), tail)  # `head` is a whole round
         requests = itertools.chain(head, stream)
         own = progress is None
         progress = progress or Progress(len(head), enabled=show_progress, total_known=False)
@@ -236,10 +238,27 @@ def run_job(cfg: TesseraConfig, requests: Iterable[ImageRequest], on_row: Callab
                 on_row(row)
 
             (run_bulk if mode == "bulk" else run_tile_parallel)(workers, requests, cfg, record, progress)
+            if tail:
+                run_tile_parallel(workers, tail, cfg, record, progress)
         finally:
             if own:
                 progress.close()
     finally:
         for w in workers:
             ray.kill(w)
-    return {"mode": mode, "workers": len(workers), "device": info.device}
+    return {"mode": mode, "workers": len(workers), "device": info.device, "tile_parallel_tail": len(tail)}
+
+
+def whole_rounds(requests: Iterator[ImageRequest], workers: int, tail: list) -> Iterator[ImageRequest]:
+    """`requests`, read a round of `workers` images ahead; a last round of at most half the workers goes to `tail`
+    instead: bulk mode would give those workers one image each and leave the others idle, tile-parallel mode renders
+    each on all of them after the rounds (one image on two CPU workers ~1.8x sooner, on two GPUs 1.67x), with the
+    same bytes (bulk renders them one by one too: `cluster.group=1`)."""
+    while True:
+        chunk = list(itertools.islice(requests, workers))
+        if len(chunk) < workers and len(chunk) <= workers // 2:
+            tail.extend(chunk)
+            return
+        yield from chunk
+        if len(chunk) < workers:
+            return

@@ -21,7 +21,9 @@ CONTRACT = ["image_id", "job", "prompt", "negative_prompt", "seed", "model", "wi
 def test_a_job_renders_every_image_records_it_and_resumes(ray_local, tmp_path):
     cfg = compose(*SMALL, f"output.dir={tmp_path}", "job.seeds=[1,2,3]", "cluster.workers=2")
     s = render_job(cfg, show_progress=False)
+    # a round of one image a worker in bulk, then the last image on both workers
     assert (s["written"], s["failed"], s["skipped"], s["mode"], s["workers"]) == (3, 0, 0, "bulk", 2)
+    assert s["tile_parallel_tail"] == 1
     rows = Manifest(tmp_path).rows()
     assert sorted(r["seed"] for r in rows) == [1, 2, 3] and all(r["status"] == "ok" for r in rows)
     assert set(CONTRACT) <= set(SCHEMA.names)
@@ -76,6 +78,16 @@ def test_images_are_byte_identical_whatever_the_worker_count_and_mode(ray_local,
                 assert 10 * np.log10(255 ** 2 / max(((a - b) ** 2).mean(), 1e-12)) > 60, key
             else:
                 assert np.array_equal(a, b), key
+
+
+@pytest.mark.parametrize("n, workers, rendered, tail", [(5, 2, 4, 1), (4, 2, 4, 0), (7, 4, 7, 0), (6, 4, 4, 2),
+                                                        (3, 1, 3, 0), (9, 8, 8, 1)])
+def test_a_last_round_of_at_most_half_the_workers_is_left_to_tile_parallel(n, workers, rendered, tail):
+    from cluster.scheduler import whole_rounds
+
+    left = []
+    assert list(whole_rounds(iter(range(n)), workers, left)) == list(range(rendered))
+    assert left == list(range(rendered, rendered + tail))
 
 
 def test_too_many_cpu_workers_is_a_clear_error(ray_local, tmp_path):
