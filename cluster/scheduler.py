@@ -256,7 +256,7 @@ def whole_rounds(requests: Iterator[ImageRequest], workers: int, tail: list) -> 
     same bytes (bulk renders them one by one too: `cluster.group=1`)."""
     while True:
         chunk = list(itertools.islice(requests, workers))
-        if len(chunk) < workers and len(chunk) <= workers // 2:
+        if len(chunk) <= workers // 2:
             tail.extend(chunk)
             return
         yield from chunk
