@@ -614,12 +614,11 @@ class Renderer:
     def decode_begin(self, req: ImageRequest, z: torch.Tensor, tile: int, refined: bool = False,
                      lent: int = 1) -> list:
         """Tile-parallel decode, on every worker of it (worker 0 alone for one tile): `req`'s canvas `z` in VAE
-        tiles of side `tile`, its
-        latent-resolution stage run here (by the VAE of the
-        model that ran its last stage: `refined`, a stage that refined a reference) and its tiles made ready to
-        sweep (`decode_sweep`); returns the tiles' spans (for `tiling.vae.assemble`). The latent-resolution stage
-        runs `_alone` (the denoisers parked where it does not fit beside them); the sweeps, called later, beside
-        them. `lent`: on that many workers' threads (`_set_threads`)."""
+        tiles of side `tile`, its latent-resolution stage run here (by the VAE of the model that ran its last
+        stage: `refined`, a stage that refined a reference) and its tiles made ready to sweep (`decode_sweep`);
+        returns the tiles' spans (for `tiling.vae.assemble`). The latent-resolution stage runs `_alone` (the
+        denoisers parked where it does not fit beside them); the sweeps, called later, beside them. `lent`: on
+        that many workers' threads (`_set_threads`)."""
         m = self.model_of(refined)
         with self._device, self._threads(lent):
             m.vae_on_device(True)
